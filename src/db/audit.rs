@@ -1,0 +1,60 @@
+//! The inventory audit: stored counters next to counters recomputed from the rows.
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+/// One product's stored and recomputed counters.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct AuditRow {
+    #[diesel(sql_type = SqlUuid)]
+    pub product_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub stock_total: i64,
+    #[diesel(sql_type = BigInt)]
+    pub reserved: i64,
+    #[diesel(sql_type = BigInt)]
+    pub sold: i64,
+    /// Sum of the product's stock adjustments (the initial stock included).
+    #[diesel(sql_type = BigInt)]
+    pub recomputed_stock_total: i64,
+    /// Units of active holds plus units of pending orders.
+    #[diesel(sql_type = BigInt)]
+    pub recomputed_reserved: i64,
+    /// Units of paid orders.
+    #[diesel(sql_type = BigInt)]
+    pub recomputed_sold: i64,
+}
+
+/// One statement, so one snapshot: counters and rows are read as of the same instant.
+const AUDIT_SQL: &str = "
+SELECT p.id AS product_id, p.stock_total, p.reserved, p.sold,
+    COALESCE((SELECT sum(a.delta) FROM stock_adjustments a WHERE a.product_id = p.id), 0)::int8
+        AS recomputed_stock_total,
+    (COALESCE((SELECT sum(h.qty) FROM holds h WHERE h.product_id = p.id AND h.status = 'active'), 0)
+     + COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'pending'), 0))::int8
+        AS recomputed_reserved,
+    COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'paid'), 0)::int8
+        AS recomputed_sold
+FROM products p
+WHERE cardinality($1::uuid[]) = 0 OR p.id = ANY($1::uuid[])
+ORDER BY p.id";
+
+/// Audits the products in `ids` (all products when empty).
+pub async fn audit_products(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<Vec<AuditRow>> {
+    diesel::sql_query(AUDIT_SQL)
+        .bind::<Array<SqlUuid>, _>(ids)
+        .load(conn)
+        .await
+}
+
+impl AuditRow {
+    /// Stored equals recomputed, and nothing is oversold.
+    pub fn consistent(&self) -> bool {
+        self.stock_total == self.recomputed_stock_total
+            && self.reserved == self.recomputed_reserved
+            && self.sold == self.recomputed_sold
+            && self.reserved + self.sold <= self.stock_total
+    }
+}

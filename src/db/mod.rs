@@ -1,0 +1,57 @@
+//! PostgreSQL access: the connection pool, embedded migrations, and one module of query
+//! functions per table. Query functions take `&mut AsyncPgConnection` and return
+//! `QueryResult`; the domain decides what runs in which transaction.
+
+pub mod audit;
+pub mod holds;
+pub mod models;
+pub mod orders;
+pub mod payments;
+pub mod products;
+pub mod schema;
+
+use std::time::Duration;
+
+use diesel_async::pooled_connection::deadpool::{BuildError, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The pool every request borrows its connection from.
+pub type DbPool = Pool<AsyncPgConnection>;
+
+/// The schema, compiled into the binary and applied at start.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Builds the connection pool; `timeout` bounds waiting for, opening and recycling a
+/// connection, so a database outage surfaces as an error instead of a hang.
+pub fn build_pool(database_url: &str, max_size: usize, timeout: Duration) -> Result<DbPool, BuildError> {
+    let mut manager_config = ManagerConfig::default();
+    // A broken connection is still detected (and dropped) on return to the pool; skipping the
+    // test query saves a round trip per call.
+    manager_config.recycling_method = RecyclingMethod::Fast;
+    let manager = AsyncDieselConnectionManager::new_with_config(database_url, manager_config);
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+}
+
+/// Applies pending migrations over a dedicated connection.
+pub async fn run_migrations(database_url: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let connection = AsyncPgConnection::establish(database_url).await?;
+    tokio::task::spawn_blocking(move || {
+        let mut harness = AsyncMigrationHarness::new(connection);
+        harness.run_pending_migrations(MIGRATIONS).map(|_| ())
+    })
+    .await??;
+    Ok(())
+}
+
+/// Round-trips a trivial query: is the database answering?
+pub async fn ping(conn: &mut AsyncPgConnection) -> diesel::QueryResult<()> {
+    diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
+}

@@ -1,0 +1,152 @@
+//! Rows as the database stores them, and the status enums stored as text.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::{holds, orders, payment_events, products};
+
+/// Declares an enum stored as a lowercase `TEXT` column (with a `CHECK` constraint in the
+/// migration), with its diesel conversions.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, diesel::AsExpression, diesel::FromSqlRow)]
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// The text stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                match text {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!("unknown {} {other:?}", stringify!($name))),
+                }
+            }
+        }
+
+        impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
+            fn to_sql<'b>(
+                &'b self,
+                out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
+            ) -> diesel::serialize::Result {
+                <str as diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg>>::to_sql(
+                    self.as_str(),
+                    out,
+                )
+            }
+        }
+
+        impl diesel::deserialize::FromSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
+            fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+                let text = <String as diesel::deserialize::FromSql<
+                    diesel::sql_types::Text,
+                    diesel::pg::Pg,
+                >>::from_sql(value)?;
+                Ok(text.parse()?)
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where a hold is in its life: only `Active` holds reserve stock on their own.
+    HoldStatus { Active => "active", Converted => "converted", Expired => "expired", Released => "released" }
+}
+
+text_enum! {
+    /// Where an order is in its life; it only moves forward, from `Pending`.
+    OrderStatus { Pending => "pending", Paid => "paid", Cancelled => "cancelled" }
+}
+
+text_enum! {
+    /// What the payment provider reported.
+    PaymentResult { Success => "success", Failure => "failure" }
+}
+
+text_enum! {
+    /// What a stored payment event did (a duplicate delivery is never stored).
+    EventOutcome { Applied => "applied", Deferred => "deferred", Ignored => "ignored" }
+}
+
+impl OrderStatus {
+    /// Paid and cancelled orders never change again.
+    pub fn is_final(self) -> bool {
+        self != OrderStatus::Pending
+    }
+}
+
+/// A product row with its stock counters.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = products, check_for_backend(diesel::pg::Pg))]
+pub struct Product {
+    pub id: Uuid,
+    pub name: String,
+    pub price_cents: i64,
+    pub stock_total: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Product {
+    /// Units nobody holds or bought: `stock_total - reserved - sold`.
+    pub fn available(&self) -> i64 {
+        self.stock_total - self.reserved - self.sold
+    }
+}
+
+/// A hold row.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = holds, check_for_backend(diesel::pg::Pg))]
+pub struct Hold {
+    pub id: Uuid,
+    pub product_id: Uuid,
+    pub qty: i64,
+    pub status: HoldStatus,
+    pub client_request_id: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An order row.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = orders, check_for_backend(diesel::pg::Pg))]
+pub struct Order {
+    pub id: Uuid,
+    pub hold_id: Uuid,
+    pub product_id: Uuid,
+    pub qty: i64,
+    pub total_cents: i64,
+    pub status: OrderStatus,
+    pub failure_reason: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A stored payment webhook delivery, keyed by its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = payment_events, check_for_backend(diesel::pg::Pg))]
+pub struct PaymentEvent {
+    pub idempotency_key: String,
+    pub target_order_id: Option<Uuid>,
+    pub target_hold_id: Option<Uuid>,
+    pub result: PaymentResult,
+    pub failure_reason: String,
+    pub amount_cents: i64,
+    pub outcome: EventOutcome,
+    pub order_id: Option<Uuid>,
+    pub order_status: Option<OrderStatus>,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,115 @@
+//! Queries on `products` and `stock_adjustments`. Every change of the stock counters goes
+//! through [`apply_stock_change`], whose guarded `UPDATE` takes the product's row lock.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::models::Product;
+use super::schema::{products, stock_adjustments};
+
+/// A change to one product's counters, applied atomically.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StockChange {
+    /// Added to `stock_total` (restock > 0, withdrawal < 0).
+    pub total: i64,
+    /// Added to `reserved` (hold > 0, release or settlement < 0).
+    pub reserved: i64,
+    /// Added to `sold` (payment succeeded > 0).
+    pub sold: i64,
+}
+
+impl StockChange {
+    /// Units that must be available for the change to keep `available >= 0`.
+    fn units_needed(self) -> i64 {
+        self.reserved + self.sold - self.total
+    }
+}
+
+/// Inserts a product and records its initial stock as its first adjustment.
+pub async fn insert_product(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+    price_cents: i64,
+    stock_total: i64,
+) -> QueryResult<Product> {
+    let product: Product = diesel::insert_into(products::table)
+        .values((
+            products::id.eq(Uuid::now_v7()),
+            products::name.eq(name),
+            products::price_cents.eq(price_cents),
+            products::stock_total.eq(stock_total),
+        ))
+        .returning(Product::as_returning())
+        .get_result(conn)
+        .await?;
+    insert_adjustment(conn, product.id, stock_total).await?;
+    Ok(product)
+}
+
+/// Records a change of `stock_total` for the audit.
+pub async fn insert_adjustment(conn: &mut AsyncPgConnection, product_id: Uuid, delta: i64) -> QueryResult<()> {
+    diesel::insert_into(stock_adjustments::table)
+        .values((stock_adjustments::product_id.eq(product_id), stock_adjustments::delta.eq(delta)))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// One product by id.
+pub async fn find_product(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Product>> {
+    products::table
+        .find(id)
+        .select(Product::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The products among `ids` that exist, in id order.
+pub async fn find_products(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<Vec<Product>> {
+    products::table
+        .filter(products::id.eq_any(ids))
+        .order(products::id)
+        .select(Product::as_select())
+        .load(conn)
+        .await
+}
+
+/// Up to `limit` products with ids after `after`, in id (creation) order.
+pub async fn list_products(
+    conn: &mut AsyncPgConnection,
+    after: Option<Uuid>,
+    limit: i64,
+) -> QueryResult<Vec<Product>> {
+    let mut query = products::table
+        .order(products::id)
+        .limit(limit)
+        .select(Product::as_select())
+        .into_boxed();
+    if let Some(after) = after {
+        query = query.filter(products::id.gt(after));
+    }
+    query.load(conn).await
+}
+
+/// Applies `change` if the product would keep `available >= 0`; `None` if it would not (or
+/// the product does not exist). Takes the product's row lock until the transaction ends.
+pub async fn apply_stock_change(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    change: StockChange,
+) -> QueryResult<Option<Product>> {
+    diesel::update(products::table)
+        .filter(products::id.eq(id))
+        .filter((products::stock_total - products::reserved - products::sold).ge(change.units_needed()))
+        .set((
+            products::stock_total.eq(products::stock_total + change.total),
+            products::reserved.eq(products::reserved + change.reserved),
+            products::sold.eq(products::sold + change.sold),
+        ))
+        .returning(Product::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+}

@@ -1,0 +1,74 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    holds (id) {
+        id -> Uuid,
+        product_id -> Uuid,
+        qty -> Int8,
+        status -> Text,
+        client_request_id -> Nullable<Text>,
+        expires_at -> Timestamptz,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    orders (id) {
+        id -> Uuid,
+        hold_id -> Uuid,
+        product_id -> Uuid,
+        qty -> Int8,
+        total_cents -> Int8,
+        status -> Text,
+        failure_reason -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    payment_events (idempotency_key) {
+        idempotency_key -> Text,
+        target_order_id -> Nullable<Uuid>,
+        target_hold_id -> Nullable<Uuid>,
+        result -> Text,
+        failure_reason -> Text,
+        amount_cents -> Int8,
+        outcome -> Text,
+        order_id -> Nullable<Uuid>,
+        order_status -> Nullable<Text>,
+        received_at -> Timestamptz,
+        processed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    products (id) {
+        id -> Uuid,
+        name -> Text,
+        price_cents -> Int8,
+        stock_total -> Int8,
+        reserved -> Int8,
+        sold -> Int8,
+        version -> Int8,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    stock_adjustments (id) {
+        id -> Int8,
+        product_id -> Uuid,
+        delta -> Int8,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(holds -> products (product_id));
+diesel::joinable!(orders -> holds (hold_id));
+diesel::joinable!(orders -> products (product_id));
+diesel::joinable!(stock_adjustments -> products (product_id));
+
+diesel::allow_tables_to_appear_in_same_query!(holds, orders, payment_events, products, stock_adjustments,);

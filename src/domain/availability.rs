@@ -1,0 +1,245 @@
+//! Live availability. Every committed stock change is announced by PostgreSQL (`NOTIFY`
+//! from a trigger on `products`, inside the changing transaction). Each server process keeps
+//! one listening connection and fans the changes out in memory: one `watch` value per
+//! product shared by all its watchers, plus one broadcast for watchers of every product.
+//! A slow watcher skips intermediate states and always ends on the latest; no watcher
+//! costs any database work after its first read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Checkout, DomainError};
+use crate::db::models::Product;
+
+/// The channel the `products_notify_change` trigger notifies on.
+pub const CHANGES_CHANNEL: &str = "flashsale_product_changes";
+/// Changes buffered for watchers of all products before a slow one must resync.
+const ALL_PRODUCTS_BUFFER: usize = 1024;
+/// Longest wait between reconnection attempts of the listener.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One state of a product's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StockSnapshot {
+    pub product_id: Uuid,
+    pub stock_total: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    /// The product's version at this state: states of one product are ordered by it.
+    pub version: i64,
+    /// When the change that produced this state committed.
+    pub changed_at: DateTime<Utc>,
+}
+
+impl StockSnapshot {
+    /// Units nobody holds or bought.
+    pub fn available(&self) -> i64 {
+        self.stock_total - self.reserved - self.sold
+    }
+}
+
+impl From<&Product> for StockSnapshot {
+    fn from(product: &Product) -> Self {
+        StockSnapshot {
+            product_id: product.id,
+            stock_total: product.stock_total,
+            reserved: product.reserved,
+            sold: product.sold,
+            version: product.version,
+            changed_at: product.updated_at,
+        }
+    }
+}
+
+/// The latest known state of every product this process has heard of, shared by all watchers.
+pub struct AvailabilityHub {
+    /// One value per product; each watcher of that product holds a receiver.
+    products: Mutex<HashMap<Uuid, watch::Sender<StockSnapshot>>>,
+    /// Every newer state of any product, for watchers of all products.
+    all: broadcast::Sender<StockSnapshot>,
+}
+
+impl Default for AvailabilityHub {
+    fn default() -> Self {
+        AvailabilityHub {
+            products: Mutex::new(HashMap::new()),
+            all: broadcast::channel(ALL_PRODUCTS_BUFFER).0,
+        }
+    }
+}
+
+impl AvailabilityHub {
+    /// Records a state if it is newer than the one known; returns whether it was.
+    pub fn publish(&self, snapshot: StockSnapshot) -> bool {
+        let newer = {
+            let mut products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
+            match products.get(&snapshot.product_id) {
+                Some(sender) => sender.send_if_modified(|current| {
+                    let newer = snapshot.version > current.version;
+                    if newer {
+                        *current = snapshot.clone();
+                    }
+                    newer
+                }),
+                None => {
+                    products.insert(snapshot.product_id, watch::Sender::new(snapshot.clone()));
+                    true
+                }
+            }
+        };
+        if newer {
+            // No receiver is fine: nobody watches all products right now.
+            let _ = self.all.send(snapshot);
+        }
+        newer
+    }
+
+    /// A receiver that sees the latest state of one product, seeded with `fresh`.
+    fn subscribe(&self, fresh: StockSnapshot) -> watch::Receiver<StockSnapshot> {
+        let product_id = fresh.product_id;
+        self.publish(fresh);
+        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
+        products[&product_id].subscribe()
+    }
+
+    /// The latest state of one product, if known.
+    pub fn latest(&self, product_id: Uuid) -> Option<StockSnapshot> {
+        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
+        products.get(&product_id).map(|sender| sender.borrow().clone())
+    }
+
+    /// The latest known state of every product.
+    fn latest_all(&self) -> Vec<StockSnapshot> {
+        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
+        products.values().map(|sender| sender.borrow().clone()).collect()
+    }
+}
+
+impl Checkout {
+    /// The current state of each product in `product_ids` (all products, including later
+    /// ones, when empty), then every newer state. Unknown ids fail before anything streams.
+    pub async fn watch_availability(
+        &self,
+        hub: Arc<AvailabilityHub>,
+        product_ids: Vec<Uuid>,
+    ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
+        if product_ids.is_empty() {
+            return Ok(self.watch_all(hub).await?.left_stream());
+        }
+        let products = self.get_products(&product_ids).await?;
+        let streams = products
+            .iter()
+            .map(|product| WatchStream::new(hub.subscribe(StockSnapshot::from(product))));
+        Ok(futures::stream::select_all(streams).right_stream())
+    }
+
+    /// Every product's current state, then every newer state of any product.
+    async fn watch_all(
+        &self,
+        hub: Arc<AvailabilityHub>,
+    ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
+        // Subscribe before reading, so no change falls between the read and the stream.
+        let mut changes = hub.all.subscribe();
+        let initial: Vec<StockSnapshot> = self.all_products().await?.iter().map(StockSnapshot::from).collect();
+        for snapshot in &initial {
+            hub.publish(snapshot.clone());
+        }
+        Ok(async_stream::stream! {
+            let mut sent: HashMap<Uuid, i64> = HashMap::new();
+            for snapshot in initial {
+                sent.insert(snapshot.product_id, snapshot.version);
+                yield snapshot;
+            }
+            loop {
+                let batch = match changes.recv().await {
+                    Ok(snapshot) => vec![snapshot],
+                    // Fell behind: skip what was missed and catch up from the latest states.
+                    Err(broadcast::error::RecvError::Lagged(_)) => hub.latest_all(),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                for snapshot in batch {
+                    let last = sent.entry(snapshot.product_id).or_insert(i64::MIN);
+                    if snapshot.version > *last {
+                        *last = snapshot.version;
+                        yield snapshot;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Re-reads every product into the hub (after the listener (re)connects).
+    async fn resync(&self, hub: &AvailabilityHub) -> Result<(), DomainError> {
+        for product in self.all_products().await? {
+            hub.publish(StockSnapshot::from(&product));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps one connection listening for stock changes and feeds them to `hub`, until
+/// `shutdown`. On a lost connection it reconnects with backoff and re-reads every product,
+/// so no watcher stays on a stale state.
+pub async fn run_change_listener(
+    database_url: String,
+    checkout: Arc<Checkout>,
+    hub: Arc<AvailabilityHub>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match listen_once(&database_url, &checkout, &hub, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => tracing::warn!(%error, ?backoff, "change listener lost its connection; reconnecting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    tracing::info!("change listener stopped");
+}
+
+/// One listening session: `Ok` on shutdown, `Err` when the connection fails.
+async fn listen_once(
+    database_url: &str,
+    checkout: &Checkout,
+    hub: &AvailabilityHub,
+    shutdown: &CancellationToken,
+) -> Result<(), DomainError> {
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .map_err(|error| DomainError::Unavailable(error.to_string()))?;
+    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}")).execute(&mut conn).await?;
+    // Listening first, then reading: a change committed in between is heard, not lost.
+    checkout.resync(hub).await?;
+    tracing::info!("change listener connected");
+    let mut notifications = std::pin::pin!(conn.notifications_stream());
+    loop {
+        let notification = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = notifications.next() => next,
+        };
+        match notification {
+            Some(Ok(notification)) => match serde_json::from_str::<StockSnapshot>(&notification.payload) {
+                Ok(snapshot) => {
+                    hub.publish(snapshot);
+                }
+                Err(error) => tracing::error!(%error, payload = %notification.payload, "unreadable stock change"),
+            },
+            Some(Err(error)) => return Err(error.into()),
+            None => return Err(DomainError::Unavailable("notification stream ended".into())),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The one error type of the domain, and the one place where database errors become it.
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use uuid::Uuid;
+
+/// Why a domain operation did not happen. Every variant means nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// The caller sent a value the operation cannot take; `field` names it as in the API.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    /// No such product, hold or order.
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: String },
+
+    /// Fewer units available than asked for.
+    #[error("not enough stock for product {product_id}: requested {requested}, available {available}")]
+    InsufficientStock {
+        product_id: Uuid,
+        requested: i64,
+        available: i64,
+    },
+
+    /// The hold already became an order.
+    #[error("hold {hold_id} was converted into an order")]
+    HoldConverted { hold_id: Uuid },
+
+    /// The hold's TTL passed; its units went back to stock.
+    #[error("hold {hold_id} expired")]
+    HoldExpired { hold_id: Uuid },
+
+    /// The hold was released; its units went back to stock.
+    #[error("hold {hold_id} was released")]
+    HoldReleased { hold_id: Uuid },
+
+    /// An idempotency key (or client request id) came back with a different request.
+    #[error("{field} {key:?} was already used for a different request")]
+    IdempotencyKeyReused { field: &'static str, key: String },
+
+    /// A payment reported an amount other than the order total.
+    #[error("amount_cents {reported} does not match the order total {expected}")]
+    AmountMismatch { expected: i64, reported: i64 },
+
+    /// A withdrawal would take stock_total below what is already reserved or sold.
+    #[error("stock_total would become {requested_total}, below the {committed} units reserved or sold")]
+    StockBelowCommitted {
+        product_id: Uuid,
+        requested_total: i64,
+        committed: i64,
+    },
+
+    /// A unique constraint refused a row (a concurrent duplicate); callers that expect the
+    /// race re-read, others report it as a conflict.
+    #[error("unique constraint {constraint} refused a duplicate")]
+    UniqueViolation { constraint: String },
+
+    /// The database cannot be reached or went away mid-call; nothing was applied.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+
+    /// The transaction lost a race it cannot win now (deadlock, serialization); retry.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
+
+    /// A bug or an unexpected database state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl DomainError {
+    /// Shorthand for [`DomainError::InvalidArgument`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        DomainError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`DomainError::NotFound`].
+    pub fn not_found(entity: &'static str, id: impl ToString) -> Self {
+        DomainError::NotFound {
+            entity,
+            id: id.to_string(),
+        }
+    }
+
+    /// The machine-readable reason clients switch on (`google.rpc.ErrorInfo.reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DomainError::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            DomainError::NotFound { .. } => "NOT_FOUND",
+            DomainError::InsufficientStock { .. } => "INSUFFICIENT_STOCK",
+            DomainError::HoldConverted { .. } => "HOLD_CONVERTED",
+            DomainError::HoldExpired { .. } => "HOLD_EXPIRED",
+            DomainError::HoldReleased { .. } => "HOLD_RELEASED",
+            DomainError::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
+            DomainError::AmountMismatch { .. } => "AMOUNT_MISMATCH",
+            DomainError::StockBelowCommitted { .. } => "STOCK_BELOW_COMMITTED",
+            DomainError::UniqueViolation { .. } => "DUPLICATE",
+            DomainError::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            DomainError::Conflict(_) => "TRANSACTION_CONFLICT",
+            DomainError::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+/// Message fragments of PostgreSQL errors that mean the server or the connection went away
+/// (SQLSTATE 57P01..57P03 and lost sockets; diesel reports them without a kind of their own).
+const CONNECTION_LOST_MESSAGES: &[&str] = &[
+    "terminating connection",
+    "the database system is",
+    "connection closed",
+    "server closed the connection",
+];
+
+impl From<DieselError> for DomainError {
+    fn from(error: DieselError) -> Self {
+        match &error {
+            DieselError::DatabaseError(kind, info) => match kind {
+                DatabaseErrorKind::UniqueViolation => DomainError::UniqueViolation {
+                    constraint: info.constraint_name().unwrap_or_default().to_owned(),
+                },
+                DatabaseErrorKind::SerializationFailure => DomainError::Conflict(error.to_string()),
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                    DomainError::Unavailable(error.to_string())
+                }
+                _ if info.message().contains("deadlock detected") => {
+                    DomainError::Conflict(error.to_string())
+                }
+                _ if CONNECTION_LOST_MESSAGES
+                    .iter()
+                    .any(|needle| info.message().contains(needle)) =>
+                {
+                    DomainError::Unavailable(error.to_string())
+                }
+                _ => DomainError::Internal(error.to_string()),
+            },
+            DieselError::BrokenTransactionManager => DomainError::Unavailable(error.to_string()),
+            _ => DomainError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for DomainError {
+    fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        DomainError::Unavailable(error.to_string())
+    }
+}

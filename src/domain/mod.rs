@@ -1,0 +1,77 @@
+//! The checkout domain, transport-neutral: plain Rust inputs and outputs, and
+//! `Result<T, DomainError>`. Each operation is one short PostgreSQL transaction that takes
+//! row locks in one global order (payment event key, hold, order, product), so concurrent
+//! operations serialize on the rows they share and never deadlock each other.
+
+pub mod availability;
+pub mod error;
+pub mod holds;
+pub mod orders;
+pub mod payments;
+pub mod products;
+pub mod reaper;
+
+use std::time::Duration;
+
+use diesel_async::AsyncPgConnection;
+use diesel_async::pooled_connection::deadpool::Object;
+
+use crate::db::DbPool;
+pub use error::DomainError;
+
+/// Business limits that shape holds.
+#[derive(Debug, Clone)]
+pub struct CheckoutSettings {
+    /// How long a hold reserves its units before the reaper gives them back.
+    pub hold_ttl: Duration,
+    /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call.
+    pub max_qty_per_hold: i64,
+}
+
+/// The checkout operations over one PostgreSQL database; cheap to share behind an `Arc`.
+pub struct Checkout {
+    /// Connections every operation borrows from.
+    pool: DbPool,
+    /// Limits applied to every request.
+    settings: CheckoutSettings,
+}
+
+/// How many times an operation that lost a deadlock or key race is retried.
+const CONFLICT_RETRIES: usize = 3;
+
+impl Checkout {
+    /// Wraps a pool; the schema must already be migrated.
+    pub fn new(pool: DbPool, settings: CheckoutSettings) -> Self {
+        Checkout { pool, settings }
+    }
+
+    /// The limits this instance applies.
+    pub fn settings(&self) -> &CheckoutSettings {
+        &self.settings
+    }
+
+    /// Borrows a pooled connection; an unreachable database is `Unavailable`.
+    async fn conn(&self) -> Result<Object<AsyncPgConnection>, DomainError> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// Whether an attempt that ended in `outcome` should run again: it lost a deadlock or a
+/// concurrent duplicate key, and has attempts left (of [`CONFLICT_RETRIES`]).
+fn retryable<T>(outcome: &Result<T, DomainError>, attempt: usize) -> bool {
+    match outcome {
+        Err(DomainError::Conflict(reason)) if attempt < CONFLICT_RETRIES => {
+            tracing::debug!(attempt, %reason, "retrying after transaction conflict");
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Checks a free-text field's length; `field` names it in the error.
+fn check_text_len(field: &'static str, value: &str, max: usize) -> Result<(), DomainError> {
+    if value.len() > max {
+        return Err(DomainError::invalid(field, format!("must be at most {max} bytes")));
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Orders: a hold becomes at most one order; payment settles it.
+
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use uuid::Uuid;
+
+use super::holds::close_hold;
+use super::payments::apply_deferred_events;
+use super::{Checkout, DomainError};
+use crate::db::holds::{lock_hold, set_hold_status};
+use crate::db::models::{Hold, HoldStatus, Order, OrderStatus, PaymentResult};
+use crate::db::orders as queries;
+use crate::db::products::{StockChange, apply_stock_change, find_product};
+
+impl Checkout {
+    /// Turns an active hold into a pending order; calling it again for the same hold returns
+    /// the same order. A hold past its TTL is expired on the spot and never becomes an order.
+    /// Payments that arrived for the hold before the order are applied right away.
+    pub async fn create_order(&self, hold_id: Uuid) -> Result<Order, DomainError> {
+        let mut conn = self.conn().await?;
+        // The transaction commits an on-the-spot expiry even though the call is refused, so the
+        // inner result carries the refusal past the commit.
+        let converted: Result<Order, DomainError> = conn
+            .transaction(async |conn| {
+                let (hold, past_ttl) = lock_hold(conn, hold_id)
+                    .await?
+                    .ok_or_else(|| DomainError::not_found("hold", hold_id))?;
+                match hold.status {
+                    HoldStatus::Converted => Ok(Ok(existing_order(conn, &hold).await?)),
+                    HoldStatus::Expired => Ok(Err(DomainError::HoldExpired { hold_id })),
+                    HoldStatus::Released => Ok(Err(DomainError::HoldReleased { hold_id })),
+                    HoldStatus::Active if past_ttl => {
+                        close_hold(conn, &hold, HoldStatus::Expired).await?;
+                        Ok(Err(DomainError::HoldExpired { hold_id }))
+                    }
+                    HoldStatus::Active => convert_hold(conn, &hold).await.map(Ok),
+                }
+            })
+            .await?;
+        converted
+    }
+
+    /// One order by id.
+    pub async fn get_order(&self, id: Uuid) -> Result<Order, DomainError> {
+        let mut conn = self.conn().await?;
+        queries::find_order(&mut conn, id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("order", id))
+    }
+}
+
+/// Writes the order for a locked active hold and marks the hold converted; its units stay
+/// reserved, now on behalf of the order.
+async fn convert_hold(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Order, DomainError> {
+    let total_cents = hold_total_cents(conn, hold).await?;
+    let order = queries::insert_order(conn, hold, total_cents).await?;
+    set_hold_status(conn, hold.id, HoldStatus::Converted).await?;
+    apply_deferred_events(conn, order).await
+}
+
+/// What the order for `hold` costs: its units at the product's price.
+pub(super) async fn hold_total_cents(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<i64, DomainError> {
+    let product = find_product(conn, hold.product_id)
+        .await?
+        .ok_or_else(|| DomainError::not_found("product", hold.product_id))?;
+    product
+        .price_cents
+        .checked_mul(hold.qty)
+        .ok_or_else(|| DomainError::Internal(format!("total of hold {} overflows", hold.id)))
+}
+
+/// The order a converted hold became.
+async fn existing_order(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Order, DomainError> {
+    queries::find_order_by_hold(conn, hold.id)
+        .await?
+        .ok_or_else(|| DomainError::Internal(format!("converted hold {} has no order", hold.id)))
+}
+
+/// Settles a locked pending order: success sells its units, failure gives them back.
+pub(super) async fn settle(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    result: PaymentResult,
+    failure_reason: &str,
+) -> Result<Order, DomainError> {
+    let (status, change, reason) = match result {
+        PaymentResult::Success => (
+            OrderStatus::Paid,
+            StockChange { reserved: -order.qty, sold: order.qty, ..StockChange::default() },
+            "",
+        ),
+        PaymentResult::Failure => (
+            OrderStatus::Cancelled,
+            StockChange { reserved: -order.qty, ..StockChange::default() },
+            failure_reason,
+        ),
+    };
+    apply_stock_change(conn, order.product_id, change)
+        .await?
+        .ok_or_else(|| DomainError::Internal(format!("settling order {} broke the stock counters", order.id)))?;
+    Ok(queries::settle_order(conn, order.id, status, reason).await?)
+}

@@ -1,0 +1,245 @@
+//! Payment webhooks: one idempotency key, one effect; payments that overtake their order
+//! wait on the hold and apply when it converts.
+
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use uuid::Uuid;
+
+use super::orders::{hold_total_cents, settle};
+use super::{Checkout, DomainError, check_text_len, retryable};
+use crate::db::holds::lock_hold;
+use crate::db::models::{EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult};
+use crate::db::orders::{find_order_by_hold, lock_order};
+use crate::db::payments::{NewPaymentEvent, find_event, insert_event, lock_deferred_events, resolve_event};
+
+/// What a payment webhook is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentTarget {
+    /// The order being paid.
+    Order(Uuid),
+    /// The hold, when payment started before the order existed.
+    Hold(Uuid),
+}
+
+/// A payment provider's webhook, as forwarded by the payment adapter.
+#[derive(Debug, Clone)]
+pub struct PaymentWebhook {
+    /// The provider's event id: one key, one effect.
+    pub idempotency_key: String,
+    pub target: PaymentTarget,
+    pub result: PaymentResult,
+    pub failure_reason: String,
+    /// What the provider charged; 0 when not reported.
+    pub amount_cents: i64,
+}
+
+/// What a delivery did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// This delivery changed the order.
+    Applied,
+    /// The key was seen before: nothing changed.
+    Duplicate,
+    /// Stored until the hold becomes an order.
+    Deferred,
+    /// Recorded, but the order was already final (or the hold will never be an order).
+    Ignored,
+}
+
+/// The answer to a webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookReceipt {
+    pub idempotency_key: String,
+    /// The order the event concerns; `None` while deferred or when its hold died.
+    pub order_id: Option<Uuid>,
+    pub order_status: Option<OrderStatus>,
+    pub outcome: WebhookOutcome,
+}
+
+impl Checkout {
+    /// Handles one webhook delivery. Unknown targets are `NotFound` and store nothing, so
+    /// the provider's retry can succeed later.
+    pub async fn handle_payment_webhook(&self, webhook: PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+        validate_webhook(&webhook)?;
+        let mut conn = self.conn().await?;
+        let mut attempt = 1;
+        loop {
+            let outcome = conn
+                .transaction(async |conn| process_webhook(conn, &webhook).await)
+                .await;
+            if !retryable(&outcome, attempt) {
+                return outcome;
+            }
+            attempt += 1;
+        }
+    }
+}
+
+/// Checks the fields a webhook must carry before touching the database.
+fn validate_webhook(webhook: &PaymentWebhook) -> Result<(), DomainError> {
+    if webhook.idempotency_key.is_empty() {
+        return Err(DomainError::invalid("idempotency_key", "must not be empty"));
+    }
+    check_text_len("idempotency_key", &webhook.idempotency_key, 255)?;
+    check_text_len("failure_reason", &webhook.failure_reason, 1000)?;
+    if webhook.amount_cents < 0 {
+        return Err(DomainError::invalid("amount_cents", "must not be negative"));
+    }
+    Ok(())
+}
+
+/// One delivery, in one transaction: a known key answers from the stored event; a new key
+/// locks its target, decides, applies and is stored.
+async fn process_webhook(conn: &mut AsyncPgConnection, webhook: &PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+    if let Some(event) = find_event(conn, &webhook.idempotency_key).await? {
+        return duplicate_receipt(event, webhook);
+    }
+    let (outcome, order) = match webhook.target {
+        PaymentTarget::Order(order_id) => {
+            let order = lock_order(conn, order_id)
+                .await?
+                .ok_or_else(|| DomainError::not_found("order", order_id))?;
+            apply_to_order(conn, webhook, order).await?
+        }
+        PaymentTarget::Hold(hold_id) => apply_to_hold(conn, webhook, hold_id).await?,
+    };
+    let (order_id, order_status) = (order.as_ref().map(|o| o.id), order.as_ref().map(|o| o.status));
+    let stored = insert_event(conn, &new_event(webhook, outcome, order_id, order_status)).await?;
+    if !stored {
+        // A concurrent delivery of the same key committed first: roll back and answer as a duplicate.
+        return Err(DomainError::Conflict("idempotency key stored concurrently".into()));
+    }
+    Ok(WebhookReceipt {
+        idempotency_key: webhook.idempotency_key.clone(),
+        order_id,
+        order_status,
+        outcome: outcome.into(),
+    })
+}
+
+/// Settles a locked order unless it is already final.
+async fn apply_to_order(
+    conn: &mut AsyncPgConnection,
+    webhook: &PaymentWebhook,
+    order: Order,
+) -> Result<(EventOutcome, Option<Order>), DomainError> {
+    check_amount(webhook.amount_cents, order.total_cents)?;
+    if order.status.is_final() {
+        return Ok((EventOutcome::Ignored, Some(order)));
+    }
+    let settled = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
+    Ok((EventOutcome::Applied, Some(settled)))
+}
+
+/// A webhook aimed at a hold: applies to its order if it has one, waits for it if it may
+/// still get one, and is ignored if it never will.
+async fn apply_to_hold(
+    conn: &mut AsyncPgConnection,
+    webhook: &PaymentWebhook,
+    hold_id: Uuid,
+) -> Result<(EventOutcome, Option<Order>), DomainError> {
+    let (hold, past_ttl) = lock_hold(conn, hold_id)
+        .await?
+        .ok_or_else(|| DomainError::not_found("hold", hold_id))?;
+    match hold.status {
+        HoldStatus::Converted => {
+            let order_id = find_order_by_hold(conn, hold_id)
+                .await?
+                .ok_or_else(|| DomainError::Internal(format!("converted hold {hold_id} has no order")))?
+                .id;
+            let order = lock_order(conn, order_id)
+                .await?
+                .ok_or_else(|| DomainError::Internal(format!("order {order_id} vanished")))?;
+            apply_to_order(conn, webhook, order).await
+        }
+        HoldStatus::Active if !past_ttl => {
+            check_amount(webhook.amount_cents, hold_total_cents(conn, &hold).await?)?;
+            Ok((EventOutcome::Deferred, None))
+        }
+        HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => Ok((EventOutcome::Ignored, None)),
+    }
+}
+
+/// Applies the payments deferred on a hold to the order it just became: the first settles
+/// it, later ones find it final and are ignored. Returns the order as it ends up.
+pub(super) async fn apply_deferred_events(conn: &mut AsyncPgConnection, mut order: Order) -> Result<Order, DomainError> {
+    for event in lock_deferred_events(conn, order.hold_id).await? {
+        let outcome = if order.status.is_final() {
+            EventOutcome::Ignored
+        } else {
+            order = settle(conn, &order, event.result, &event.failure_reason).await?;
+            EventOutcome::Applied
+        };
+        resolve_event(conn, &event.idempotency_key, outcome, Some(order.id), Some(order.status)).await?;
+    }
+    Ok(order)
+}
+
+/// A non-zero reported amount must equal what the order costs.
+fn check_amount(reported: i64, expected: i64) -> Result<(), DomainError> {
+    if reported != 0 && reported != expected {
+        return Err(DomainError::AmountMismatch { expected, reported });
+    }
+    Ok(())
+}
+
+/// The answer for a key seen before: the same answer if the payload matches, a refusal if not.
+fn duplicate_receipt(event: PaymentEvent, webhook: &PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+    let (target_order_id, target_hold_id) = target_ids(webhook.target);
+    let same_payload = event.target_order_id == target_order_id
+        && event.target_hold_id == target_hold_id
+        && event.result == webhook.result
+        && event.failure_reason == webhook.failure_reason
+        && event.amount_cents == webhook.amount_cents;
+    if !same_payload {
+        return Err(DomainError::IdempotencyKeyReused {
+            field: "idempotency_key",
+            key: event.idempotency_key,
+        });
+    }
+    Ok(WebhookReceipt {
+        idempotency_key: event.idempotency_key,
+        order_id: event.order_id,
+        order_status: event.order_status,
+        outcome: WebhookOutcome::Duplicate,
+    })
+}
+
+/// The stored form of a delivery.
+fn new_event(
+    webhook: &PaymentWebhook,
+    outcome: EventOutcome,
+    order_id: Option<Uuid>,
+    order_status: Option<OrderStatus>,
+) -> NewPaymentEvent<'_> {
+    let (target_order_id, target_hold_id) = target_ids(webhook.target);
+    NewPaymentEvent {
+        idempotency_key: &webhook.idempotency_key,
+        target_order_id,
+        target_hold_id,
+        result: webhook.result,
+        failure_reason: &webhook.failure_reason,
+        amount_cents: webhook.amount_cents,
+        outcome,
+        order_id,
+        order_status,
+        processed_at: (outcome != EventOutcome::Deferred).then(chrono::Utc::now),
+    }
+}
+
+/// The target split into the two stored columns.
+fn target_ids(target: PaymentTarget) -> (Option<Uuid>, Option<Uuid>) {
+    match target {
+        PaymentTarget::Order(id) => (Some(id), None),
+        PaymentTarget::Hold(id) => (None, Some(id)),
+    }
+}
+
+impl From<EventOutcome> for WebhookOutcome {
+    fn from(outcome: EventOutcome) -> Self {
+        match outcome {
+            EventOutcome::Applied => WebhookOutcome::Applied,
+            EventOutcome::Deferred => WebhookOutcome::Deferred,
+            EventOutcome::Ignored => WebhookOutcome::Ignored,
+        }
+    }
+}

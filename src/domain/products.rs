@@ -1,0 +1,146 @@
+//! Products: catalogue, stock adjustments, listing, and the inventory audit.
+
+use diesel_async::AsyncConnection;
+use uuid::Uuid;
+
+use super::{Checkout, DomainError, check_text_len};
+use crate::db::audit::{AuditRow, audit_products};
+use crate::db::models::Product;
+use crate::db::products::{self as queries, StockChange};
+
+/// Largest page ListProducts returns.
+pub const MAX_PAGE_SIZE: i64 = 1000;
+/// Page size when the caller asks for none.
+pub const DEFAULT_PAGE_SIZE: i64 = 100;
+/// Largest stock a product may carry; keeps every sum of counters far from overflow.
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+
+/// A product to create.
+#[derive(Debug, Clone)]
+pub struct NewProduct {
+    pub name: String,
+    pub price_cents: i64,
+    pub stock_total: i64,
+}
+
+/// One page of products.
+#[derive(Debug, Clone)]
+pub struct ProductPage {
+    pub products: Vec<Product>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_after: Option<Uuid>,
+}
+
+impl Checkout {
+    /// Creates a product with its initial stock.
+    pub async fn create_product(&self, new: NewProduct) -> Result<Product, DomainError> {
+        if new.name.trim().is_empty() {
+            return Err(DomainError::invalid("name", "must not be empty"));
+        }
+        check_text_len("name", &new.name, 200)?;
+        if new.price_cents < 0 {
+            return Err(DomainError::invalid("price_cents", "must not be negative"));
+        }
+        if !(0..=MAX_STOCK).contains(&new.stock_total) {
+            return Err(DomainError::invalid("stock_total", format!("must be between 0 and {MAX_STOCK}")));
+        }
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            Ok(queries::insert_product(conn, &new.name, new.price_cents, new.stock_total).await?)
+        })
+        .await
+    }
+
+    /// One product, fresh from the database.
+    pub async fn get_product(&self, id: Uuid) -> Result<Product, DomainError> {
+        let mut conn = self.conn().await?;
+        queries::find_product(&mut conn, id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("product", id))
+    }
+
+    /// The products among `ids` (all of them must exist).
+    pub async fn get_products(&self, ids: &[Uuid]) -> Result<Vec<Product>, DomainError> {
+        let mut conn = self.conn().await?;
+        let found = queries::find_products(&mut conn, ids).await?;
+        if let Some(missing) = ids.iter().find(|id| !found.iter().any(|p| p.id == **id)) {
+            return Err(DomainError::not_found("product", missing));
+        }
+        Ok(found)
+    }
+
+    /// A page of products in creation order; `page_size` 0 means the default.
+    pub async fn list_products(&self, page_size: i64, after: Option<Uuid>) -> Result<ProductPage, DomainError> {
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            1..=MAX_PAGE_SIZE => page_size,
+            _ => {
+                return Err(DomainError::invalid(
+                    "page_size",
+                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
+                ));
+            }
+        };
+        let mut conn = self.conn().await?;
+        let mut products = queries::list_products(&mut conn, after, limit + 1).await?;
+        let next_after = if products.len() as i64 > limit {
+            products.truncate(limit as usize);
+            products.last().map(|p| p.id)
+        } else {
+            None
+        };
+        Ok(ProductPage { products, next_after })
+    }
+
+    /// Every product, page by page (for watchers of all products and resyncs).
+    pub async fn all_products(&self) -> Result<Vec<Product>, DomainError> {
+        let mut conn = self.conn().await?;
+        let mut all = Vec::new();
+        loop {
+            let page = queries::list_products(&mut conn, all.last().map(|p: &Product| p.id), MAX_PAGE_SIZE).await?;
+            let done = (page.len() as i64) < MAX_PAGE_SIZE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold.
+    pub async fn adjust_stock(&self, product_id: Uuid, delta: i64) -> Result<Product, DomainError> {
+        if delta == 0 || delta.abs() > MAX_STOCK {
+            return Err(DomainError::invalid("delta", format!("must be non-zero and within ±{MAX_STOCK}")));
+        }
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let change = StockChange { total: delta, ..StockChange::default() };
+            let Some(product) = queries::apply_stock_change(conn, product_id, change).await? else {
+                let product = queries::find_product(conn, product_id)
+                    .await?
+                    .ok_or_else(|| DomainError::not_found("product", product_id))?;
+                return Err(DomainError::StockBelowCommitted {
+                    product_id,
+                    requested_total: product.stock_total + delta,
+                    committed: product.reserved + product.sold,
+                });
+            };
+            if product.stock_total > MAX_STOCK {
+                return Err(DomainError::invalid("delta", format!("stock_total would exceed {MAX_STOCK}")));
+            }
+            queries::insert_adjustment(conn, product_id, delta).await?;
+            Ok(product)
+        })
+        .await
+    }
+
+    /// Recomputes the counters of `ids` (all products when empty) from holds, orders and
+    /// stock adjustments, in one snapshot.
+    pub async fn audit(&self, ids: &[Uuid]) -> Result<Vec<AuditRow>, DomainError> {
+        let mut conn = self.conn().await?;
+        let rows = audit_products(&mut conn, ids).await?;
+        if let Some(missing) = ids.iter().find(|id| !rows.iter().any(|r| r.product_id == **id)) {
+            return Err(DomainError::not_found("product", missing));
+        }
+        Ok(rows)
+    }
+}

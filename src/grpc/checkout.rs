@@ -1,0 +1,128 @@
+//! `flashsale.v1.CheckoutService`: converts requests, calls the domain, converts answers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::convert::{optional_text, parse_id, parse_ids, payment_result};
+use super::pb::checkout_service_server::CheckoutService;
+use super::pb::{self, handle_payment_webhook_request::Target};
+use crate::domain::availability::AvailabilityHub;
+use crate::domain::holds::NewHold;
+use crate::domain::payments::{PaymentTarget, PaymentWebhook};
+use crate::domain::{Checkout, DomainError};
+
+/// The checkout API over the shared domain.
+pub struct CheckoutApi {
+    /// The operations every handler delegates to.
+    checkout: Arc<Checkout>,
+    /// Live stock states, shared by every WatchAvailability stream of this process.
+    hub: Arc<AvailabilityHub>,
+    /// Cancelled when the server shuts down, so open streams end with a clear status.
+    shutdown: CancellationToken,
+}
+
+impl CheckoutApi {
+    /// Wires the API to the domain, the availability hub and the shutdown signal.
+    pub fn new(checkout: Arc<Checkout>, hub: Arc<AvailabilityHub>, shutdown: CancellationToken) -> Self {
+        CheckoutApi { checkout, hub, shutdown }
+    }
+}
+
+/// The stream type of WatchAvailability.
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::AvailabilityUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CheckoutService for CheckoutApi {
+    async fn get_product(&self, request: Request<pb::GetProductRequest>) -> Result<Response<pb::Product>, Status> {
+        let id = parse_id("product_id", &request.get_ref().product_id)?;
+        Ok(Response::new(self.checkout.get_product(id).await?.into()))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<pb::ListProductsRequest>,
+    ) -> Result<Response<pb::ListProductsResponse>, Status> {
+        let request = request.into_inner();
+        let after = optional_text(request.page_token)
+            .map(|token| parse_id("page_token", &token))
+            .transpose()?;
+        let page = self.checkout.list_products(request.page_size.into(), after).await?;
+        Ok(Response::new(pb::ListProductsResponse {
+            products: page.products.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn create_hold(&self, request: Request<pb::CreateHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let request = request.into_inner();
+        let new = NewHold {
+            product_id: parse_id("product_id", &request.product_id)?,
+            qty: request.qty,
+            client_request_id: optional_text(request.client_request_id),
+        };
+        Ok(Response::new(self.checkout.create_hold(new).await?.into()))
+    }
+
+    async fn get_hold(&self, request: Request<pb::GetHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let id = parse_id("hold_id", &request.get_ref().hold_id)?;
+        Ok(Response::new(self.checkout.get_hold(id).await?.into()))
+    }
+
+    async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let id = parse_id("hold_id", &request.get_ref().hold_id)?;
+        Ok(Response::new(self.checkout.release_hold(id).await?.into()))
+    }
+
+    async fn create_order(&self, request: Request<pb::CreateOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        let id = parse_id("hold_id", &request.get_ref().hold_id)?;
+        Ok(Response::new(self.checkout.create_order(id).await?.into()))
+    }
+
+    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        let id = parse_id("order_id", &request.get_ref().order_id)?;
+        Ok(Response::new(self.checkout.get_order(id).await?.into()))
+    }
+
+    async fn handle_payment_webhook(
+        &self,
+        request: Request<pb::HandlePaymentWebhookRequest>,
+    ) -> Result<Response<pb::HandlePaymentWebhookResponse>, Status> {
+        let request = request.into_inner();
+        let target = match request.target {
+            Some(Target::OrderId(id)) => PaymentTarget::Order(parse_id("order_id", &id)?),
+            Some(Target::HoldId(id)) => PaymentTarget::Hold(parse_id("hold_id", &id)?),
+            None => return Err(DomainError::invalid("target", "set order_id or hold_id").into()),
+        };
+        let webhook = PaymentWebhook {
+            idempotency_key: request.idempotency_key,
+            target,
+            result: payment_result(request.result)?,
+            failure_reason: request.failure_reason,
+            amount_cents: request.amount_cents,
+        };
+        Ok(Response::new(self.checkout.handle_payment_webhook(webhook).await?.into()))
+    }
+
+    type WatchAvailabilityStream = UpdateStream;
+
+    async fn watch_availability(
+        &self,
+        request: Request<pb::WatchAvailabilityRequest>,
+    ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
+        let ids = parse_ids("product_ids", &request.get_ref().product_ids)?;
+        let updates = self.checkout.watch_availability(self.hub.clone(), ids).await?;
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        let shutting_down = futures::stream::once(async {
+            Err(Status::unavailable("server is shutting down; reconnect to another instance"))
+        });
+        let stream = updates
+            .map(|snapshot| Ok(pb::AvailabilityUpdate::from(snapshot)))
+            .take_until(shutdown)
+            .chain(shutting_down);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

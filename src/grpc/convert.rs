@@ -1,0 +1,173 @@
+//! Conversions between proto messages and domain values. Parsing failures name the
+//! request field they came from.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::pb;
+use crate::db::audit::AuditRow;
+use crate::db::models::{Hold, HoldStatus, Order, OrderStatus, PaymentResult, Product};
+use crate::domain::DomainError;
+use crate::domain::availability::StockSnapshot;
+use crate::domain::payments::{WebhookOutcome, WebhookReceipt};
+
+/// Parses an id field; `field` names it in the error.
+pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, DomainError> {
+    if value.is_empty() {
+        return Err(DomainError::invalid(field, "must not be empty"));
+    }
+    Uuid::parse_str(value).map_err(|_| DomainError::invalid(field, format!("{value:?} is not a valid id (a UUID)")))
+}
+
+/// Parses a list of ids; the error names the field and the position.
+pub fn parse_ids(field: &'static str, values: &[String]) -> Result<Vec<Uuid>, DomainError> {
+    values.iter().map(|value| parse_id(field, value)).collect()
+}
+
+/// An optional text field: empty means absent.
+pub fn optional_text(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+/// The payment result of a webhook; unspecified is refused.
+pub fn payment_result(value: i32) -> Result<PaymentResult, DomainError> {
+    match pb::PaymentResult::try_from(value) {
+        Ok(pb::PaymentResult::Success) => Ok(PaymentResult::Success),
+        Ok(pb::PaymentResult::Failure) => Ok(PaymentResult::Failure),
+        _ => Err(DomainError::invalid(
+            "result",
+            "must be PAYMENT_RESULT_SUCCESS or PAYMENT_RESULT_FAILURE",
+        )),
+    }
+}
+
+/// A protobuf timestamp.
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+impl From<Product> for pb::Product {
+    fn from(product: Product) -> Self {
+        pb::Product {
+            available: product.available(),
+            id: product.id.to_string(),
+            name: product.name,
+            price_cents: product.price_cents,
+            stock_total: product.stock_total,
+            reserved: product.reserved,
+            sold: product.sold,
+            version: product.version,
+        }
+    }
+}
+
+impl From<HoldStatus> for pb::HoldStatus {
+    fn from(status: HoldStatus) -> Self {
+        match status {
+            HoldStatus::Active => pb::HoldStatus::Active,
+            HoldStatus::Converted => pb::HoldStatus::Converted,
+            HoldStatus::Expired => pb::HoldStatus::Expired,
+            HoldStatus::Released => pb::HoldStatus::Released,
+        }
+    }
+}
+
+impl From<Hold> for pb::Hold {
+    fn from(hold: Hold) -> Self {
+        pb::Hold {
+            hold_id: hold.id.to_string(),
+            product_id: hold.product_id.to_string(),
+            qty: hold.qty,
+            status: pb::HoldStatus::from(hold.status).into(),
+            expires_at: Some(timestamp(hold.expires_at)),
+            created_at: Some(timestamp(hold.created_at)),
+            client_request_id: hold.client_request_id.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<OrderStatus> for pb::OrderStatus {
+    fn from(status: OrderStatus) -> Self {
+        match status {
+            OrderStatus::Pending => pb::OrderStatus::Pending,
+            OrderStatus::Paid => pb::OrderStatus::Paid,
+            OrderStatus::Cancelled => pb::OrderStatus::Cancelled,
+        }
+    }
+}
+
+impl From<Order> for pb::Order {
+    fn from(order: Order) -> Self {
+        pb::Order {
+            order_id: order.id.to_string(),
+            hold_id: order.hold_id.to_string(),
+            product_id: order.product_id.to_string(),
+            qty: order.qty,
+            total_cents: order.total_cents,
+            status: pb::OrderStatus::from(order.status).into(),
+            failure_reason: order.failure_reason,
+            created_at: Some(timestamp(order.created_at)),
+            updated_at: Some(timestamp(order.updated_at)),
+        }
+    }
+}
+
+impl From<WebhookOutcome> for pb::WebhookOutcome {
+    fn from(outcome: WebhookOutcome) -> Self {
+        match outcome {
+            WebhookOutcome::Applied => pb::WebhookOutcome::Applied,
+            WebhookOutcome::Duplicate => pb::WebhookOutcome::Duplicate,
+            WebhookOutcome::Deferred => pb::WebhookOutcome::Deferred,
+            WebhookOutcome::Ignored => pb::WebhookOutcome::Ignored,
+        }
+    }
+}
+
+impl From<WebhookReceipt> for pb::HandlePaymentWebhookResponse {
+    fn from(receipt: WebhookReceipt) -> Self {
+        pb::HandlePaymentWebhookResponse {
+            idempotency_key: receipt.idempotency_key,
+            order_id: receipt.order_id.map(|id| id.to_string()).unwrap_or_default(),
+            order_status: receipt.order_status.map(pb::OrderStatus::from).unwrap_or_default().into(),
+            outcome: pb::WebhookOutcome::from(receipt.outcome).into(),
+        }
+    }
+}
+
+impl From<StockSnapshot> for pb::AvailabilityUpdate {
+    fn from(snapshot: StockSnapshot) -> Self {
+        pb::AvailabilityUpdate {
+            available: snapshot.available(),
+            product_id: snapshot.product_id.to_string(),
+            stock_total: snapshot.stock_total,
+            reserved: snapshot.reserved,
+            sold: snapshot.sold,
+            version: snapshot.version,
+            changed_at: Some(timestamp(snapshot.changed_at)),
+        }
+    }
+}
+
+impl From<AuditRow> for pb::ProductAudit {
+    fn from(row: AuditRow) -> Self {
+        let counters = |stock_total: i64, reserved: i64, sold: i64| pb::StockCounters {
+            stock_total,
+            reserved,
+            sold,
+            available: stock_total - reserved - sold,
+        };
+        pb::ProductAudit {
+            consistent: row.consistent(),
+            product_id: row.product_id.to_string(),
+            stored: Some(counters(row.stock_total, row.reserved, row.sold)),
+            recomputed: Some(counters(
+                row.recomputed_stock_total,
+                row.recomputed_reserved,
+                row.recomputed_sold,
+            )),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! flashsale: a gRPC inventory and checkout server for flash sales.
+//!
+//! A map of the crate, from the outside in:
+//!
+//! - [`cli`]: the `flashsale` command line (`serve`, `seed`); `main.rs` only calls it.
+//! - [`server`]: wiring. [`server::run`] takes a bound listener, a [`config::ServerConfig`]
+//!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
+//! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
+//!   domain conversions, and the one `From<DomainError> for Status`.
+//! - [`domain`]: the checkout rules, transport-neutral: holds, orders, payments, products,
+//!   the reaper and live availability; every operation returns `Result<_, DomainError>`.
+//! - [`db`]: PostgreSQL: pool, embedded migrations, generated schema, rows, and one module
+//!   of query functions per table.
+//! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
+//!   `DATABASE_URL` and for the test harness.
+//! - [`config`]: the server's settings.
+
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod grpc;
+
+pub mod server;

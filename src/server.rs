@@ -1,0 +1,166 @@
+//! Wiring: migrations, pool, background tasks (reaper, change listener, health monitor),
+//! the gRPC services with health and reflection, and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServerConfig;
+use crate::db::{self, DbPool};
+use crate::domain::availability::{AvailabilityHub, run_change_listener};
+use crate::domain::reaper::{ReaperSettings, run_reaper};
+use crate::domain::{Checkout, CheckoutSettings};
+use crate::grpc::admin::AdminApi;
+use crate::grpc::checkout::CheckoutApi;
+use crate::grpc::pb::{
+    self, checkout_service_server::CheckoutServiceServer, inventory_admin_service_server::InventoryAdminServiceServer,
+};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid database configuration: {0}")]
+    Pool(#[from] diesel_async::pooled_connection::deadpool::BuildError),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("grpc transport failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains: health goes
+/// NOT_SERVING, streams end, in-flight calls finish, background tasks stop.
+///
+/// The server accepts calls at once; health reports SERVING only after migrations ran and
+/// while the database answers.
+pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let stopping = CancellationToken::new();
+    let pool = db::build_pool(&config.database_url, config.pool_size, config.db_timeout)?;
+    let checkout = Arc::new(Checkout::new(
+        pool.clone(),
+        CheckoutSettings {
+            hold_ttl: config.hold_ttl,
+            max_qty_per_hold: config.max_qty_per_hold,
+        },
+    ));
+    let hub = Arc::new(AvailabilityHub::default());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_serving(&health, false).await;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(start_when_migrated(config.clone(), checkout.clone(), hub.clone(), pool, health.clone(), stopping.clone()));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "serving grpc");
+    let on_shutdown = {
+        let (health, stopping) = (health.clone(), stopping.clone());
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining calls and streams");
+            set_serving(&health, false).await;
+            stopping.cancel();
+        }
+    };
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CheckoutServiceServer::new(CheckoutApi::new(checkout.clone(), hub, stopping.clone())))
+        .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .await;
+    stopping.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("server stopped");
+    Ok(served?)
+}
+
+/// Applies migrations (retrying while the database is unreachable), then starts the
+/// background tasks and the health monitor; returns when all of them stopped.
+async fn start_when_migrated(
+    config: ServerConfig,
+    checkout: Arc<Checkout>,
+    hub: Arc<AvailabilityHub>,
+    pool: DbPool,
+    health: HealthReporter,
+    stopping: CancellationToken,
+) {
+    if !migrate_with_retries(&config, &stopping).await {
+        return;
+    }
+    let mut tasks = JoinSet::new();
+    let reaper = ReaperSettings {
+        interval: config.reaper_interval,
+        batch_size: config.reaper_batch_size,
+    };
+    tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
+    tasks.spawn(run_change_listener(config.database_url.clone(), checkout, hub, stopping.clone()));
+    tasks.spawn(monitor_health(pool, health, config.health_check_interval, stopping));
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs migrations until they succeed; `false` if shutdown came first.
+async fn migrate_with_retries(config: &ServerConfig, stopping: &CancellationToken) -> bool {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match db::run_migrations(&config.database_url).await {
+            Ok(()) => {
+                tracing::info!("migrations applied");
+                return true;
+            }
+            Err(error) => tracing::warn!(%error, ?backoff, "cannot migrate the database yet; retrying"),
+        }
+        tokio::select! {
+            _ = stopping.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Keeps health in step with the database: SERVING while it answers, NOT_SERVING when not.
+async fn monitor_health(pool: DbPool, health: HealthReporter, interval: Duration, stopping: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    let mut serving = None;
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let answers = match pool.get().await {
+            Ok(mut conn) => db::ping(&mut conn).await.is_ok(),
+            Err(_) => false,
+        };
+        if serving != Some(answers) && !stopping.is_cancelled() {
+            tracing::info!(serving = answers, "health changed");
+            set_serving(&health, answers).await;
+            serving = Some(answers);
+        }
+    }
+}
+
+/// Sets the overall status ("") and each service's status.
+async fn set_serving(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    use tonic::server::NamedService;
+    for service in [
+        "",
+        <CheckoutServiceServer<CheckoutApi> as NamedService>::NAME,
+        <InventoryAdminServiceServer<AdminApi> as NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
