@@ -15,10 +15,10 @@
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.
 
-
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod grpc;
-
+pub mod local_pg;
 pub mod server;

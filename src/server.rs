@@ -20,7 +20,8 @@ use crate::domain::{Checkout, CheckoutSettings};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::checkout::CheckoutApi;
 use crate::grpc::pb::{
-    self, checkout_service_server::CheckoutServiceServer, inventory_admin_service_server::InventoryAdminServiceServer,
+    self, checkout_service_server::CheckoutServiceServer,
+    inventory_admin_service_server::InventoryAdminServiceServer,
 };
 
 /// Why the server could not run.
@@ -39,7 +40,11 @@ pub enum ServerError {
 ///
 /// The server accepts calls at once; health reports SERVING only after migrations ran and
 /// while the database answers.
-pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let stopping = CancellationToken::new();
     let pool = db::build_pool(&config.database_url, config.pool_size, config.db_timeout)?;
     let checkout = Arc::new(Checkout::new(
@@ -54,7 +59,14 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
     set_serving(&health, false).await;
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(start_when_migrated(config.clone(), checkout.clone(), hub.clone(), pool, health.clone(), stopping.clone()));
+    tasks.spawn(start_when_migrated(
+        config.clone(),
+        checkout.clone(),
+        hub.clone(),
+        pool,
+        health.clone(),
+        stopping.clone(),
+    ));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -74,7 +86,11 @@ pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Fut
     let served = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(CheckoutServiceServer::new(CheckoutApi::new(checkout.clone(), hub, stopping.clone())))
+        .add_service(CheckoutServiceServer::new(CheckoutApi::new(
+            checkout.clone(),
+            hub,
+            stopping.clone(),
+        )))
         .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
         .await;
@@ -103,8 +119,18 @@ async fn start_when_migrated(
         batch_size: config.reaper_batch_size,
     };
     tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
-    tasks.spawn(run_change_listener(config.database_url.clone(), checkout, hub, stopping.clone()));
-    tasks.spawn(monitor_health(pool, health, config.health_check_interval, stopping));
+    tasks.spawn(run_change_listener(
+        config.database_url.clone(),
+        checkout,
+        hub,
+        stopping.clone(),
+    ));
+    tasks.spawn(monitor_health(
+        pool,
+        health,
+        config.health_check_interval,
+        stopping,
+    ));
     while tasks.join_next().await.is_some() {}
 }
 
@@ -117,7 +143,9 @@ async fn migrate_with_retries(config: &ServerConfig, stopping: &CancellationToke
                 tracing::info!("migrations applied");
                 return true;
             }
-            Err(error) => tracing::warn!(%error, ?backoff, "cannot migrate the database yet; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, ?backoff, "cannot migrate the database yet; retrying")
+            }
         }
         tokio::select! {
             _ = stopping.cancelled() => return false,
@@ -128,7 +156,12 @@ async fn migrate_with_retries(config: &ServerConfig, stopping: &CancellationToke
 }
 
 /// Keeps health in step with the database: SERVING while it answers, NOT_SERVING when not.
-async fn monitor_health(pool: DbPool, health: HealthReporter, interval: Duration, stopping: CancellationToken) {
+async fn monitor_health(
+    pool: DbPool,
+    health: HealthReporter,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     let mut serving = None;
     loop {

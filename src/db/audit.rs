@@ -42,7 +42,10 @@ WHERE cardinality($1::uuid[]) = 0 OR p.id = ANY($1::uuid[])
 ORDER BY p.id";
 
 /// Audits the products in `ids` (all products when empty).
-pub async fn audit_products(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<Vec<AuditRow>> {
+pub async fn audit_products(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> QueryResult<Vec<AuditRow>> {
     diesel::sql_query(AUDIT_SQL)
         .bind::<Array<SqlUuid>, _>(ids)
         .load(conn)

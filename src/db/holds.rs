@@ -48,7 +48,10 @@ pub async fn find_hold(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Op
 
 /// One hold by id, row-locked until the transaction ends, with whether its TTL has passed
 /// by the database's clock.
-pub async fn lock_hold(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<(Hold, bool)>> {
+pub async fn lock_hold(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> QueryResult<Option<(Hold, bool)>> {
     holds::table
         .find(id)
         .select((Hold::as_select(), holds::expires_at.le(now)))
@@ -72,7 +75,11 @@ pub async fn find_hold_by_client_request_id(
 }
 
 /// Moves a hold to `status`.
-pub async fn set_hold_status(conn: &mut AsyncPgConnection, id: Uuid, status: HoldStatus) -> QueryResult<Hold> {
+pub async fn set_hold_status(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    status: HoldStatus,
+) -> QueryResult<Hold> {
     diesel::update(holds::table.find(id))
         .set((holds::status.eq(status), holds::updated_at.eq(now)))
         .returning(Hold::as_returning())
@@ -97,7 +104,10 @@ pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> Query
         return Ok(Vec::new());
     }
     diesel::update(holds::table.filter(holds::id.eq_any(&due)))
-        .set((holds::status.eq(HoldStatus::Expired), holds::updated_at.eq(now)))
+        .set((
+            holds::status.eq(HoldStatus::Expired),
+            holds::updated_at.eq(now),
+        ))
         .returning(Hold::as_returning())
         .get_results(conn)
         .await

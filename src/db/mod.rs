@@ -13,7 +13,9 @@ pub mod schema;
 use std::time::Duration;
 
 use diesel_async::pooled_connection::deadpool::{BuildError, Pool};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
@@ -25,7 +27,11 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Builds the connection pool; `timeout` bounds waiting for, opening and recycling a
 /// connection, so a database outage surfaces as an error instead of a hang.
-pub fn build_pool(database_url: &str, max_size: usize, timeout: Duration) -> Result<DbPool, BuildError> {
+pub fn build_pool(
+    database_url: &str,
+    max_size: usize,
+    timeout: Duration,
+) -> Result<DbPool, BuildError> {
     let mut manager_config = ManagerConfig::default();
     // A broken connection is still detected (and dropped) on return to the pool; skipping the
     // test query saves a round trip per call.
@@ -41,7 +47,9 @@ pub fn build_pool(database_url: &str, max_size: usize, timeout: Duration) -> Res
 }
 
 /// Applies pending migrations over a dedicated connection.
-pub async fn run_migrations(database_url: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn run_migrations(
+    database_url: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let connection = AsyncPgConnection::establish(database_url).await?;
     tokio::task::spawn_blocking(move || {
         let mut harness = AsyncMigrationHarness::new(connection);
@@ -53,5 +61,37 @@ pub async fn run_migrations(database_url: &str) -> Result<(), Box<dyn std::error
 
 /// Round-trips a trivial query: is the database answering?
 pub async fn ping(conn: &mut AsyncPgConnection) -> diesel::QueryResult<()> {
-    diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
+    diesel::sql_query("SELECT 1")
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Creates database `name` on the server of `admin_url` unless it exists. `name` must be a
+/// plain identifier (letters, digits, underscores).
+pub async fn create_database_if_missing(
+    admin_url: &str,
+    name: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(
+            format!("database name {name:?} must be letters, digits and underscores").into(),
+        );
+    }
+    let mut conn = AsyncPgConnection::establish(admin_url).await?;
+    let exists = diesel::select(
+        diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "EXISTS (SELECT 1 FROM pg_database WHERE datname = ",
+        )
+        .bind::<diesel::sql_types::Text, _>(name)
+        .sql(")"),
+    )
+    .get_result::<bool>(&mut conn)
+    .await?;
+    if !exists {
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(())
 }

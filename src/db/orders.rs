@@ -9,7 +9,11 @@ use super::models::{Hold, Order, OrderStatus};
 use super::schema::orders;
 
 /// Inserts the pending order for `hold` (the unique `hold_id` refuses a second one).
-pub async fn insert_order(conn: &mut AsyncPgConnection, hold: &Hold, total_cents: i64) -> QueryResult<Order> {
+pub async fn insert_order(
+    conn: &mut AsyncPgConnection,
+    hold: &Hold,
+    total_cents: i64,
+) -> QueryResult<Order> {
     diesel::insert_into(orders::table)
         .values((
             orders::id.eq(Uuid::now_v7()),
@@ -35,7 +39,10 @@ pub async fn find_order(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<O
 }
 
 /// The order made from `hold_id`, if any.
-pub async fn find_order_by_hold(conn: &mut AsyncPgConnection, hold_id: Uuid) -> QueryResult<Option<Order>> {
+pub async fn find_order_by_hold(
+    conn: &mut AsyncPgConnection,
+    hold_id: Uuid,
+) -> QueryResult<Option<Order>> {
     orders::table
         .filter(orders::hold_id.eq(hold_id))
         .select(Order::as_select())

@@ -25,7 +25,10 @@ pub struct NewPaymentEvent<'a> {
 }
 
 /// The event stored under this idempotency key, if any.
-pub async fn find_event(conn: &mut AsyncPgConnection, key: &str) -> QueryResult<Option<PaymentEvent>> {
+pub async fn find_event(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+) -> QueryResult<Option<PaymentEvent>> {
     payment_events::table
         .find(key)
         .select(PaymentEvent::as_select())
@@ -35,7 +38,10 @@ pub async fn find_event(conn: &mut AsyncPgConnection, key: &str) -> QueryResult<
 }
 
 /// Stores an event; `false` if its key is already taken (by a concurrent delivery).
-pub async fn insert_event(conn: &mut AsyncPgConnection, event: &NewPaymentEvent<'_>) -> QueryResult<bool> {
+pub async fn insert_event(
+    conn: &mut AsyncPgConnection,
+    event: &NewPaymentEvent<'_>,
+) -> QueryResult<bool> {
     let inserted = diesel::insert_into(payment_events::table)
         .values(event)
         .on_conflict_do_nothing()
@@ -45,7 +51,10 @@ pub async fn insert_event(conn: &mut AsyncPgConnection, event: &NewPaymentEvent<
 }
 
 /// The events deferred on `hold_id`, oldest first, row-locked until the transaction ends.
-pub async fn lock_deferred_events(conn: &mut AsyncPgConnection, hold_id: Uuid) -> QueryResult<Vec<PaymentEvent>> {
+pub async fn lock_deferred_events(
+    conn: &mut AsyncPgConnection,
+    hold_id: Uuid,
+) -> QueryResult<Vec<PaymentEvent>> {
     payment_events::table
         .filter(payment_events::target_hold_id.eq(hold_id))
         .filter(payment_events::outcome.eq(EventOutcome::Deferred))
@@ -77,7 +86,10 @@ pub async fn resolve_event(
 }
 
 /// Closes as ignored every event deferred on these holds (they will never become orders).
-pub async fn ignore_deferred_events(conn: &mut AsyncPgConnection, hold_ids: &[Uuid]) -> QueryResult<usize> {
+pub async fn ignore_deferred_events(
+    conn: &mut AsyncPgConnection,
+    hold_ids: &[Uuid],
+) -> QueryResult<usize> {
     diesel::update(
         payment_events::table
             .filter(payment_events::target_hold_id.eq_any(hold_ids))

@@ -48,9 +48,16 @@ pub async fn insert_product(
 }
 
 /// Records a change of `stock_total` for the audit.
-pub async fn insert_adjustment(conn: &mut AsyncPgConnection, product_id: Uuid, delta: i64) -> QueryResult<()> {
+pub async fn insert_adjustment(
+    conn: &mut AsyncPgConnection,
+    product_id: Uuid,
+    delta: i64,
+) -> QueryResult<()> {
     diesel::insert_into(stock_adjustments::table)
-        .values((stock_adjustments::product_id.eq(product_id), stock_adjustments::delta.eq(delta)))
+        .values((
+            stock_adjustments::product_id.eq(product_id),
+            stock_adjustments::delta.eq(delta),
+        ))
         .execute(conn)
         .await
         .map(|_| ())
@@ -67,7 +74,10 @@ pub async fn find_product(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult
 }
 
 /// The products among `ids` that exist, in id order.
-pub async fn find_products(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<Vec<Product>> {
+pub async fn find_products(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+) -> QueryResult<Vec<Product>> {
     products::table
         .filter(products::id.eq_any(ids))
         .order(products::id)
@@ -102,7 +112,9 @@ pub async fn apply_stock_change(
 ) -> QueryResult<Option<Product>> {
     diesel::update(products::table)
         .filter(products::id.eq(id))
-        .filter((products::stock_total - products::reserved - products::sold).ge(change.units_needed()))
+        .filter(
+            (products::stock_total - products::reserved - products::sold).ge(change.units_needed()),
+        )
         .set((
             products::stock_total.eq(products::stock_total + change.total),
             products::reserved.eq(products::reserved + change.reserved),

@@ -71,4 +71,10 @@ diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(orders -> products (product_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
 
-diesel::allow_tables_to_appear_in_same_query!(holds, orders, payment_events, products, stock_adjustments,);
+diesel::allow_tables_to_appear_in_same_query!(
+    holds,
+    orders,
+    payment_events,
+    products,
+    stock_adjustments,
+);

@@ -115,13 +115,18 @@ impl AvailabilityHub {
     /// The latest state of one product, if known.
     pub fn latest(&self, product_id: Uuid) -> Option<StockSnapshot> {
         let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-        products.get(&product_id).map(|sender| sender.borrow().clone())
+        products
+            .get(&product_id)
+            .map(|sender| sender.borrow().clone())
     }
 
     /// The latest known state of every product.
     fn latest_all(&self) -> Vec<StockSnapshot> {
         let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-        products.values().map(|sender| sender.borrow().clone()).collect()
+        products
+            .values()
+            .map(|sender| sender.borrow().clone())
+            .collect()
     }
 }
 
@@ -150,7 +155,12 @@ impl Checkout {
     ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
         // Subscribe before reading, so no change falls between the read and the stream.
         let mut changes = hub.all.subscribe();
-        let initial: Vec<StockSnapshot> = self.all_products().await?.iter().map(StockSnapshot::from).collect();
+        let initial: Vec<StockSnapshot> = self
+            .all_products()
+            .await?
+            .iter()
+            .map(StockSnapshot::from)
+            .collect();
         for snapshot in &initial {
             hub.publish(snapshot.clone());
         }
@@ -200,7 +210,9 @@ pub async fn run_change_listener(
     while !shutdown.is_cancelled() {
         match listen_once(&database_url, &checkout, &hub, &shutdown).await {
             Ok(()) => break,
-            Err(error) => tracing::warn!(%error, ?backoff, "change listener lost its connection; reconnecting"),
+            Err(error) => {
+                tracing::warn!(%error, ?backoff, "change listener lost its connection; reconnecting")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -221,7 +233,9 @@ async fn listen_once(
     let mut conn = AsyncPgConnection::establish(database_url)
         .await
         .map_err(|error| DomainError::Unavailable(error.to_string()))?;
-    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}")).execute(&mut conn).await?;
+    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}"))
+        .execute(&mut conn)
+        .await?;
     // Listening first, then reading: a change committed in between is heard, not lost.
     checkout.resync(hub).await?;
     tracing::info!("change listener connected");
@@ -232,12 +246,16 @@ async fn listen_once(
             next = notifications.next() => next,
         };
         match notification {
-            Some(Ok(notification)) => match serde_json::from_str::<StockSnapshot>(&notification.payload) {
-                Ok(snapshot) => {
-                    hub.publish(snapshot);
+            Some(Ok(notification)) => {
+                match serde_json::from_str::<StockSnapshot>(&notification.payload) {
+                    Ok(snapshot) => {
+                        hub.publish(snapshot);
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, payload = %notification.payload, "unreadable stock change")
+                    }
                 }
-                Err(error) => tracing::error!(%error, payload = %notification.payload, "unreadable stock change"),
-            },
+            }
             Some(Err(error)) => return Err(error.into()),
             None => return Err(DomainError::Unavailable("notification stream ended".into())),
         }

@@ -15,7 +15,9 @@ pub enum DomainError {
     NotFound { entity: &'static str, id: String },
 
     /// Fewer units available than asked for.
-    #[error("not enough stock for product {product_id}: requested {requested}, available {available}")]
+    #[error(
+        "not enough stock for product {product_id}: requested {requested}, available {available}"
+    )]
     InsufficientStock {
         product_id: Uuid,
         requested: i64,
@@ -43,7 +45,9 @@ pub enum DomainError {
     AmountMismatch { expected: i64, reported: i64 },
 
     /// A withdrawal would take stock_total below what is already reserved or sold.
-    #[error("stock_total would become {requested_total}, below the {committed} units reserved or sold")]
+    #[error(
+        "stock_total would become {requested_total}, below the {committed} units reserved or sold"
+    )]
     StockBelowCommitted {
         product_id: Uuid,
         requested_total: i64,

@@ -36,7 +36,9 @@ impl Checkout {
             .await;
         match (created, &new.client_request_id) {
             // A concurrent call with the same client request id won the race: answer with its hold.
-            (Err(DomainError::UniqueViolation { constraint }), Some(key)) if constraint == CLIENT_REQUEST_ID_INDEX => {
+            (Err(DomainError::UniqueViolation { constraint }), Some(key))
+                if constraint == CLIENT_REQUEST_ID_INDEX =>
+            {
                 let existing = queries::find_hold_by_client_request_id(&mut conn, key)
                     .await?
                     .ok_or_else(|| DomainError::Conflict("client request id race".into()))?;
@@ -47,20 +49,36 @@ impl Checkout {
     }
 
     /// Takes the units off the product (row lock) and writes the hold, in the caller's transaction.
-    async fn reserve_and_insert(&self, conn: &mut AsyncPgConnection, new: &NewHold) -> Result<Hold, DomainError> {
-        let change = StockChange { reserved: new.qty, ..StockChange::default() };
-        if apply_stock_change(conn, new.product_id, change).await?.is_none() {
+    async fn reserve_and_insert(
+        &self,
+        conn: &mut AsyncPgConnection,
+        new: &NewHold,
+    ) -> Result<Hold, DomainError> {
+        let change = StockChange {
+            reserved: new.qty,
+            ..StockChange::default()
+        };
+        if apply_stock_change(conn, new.product_id, change)
+            .await?
+            .is_none()
+        {
             return Err(stock_shortfall(conn, new.product_id, new.qty).await);
         }
         let key = new.client_request_id.as_deref();
-        Ok(queries::insert_hold(conn, new.product_id, new.qty, key, self.settings.hold_ttl).await?)
+        Ok(
+            queries::insert_hold(conn, new.product_id, new.qty, key, self.settings.hold_ttl)
+                .await?,
+        )
     }
 
     /// Checks qty and the client request id before touching the database.
     fn validate_new_hold(&self, new: &NewHold) -> Result<(), DomainError> {
         let max = self.settings.max_qty_per_hold;
         if !(1..=max).contains(&new.qty) {
-            return Err(DomainError::invalid("qty", format!("must be between 1 and {max}")));
+            return Err(DomainError::invalid(
+                "qty",
+                format!("must be between 1 and {max}"),
+            ));
         }
         if let Some(key) = &new.client_request_id {
             check_text_len("client_request_id", key, 255)?;
@@ -101,16 +119,28 @@ pub(super) async fn close_hold(
     hold: &Hold,
     status: HoldStatus,
 ) -> Result<Hold, DomainError> {
-    let change = StockChange { reserved: -hold.qty, ..StockChange::default() };
+    let change = StockChange {
+        reserved: -hold.qty,
+        ..StockChange::default()
+    };
     apply_stock_change(conn, hold.product_id, change)
         .await?
-        .ok_or_else(|| DomainError::Internal(format!("product {} vanished under hold {}", hold.product_id, hold.id)))?;
+        .ok_or_else(|| {
+            DomainError::Internal(format!(
+                "product {} vanished under hold {}",
+                hold.product_id, hold.id
+            ))
+        })?;
     ignore_deferred_events(conn, &[hold.id]).await?;
     Ok(queries::set_hold_status(conn, hold.id, status).await?)
 }
 
 /// Why a reservation matched no row: the product is missing, or short of stock.
-async fn stock_shortfall(conn: &mut AsyncPgConnection, product_id: Uuid, requested: i64) -> DomainError {
+async fn stock_shortfall(
+    conn: &mut AsyncPgConnection,
+    product_id: Uuid,
+    requested: i64,
+) -> DomainError {
     match find_product(conn, product_id).await {
         Ok(Some(product)) => DomainError::InsufficientStock {
             product_id,

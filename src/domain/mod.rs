@@ -71,7 +71,10 @@ fn retryable<T>(outcome: &Result<T, DomainError>, attempt: usize) -> bool {
 /// Checks a free-text field's length; `field` names it in the error.
 fn check_text_len(field: &'static str, value: &str, max: usize) -> Result<(), DomainError> {
     if value.len() > max {
-        return Err(DomainError::invalid(field, format!("must be at most {max} bytes")));
+        return Err(DomainError::invalid(
+            field,
+            format!("must be at most {max} bytes"),
+        ));
     }
     Ok(())
 }

@@ -58,7 +58,10 @@ async fn convert_hold(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Order
 }
 
 /// What the order for `hold` costs: its units at the product's price.
-pub(super) async fn hold_total_cents(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<i64, DomainError> {
+pub(super) async fn hold_total_cents(
+    conn: &mut AsyncPgConnection,
+    hold: &Hold,
+) -> Result<i64, DomainError> {
     let product = find_product(conn, hold.product_id)
         .await?
         .ok_or_else(|| DomainError::not_found("product", hold.product_id))?;
@@ -85,17 +88,29 @@ pub(super) async fn settle(
     let (status, change, reason) = match result {
         PaymentResult::Success => (
             OrderStatus::Paid,
-            StockChange { reserved: -order.qty, sold: order.qty, ..StockChange::default() },
+            StockChange {
+                reserved: -order.qty,
+                sold: order.qty,
+                ..StockChange::default()
+            },
             "",
         ),
         PaymentResult::Failure => (
             OrderStatus::Cancelled,
-            StockChange { reserved: -order.qty, ..StockChange::default() },
+            StockChange {
+                reserved: -order.qty,
+                ..StockChange::default()
+            },
             failure_reason,
         ),
     };
     apply_stock_change(conn, order.product_id, change)
         .await?
-        .ok_or_else(|| DomainError::Internal(format!("settling order {} broke the stock counters", order.id)))?;
+        .ok_or_else(|| {
+            DomainError::Internal(format!(
+                "settling order {} broke the stock counters",
+                order.id
+            ))
+        })?;
     Ok(queries::settle_order(conn, order.id, status, reason).await?)
 }

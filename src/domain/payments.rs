@@ -7,9 +7,13 @@ use uuid::Uuid;
 use super::orders::{hold_total_cents, settle};
 use super::{Checkout, DomainError, check_text_len, retryable};
 use crate::db::holds::lock_hold;
-use crate::db::models::{EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult};
+use crate::db::models::{
+    EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
+};
 use crate::db::orders::{find_order_by_hold, lock_order};
-use crate::db::payments::{NewPaymentEvent, find_event, insert_event, lock_deferred_events, resolve_event};
+use crate::db::payments::{
+    NewPaymentEvent, find_event, insert_event, lock_deferred_events, resolve_event,
+};
 
 /// What a payment webhook is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +62,10 @@ pub struct WebhookReceipt {
 impl Checkout {
     /// Handles one webhook delivery. Unknown targets are `NotFound` and store nothing, so
     /// the provider's retry can succeed later.
-    pub async fn handle_payment_webhook(&self, webhook: PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+    pub async fn handle_payment_webhook(
+        &self,
+        webhook: PaymentWebhook,
+    ) -> Result<WebhookReceipt, DomainError> {
         validate_webhook(&webhook)?;
         let mut conn = self.conn().await?;
         let mut attempt = 1;
@@ -89,7 +96,10 @@ fn validate_webhook(webhook: &PaymentWebhook) -> Result<(), DomainError> {
 
 /// One delivery, in one transaction: a known key answers from the stored event; a new key
 /// locks its target, decides, applies and is stored.
-async fn process_webhook(conn: &mut AsyncPgConnection, webhook: &PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+async fn process_webhook(
+    conn: &mut AsyncPgConnection,
+    webhook: &PaymentWebhook,
+) -> Result<WebhookReceipt, DomainError> {
     if let Some(event) = find_event(conn, &webhook.idempotency_key).await? {
         return duplicate_receipt(event, webhook);
     }
@@ -102,11 +112,16 @@ async fn process_webhook(conn: &mut AsyncPgConnection, webhook: &PaymentWebhook)
         }
         PaymentTarget::Hold(hold_id) => apply_to_hold(conn, webhook, hold_id).await?,
     };
-    let (order_id, order_status) = (order.as_ref().map(|o| o.id), order.as_ref().map(|o| o.status));
+    let (order_id, order_status) = (
+        order.as_ref().map(|o| o.id),
+        order.as_ref().map(|o| o.status),
+    );
     let stored = insert_event(conn, &new_event(webhook, outcome, order_id, order_status)).await?;
     if !stored {
         // A concurrent delivery of the same key committed first: roll back and answer as a duplicate.
-        return Err(DomainError::Conflict("idempotency key stored concurrently".into()));
+        return Err(DomainError::Conflict(
+            "idempotency key stored concurrently".into(),
+        ));
     }
     Ok(WebhookReceipt {
         idempotency_key: webhook.idempotency_key.clone(),
@@ -144,7 +159,9 @@ async fn apply_to_hold(
         HoldStatus::Converted => {
             let order_id = find_order_by_hold(conn, hold_id)
                 .await?
-                .ok_or_else(|| DomainError::Internal(format!("converted hold {hold_id} has no order")))?
+                .ok_or_else(|| {
+                    DomainError::Internal(format!("converted hold {hold_id} has no order"))
+                })?
                 .id;
             let order = lock_order(conn, order_id)
                 .await?
@@ -155,13 +172,18 @@ async fn apply_to_hold(
             check_amount(webhook.amount_cents, hold_total_cents(conn, &hold).await?)?;
             Ok((EventOutcome::Deferred, None))
         }
-        HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => Ok((EventOutcome::Ignored, None)),
+        HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => {
+            Ok((EventOutcome::Ignored, None))
+        }
     }
 }
 
 /// Applies the payments deferred on a hold to the order it just became: the first settles
 /// it, later ones find it final and are ignored. Returns the order as it ends up.
-pub(super) async fn apply_deferred_events(conn: &mut AsyncPgConnection, mut order: Order) -> Result<Order, DomainError> {
+pub(super) async fn apply_deferred_events(
+    conn: &mut AsyncPgConnection,
+    mut order: Order,
+) -> Result<Order, DomainError> {
     for event in lock_deferred_events(conn, order.hold_id).await? {
         let outcome = if order.status.is_final() {
             EventOutcome::Ignored
@@ -169,7 +191,14 @@ pub(super) async fn apply_deferred_events(conn: &mut AsyncPgConnection, mut orde
             order = settle(conn, &order, event.result, &event.failure_reason).await?;
             EventOutcome::Applied
         };
-        resolve_event(conn, &event.idempotency_key, outcome, Some(order.id), Some(order.status)).await?;
+        resolve_event(
+            conn,
+            &event.idempotency_key,
+            outcome,
+            Some(order.id),
+            Some(order.status),
+        )
+        .await?;
     }
     Ok(order)
 }
@@ -183,7 +212,10 @@ fn check_amount(reported: i64, expected: i64) -> Result<(), DomainError> {
 }
 
 /// The answer for a key seen before: the same answer if the payload matches, a refusal if not.
-fn duplicate_receipt(event: PaymentEvent, webhook: &PaymentWebhook) -> Result<WebhookReceipt, DomainError> {
+fn duplicate_receipt(
+    event: PaymentEvent,
+    webhook: &PaymentWebhook,
+) -> Result<WebhookReceipt, DomainError> {
     let (target_order_id, target_hold_id) = target_ids(webhook.target);
     let same_payload = event.target_order_id == target_order_id
         && event.target_hold_id == target_hold_id

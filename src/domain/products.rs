@@ -42,7 +42,10 @@ impl Checkout {
             return Err(DomainError::invalid("price_cents", "must not be negative"));
         }
         if !(0..=MAX_STOCK).contains(&new.stock_total) {
-            return Err(DomainError::invalid("stock_total", format!("must be between 0 and {MAX_STOCK}")));
+            return Err(DomainError::invalid(
+                "stock_total",
+                format!("must be between 0 and {MAX_STOCK}"),
+            ));
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
@@ -70,7 +73,11 @@ impl Checkout {
     }
 
     /// A page of products in creation order; `page_size` 0 means the default.
-    pub async fn list_products(&self, page_size: i64, after: Option<Uuid>) -> Result<ProductPage, DomainError> {
+    pub async fn list_products(
+        &self,
+        page_size: i64,
+        after: Option<Uuid>,
+    ) -> Result<ProductPage, DomainError> {
         let limit = match page_size {
             0 => DEFAULT_PAGE_SIZE,
             1..=MAX_PAGE_SIZE => page_size,
@@ -89,7 +96,10 @@ impl Checkout {
         } else {
             None
         };
-        Ok(ProductPage { products, next_after })
+        Ok(ProductPage {
+            products,
+            next_after,
+        })
     }
 
     /// Every product, page by page (for watchers of all products and resyncs).
@@ -97,7 +107,12 @@ impl Checkout {
         let mut conn = self.conn().await?;
         let mut all = Vec::new();
         loop {
-            let page = queries::list_products(&mut conn, all.last().map(|p: &Product| p.id), MAX_PAGE_SIZE).await?;
+            let page = queries::list_products(
+                &mut conn,
+                all.last().map(|p: &Product| p.id),
+                MAX_PAGE_SIZE,
+            )
+            .await?;
             let done = (page.len() as i64) < MAX_PAGE_SIZE;
             all.extend(page);
             if done {
@@ -109,11 +124,17 @@ impl Checkout {
     /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold.
     pub async fn adjust_stock(&self, product_id: Uuid, delta: i64) -> Result<Product, DomainError> {
         if delta == 0 || delta.abs() > MAX_STOCK {
-            return Err(DomainError::invalid("delta", format!("must be non-zero and within ±{MAX_STOCK}")));
+            return Err(DomainError::invalid(
+                "delta",
+                format!("must be non-zero and within ±{MAX_STOCK}"),
+            ));
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
-            let change = StockChange { total: delta, ..StockChange::default() };
+            let change = StockChange {
+                total: delta,
+                ..StockChange::default()
+            };
             let Some(product) = queries::apply_stock_change(conn, product_id, change).await? else {
                 let product = queries::find_product(conn, product_id)
                     .await?
@@ -125,7 +146,10 @@ impl Checkout {
                 });
             };
             if product.stock_total > MAX_STOCK {
-                return Err(DomainError::invalid("delta", format!("stock_total would exceed {MAX_STOCK}")));
+                return Err(DomainError::invalid(
+                    "delta",
+                    format!("stock_total would exceed {MAX_STOCK}"),
+                ));
             }
             queries::insert_adjustment(conn, product_id, delta).await?;
             Ok(product)
@@ -138,7 +162,10 @@ impl Checkout {
     pub async fn audit(&self, ids: &[Uuid]) -> Result<Vec<AuditRow>, DomainError> {
         let mut conn = self.conn().await?;
         let rows = audit_products(&mut conn, ids).await?;
-        if let Some(missing) = ids.iter().find(|id| !rows.iter().any(|r| r.product_id == **id)) {
+        if let Some(missing) = ids
+            .iter()
+            .find(|id| !rows.iter().any(|r| r.product_id == **id))
+        {
             return Err(DomainError::not_found("product", missing));
         }
         Ok(rows)

@@ -27,10 +27,17 @@ impl Checkout {
             }
             // Products are locked in id order, so two reapers never deadlock each other.
             for (product_id, units) in units_by_product {
-                let change = StockChange { reserved: -units, ..StockChange::default() };
+                let change = StockChange {
+                    reserved: -units,
+                    ..StockChange::default()
+                };
                 apply_stock_change(conn, product_id, change)
                     .await?
-                    .ok_or_else(|| DomainError::Internal(format!("expiring holds of {product_id} broke its counters")))?;
+                    .ok_or_else(|| {
+                        DomainError::Internal(format!(
+                            "expiring holds of {product_id} broke its counters"
+                        ))
+                    })?;
             }
             let ids: Vec<Uuid> = expired.iter().map(|hold| hold.id).collect();
             ignore_deferred_events(conn, &ids).await?;
@@ -51,7 +58,11 @@ pub struct ReaperSettings {
 
 /// Sweeps every `interval` until `shutdown` is cancelled; a full batch is followed at once by
 /// another. Database errors are logged and retried on the next tick.
-pub async fn run_reaper(checkout: Arc<Checkout>, settings: ReaperSettings, shutdown: CancellationToken) {
+pub async fn run_reaper(
+    checkout: Arc<Checkout>,
+    settings: ReaperSettings,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -34,13 +34,20 @@ impl InventoryAdminService for AdminApi {
             price_cents: request.price_cents,
             stock_total: request.stock_total,
         };
-        Ok(Response::new(self.checkout.create_product(new).await?.into()))
+        Ok(Response::new(
+            self.checkout.create_product(new).await?.into(),
+        ))
     }
 
-    async fn adjust_stock(&self, request: Request<pb::AdjustStockRequest>) -> Result<Response<pb::Product>, Status> {
+    async fn adjust_stock(
+        &self,
+        request: Request<pb::AdjustStockRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
         let request = request.into_inner();
         let id = parse_id("product_id", &request.product_id)?;
-        Ok(Response::new(self.checkout.adjust_stock(id, request.delta).await?.into()))
+        Ok(Response::new(
+            self.checkout.adjust_stock(id, request.delta).await?.into(),
+        ))
     }
 
     async fn audit_inventory(
@@ -48,7 +55,13 @@ impl InventoryAdminService for AdminApi {
         request: Request<pb::AuditInventoryRequest>,
     ) -> Result<Response<pb::AuditInventoryResponse>, Status> {
         let ids = parse_ids("product_ids", &request.get_ref().product_ids)?;
-        let products: Vec<pb::ProductAudit> = self.checkout.audit(&ids).await?.into_iter().map(Into::into).collect();
+        let products: Vec<pb::ProductAudit> = self
+            .checkout
+            .audit(&ids)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect();
         Ok(Response::new(pb::AuditInventoryResponse {
             consistent: products.iter().all(|product| product.consistent),
             products,

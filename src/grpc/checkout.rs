@@ -27,8 +27,16 @@ pub struct CheckoutApi {
 
 impl CheckoutApi {
     /// Wires the API to the domain, the availability hub and the shutdown signal.
-    pub fn new(checkout: Arc<Checkout>, hub: Arc<AvailabilityHub>, shutdown: CancellationToken) -> Self {
-        CheckoutApi { checkout, hub, shutdown }
+    pub fn new(
+        checkout: Arc<Checkout>,
+        hub: Arc<AvailabilityHub>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        CheckoutApi {
+            checkout,
+            hub,
+            shutdown,
+        }
     }
 }
 
@@ -37,7 +45,10 @@ type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::AvailabilityUpdate, Sta
 
 #[tonic::async_trait]
 impl CheckoutService for CheckoutApi {
-    async fn get_product(&self, request: Request<pb::GetProductRequest>) -> Result<Response<pb::Product>, Status> {
+    async fn get_product(
+        &self,
+        request: Request<pb::GetProductRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
         let id = parse_id("product_id", &request.get_ref().product_id)?;
         Ok(Response::new(self.checkout.get_product(id).await?.into()))
     }
@@ -50,14 +61,20 @@ impl CheckoutService for CheckoutApi {
         let after = optional_text(request.page_token)
             .map(|token| parse_id("page_token", &token))
             .transpose()?;
-        let page = self.checkout.list_products(request.page_size.into(), after).await?;
+        let page = self
+            .checkout
+            .list_products(request.page_size.into(), after)
+            .await?;
         Ok(Response::new(pb::ListProductsResponse {
             products: page.products.into_iter().map(Into::into).collect(),
             next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
-    async fn create_hold(&self, request: Request<pb::CreateHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+    async fn create_hold(
+        &self,
+        request: Request<pb::CreateHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
         let request = request.into_inner();
         let new = NewHold {
             product_id: parse_id("product_id", &request.product_id)?,
@@ -67,22 +84,34 @@ impl CheckoutService for CheckoutApi {
         Ok(Response::new(self.checkout.create_hold(new).await?.into()))
     }
 
-    async fn get_hold(&self, request: Request<pb::GetHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
         let id = parse_id("hold_id", &request.get_ref().hold_id)?;
         Ok(Response::new(self.checkout.get_hold(id).await?.into()))
     }
 
-    async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
         let id = parse_id("hold_id", &request.get_ref().hold_id)?;
         Ok(Response::new(self.checkout.release_hold(id).await?.into()))
     }
 
-    async fn create_order(&self, request: Request<pb::CreateOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn create_order(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let id = parse_id("hold_id", &request.get_ref().hold_id)?;
         Ok(Response::new(self.checkout.create_order(id).await?.into()))
     }
 
-    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
         let id = parse_id("order_id", &request.get_ref().order_id)?;
         Ok(Response::new(self.checkout.get_order(id).await?.into()))
     }
@@ -104,7 +133,9 @@ impl CheckoutService for CheckoutApi {
             failure_reason: request.failure_reason,
             amount_cents: request.amount_cents,
         };
-        Ok(Response::new(self.checkout.handle_payment_webhook(webhook).await?.into()))
+        Ok(Response::new(
+            self.checkout.handle_payment_webhook(webhook).await?.into(),
+        ))
     }
 
     type WatchAvailabilityStream = UpdateStream;
@@ -114,10 +145,15 @@ impl CheckoutService for CheckoutApi {
         request: Request<pb::WatchAvailabilityRequest>,
     ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
         let ids = parse_ids("product_ids", &request.get_ref().product_ids)?;
-        let updates = self.checkout.watch_availability(self.hub.clone(), ids).await?;
+        let updates = self
+            .checkout
+            .watch_availability(self.hub.clone(), ids)
+            .await?;
         let shutdown = self.shutdown.clone().cancelled_owned();
         let shutting_down = futures::stream::once(async {
-            Err(Status::unavailable("server is shutting down; reconnect to another instance"))
+            Err(Status::unavailable(
+                "server is shutting down; reconnect to another instance",
+            ))
         });
         let stream = updates
             .map(|snapshot| Ok(pb::AvailabilityUpdate::from(snapshot)))

@@ -16,7 +16,8 @@ pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, DomainError> {
     if value.is_empty() {
         return Err(DomainError::invalid(field, "must not be empty"));
     }
-    Uuid::parse_str(value).map_err(|_| DomainError::invalid(field, format!("{value:?} is not a valid id (a UUID)")))
+    Uuid::parse_str(value)
+        .map_err(|_| DomainError::invalid(field, format!("{value:?} is not a valid id (a UUID)")))
 }
 
 /// Parses a list of ids; the error names the field and the position.
@@ -130,8 +131,15 @@ impl From<WebhookReceipt> for pb::HandlePaymentWebhookResponse {
     fn from(receipt: WebhookReceipt) -> Self {
         pb::HandlePaymentWebhookResponse {
             idempotency_key: receipt.idempotency_key,
-            order_id: receipt.order_id.map(|id| id.to_string()).unwrap_or_default(),
-            order_status: receipt.order_status.map(pb::OrderStatus::from).unwrap_or_default().into(),
+            order_id: receipt
+                .order_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            order_status: receipt
+                .order_status
+                .map(pb::OrderStatus::from)
+                .unwrap_or_default()
+                .into(),
             outcome: pb::WebhookOutcome::from(receipt.outcome).into(),
         }
     }

@@ -11,5 +11,6 @@ pub mod pb {
     tonic::include_proto!("flashsale.v1");
 
     /// The encoded descriptors of `proto/`, served by server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flashsale_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/flashsale_descriptor.bin"));
 }

@@ -19,7 +19,8 @@ impl From<DomainError> for Status {
             Code::Unavailable => tracing::warn!(%error, "database unavailable"),
             _ => {}
         }
-        let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata(&error));
+        let mut details =
+            ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata(&error));
         if let DomainError::InvalidArgument { field, reason } = &error {
             details.add_bad_request_violation(*field, reason.clone());
         }
@@ -49,8 +50,14 @@ fn status_code(error: &DomainError) -> Code {
 fn metadata(error: &DomainError) -> HashMap<String, String> {
     let pairs: Vec<(&str, String)> = match error {
         DomainError::InvalidArgument { field, .. } => vec![("field", field.to_string())],
-        DomainError::NotFound { entity, id } => vec![("entity", entity.to_string()), ("id", id.clone())],
-        DomainError::InsufficientStock { product_id, requested, available } => vec![
+        DomainError::NotFound { entity, id } => {
+            vec![("entity", entity.to_string()), ("id", id.clone())]
+        }
+        DomainError::InsufficientStock {
+            product_id,
+            requested,
+            available,
+        } => vec![
             ("product_id", product_id.to_string()),
             ("requested", requested.to_string()),
             ("available", available.to_string()),
@@ -58,14 +65,29 @@ fn metadata(error: &DomainError) -> HashMap<String, String> {
         DomainError::HoldConverted { hold_id }
         | DomainError::HoldExpired { hold_id }
         | DomainError::HoldReleased { hold_id } => vec![("hold_id", hold_id.to_string())],
-        DomainError::IdempotencyKeyReused { field, key } => vec![("field", field.to_string()), ("key", key.clone())],
-        DomainError::AmountMismatch { expected, reported } => {
-            vec![("expected", expected.to_string()), ("reported", reported.to_string())]
+        DomainError::IdempotencyKeyReused { field, key } => {
+            vec![("field", field.to_string()), ("key", key.clone())]
         }
-        DomainError::StockBelowCommitted { product_id, committed, .. } => {
-            vec![("product_id", product_id.to_string()), ("committed", committed.to_string())]
+        DomainError::AmountMismatch { expected, reported } => {
+            vec![
+                ("expected", expected.to_string()),
+                ("reported", reported.to_string()),
+            ]
+        }
+        DomainError::StockBelowCommitted {
+            product_id,
+            committed,
+            ..
+        } => {
+            vec![
+                ("product_id", product_id.to_string()),
+                ("committed", committed.to_string()),
+            ]
         }
         _ => Vec::new(),
     };
-    pairs.into_iter().map(|(key, value)| (key.to_owned(), value)).collect()
+    pairs
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
 }

@@ -1,0 +1,202 @@
+//! The `flashsale` command line: `serve` runs the server, `seed` adds demo products. Every
+//! flag can also come from the environment variable named in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use diesel_async::AsyncConnection;
+use tokio::net::TcpListener;
+
+use crate::config::ServerConfig;
+use crate::db;
+use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
+
+/// Any failure of a command, reported as `error: ...`.
+type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Database the server creates in its private PostgreSQL.
+const LOCAL_DATABASE: &str = "flashsale";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flashsale",
+    version,
+    about = "gRPC inventory and checkout server for flash sales"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Add demo products and print them.
+    Seed(DatabaseArgs),
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL. Unset: start a private PostgreSQL from the machine's binaries in
+    /// --pg-data-dir (kept across restarts) and stop it on exit.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Data directory of the private PostgreSQL used when DATABASE_URL is unset.
+    #[arg(long, env = "FLASHSALE_PG_DATA_DIR", default_value = ".flashsale/pg")]
+    pub pg_data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "FLASHSALE_LISTEN_ADDR", default_value = "127.0.0.1:50051")]
+    pub listen_addr: SocketAddr,
+    /// How long a hold reserves its units (e.g. 90s, 2m).
+    #[arg(long, env = "FLASHSALE_HOLD_TTL", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub hold_ttl: Duration,
+    /// Pause between reaper sweeps for expired holds.
+    #[arg(long, env = "FLASHSALE_REAPER_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reaper_interval: Duration,
+    /// Holds the reaper expires per transaction.
+    #[arg(long, env = "FLASHSALE_REAPER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub reaper_batch_size: i64,
+    /// Largest qty one hold may take.
+    #[arg(long, env = "FLASHSALE_MAX_QTY_PER_HOLD", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_qty_per_hold: i64,
+    /// Database connections in the pool.
+    #[arg(long, env = "FLASHSALE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub pool_size: u16,
+    /// Longest wait for a database connection before a call fails with UNAVAILABLE.
+    #[arg(long, env = "FLASHSALE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub db_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The server settings for a resolved database URL.
+    fn server_config(&self, database_url: String) -> ServerConfig {
+        ServerConfig {
+            hold_ttl: self.hold_ttl,
+            reaper_interval: self.reaper_interval,
+            reaper_batch_size: self.reaper_batch_size,
+            max_qty_per_hold: self.max_qty_per_hold,
+            pool_size: self.pool_size.into(),
+            db_timeout: self.db_timeout,
+            ..ServerConfig::new(database_url)
+        }
+    }
+}
+
+/// Parses the command line, runs the command, and turns failure into exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Seed(args) => seed(args).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flashsale serve`.
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let (database_url, local) = open_database(&args.database).await?;
+    let listener = TcpListener::bind(args.listen_addr)
+        .await
+        .map_err(|error| format!("cannot listen on {}: {error}", args.listen_addr))?;
+    let served = crate::server::run(
+        listener,
+        args.server_config(database_url),
+        shutdown_signal(),
+    )
+    .await;
+    if let Some(local) = local {
+        local.stop().await?;
+    }
+    Ok(served?)
+}
+
+/// `flashsale seed`: migrates, then adds a few demo products.
+async fn seed(args: DatabaseArgs) -> Result<(), CliError> {
+    let (database_url, local) = open_database(&args).await?;
+    db::run_migrations(&database_url).await?;
+    let mut conn = diesel_async::AsyncPgConnection::establish(&database_url).await?;
+    let demo = [
+        ("Limited sneaker drop", 12_900, 100),
+        ("Concert ticket, front row", 8_500, 500),
+        ("Console bundle", 49_900, 25),
+    ];
+    for (name, price_cents, stock) in demo {
+        let product = db::products::insert_product(&mut conn, name, price_cents, stock).await?;
+        println!(
+            "{}  {name}  price_cents={price_cents}  stock={stock}",
+            product.id
+        );
+    }
+    drop(conn);
+    if let Some(local) = local {
+        local.stop().await?;
+    }
+    Ok(())
+}
+
+/// The database URL to use, starting the private PostgreSQL when none is configured.
+async fn open_database(args: &DatabaseArgs) -> Result<(String, Option<LocalPostgres>), CliError> {
+    if let Some(url) = &args.database_url {
+        return Ok((url.clone(), None));
+    }
+    let local = LocalPostgres::start(LocalPostgresOptions {
+        data_dir: args.pg_data_dir.clone(),
+        durable: true,
+        max_connections: 100,
+    })
+    .await?;
+    db::create_database_if_missing(&local.url("postgres"), LOCAL_DATABASE).await?;
+    tracing::info!(
+        data_dir = %local.data_dir().display(),
+        port = local.port(),
+        "DATABASE_URL is unset: using a private postgresql (stopped on exit; data kept)"
+    );
+    Ok((local.url(LOCAL_DATABASE), Some(local)))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => tracing::info!("received sigint"),
+        _ = terminate.recv() => tracing::info!("received sigterm"),
+    }
+}

@@ -1,0 +1,319 @@
+//! The test harness: a fresh database per test (on `DATABASE_URL`'s server, or on a private
+//! PostgreSQL cluster started once per test process from the machine's binaries), the real
+//! server on `127.0.0.1:0`, and real tonic clients over the network.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use flashsale::config::ServerConfig;
+use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
+use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
+use flashsale::grpc::pb::{self, AuditInventoryRequest, CreateProductRequest};
+use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
+use tokio::sync::{OnceCell, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+pub type Checkout = CheckoutServiceClient<Channel>;
+pub type Admin = InventoryAdminServiceClient<Channel>;
+
+/// The private cluster of this test process, when `DATABASE_URL` is unset.
+static CLUSTER: OnceCell<LocalPostgres> = OnceCell::const_new();
+
+/// A URL of the server's maintenance database, where test databases are created.
+async fn admin_url() -> String {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return url;
+    }
+    let cluster = CLUSTER
+        .get_or_init(|| async {
+            let data_dir =
+                std::env::temp_dir().join(format!("flashsale-test-pg-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data_dir);
+            LocalPostgres::start(LocalPostgresOptions {
+                data_dir,
+                durable: false,
+                max_connections: 300,
+            })
+            .await
+            .expect("start a private postgresql for the tests (or set DATABASE_URL)")
+        })
+        .await;
+    cluster.url("postgres")
+}
+
+/// `url` with its database name replaced (query parameters kept).
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, ""), |(base, query)| (base, query));
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{database}{query}", &base[..path_start])
+}
+
+/// A database of its own for one test; dropped when the value is.
+pub struct TestDb {
+    /// Where tests and the server connect.
+    pub url: String,
+    /// Where the database is dropped from.
+    admin_url: String,
+    /// The database's name.
+    name: String,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    pub async fn new() -> TestDb {
+        let admin_url = admin_url().await;
+        let name = format!("flashsale_test_{}", uuid::Uuid::now_v7().simple());
+        flashsale::db::create_database_if_missing(&admin_url, &name)
+            .await
+            .expect("create the test database");
+        TestDb {
+            url: with_database(&admin_url, &name),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside any runtime we may block: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = AsyncPgConnection::establish(&admin_url).await.ok()?;
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The settings tests start from: a quick reaper, the default TTL.
+pub fn test_config(database_url: &str) -> ServerConfig {
+    ServerConfig {
+        reaper_interval: Duration::from_millis(100),
+        health_check_interval: Duration::from_millis(200),
+        ..ServerConfig::new(database_url)
+    }
+}
+
+/// A running server on its own database.
+pub struct TestServer {
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// The settings it runs with.
+    pub config: ServerConfig,
+    /// Fires the server's graceful shutdown.
+    shutdown: Option<oneshot::Sender<()>>,
+    /// The server task; its result tells how `run` ended.
+    task: Option<JoinHandle<Result<(), flashsale::server::ServerError>>>,
+    /// Kept alive as long as the server.
+    pub db: TestDb,
+}
+
+impl TestServer {
+    /// Starts a server with the test defaults and waits until health says SERVING.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server with adjusted settings and waits until health says SERVING.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let db = TestDb::new().await;
+        let mut config = test_config(&db.url);
+        adjust(&mut config);
+        let server = Self::spawn(config, db).await;
+        server.wait_serving().await;
+        server
+    }
+
+    /// Starts a server without waiting for it to become healthy.
+    pub async fn spawn(config: ServerConfig, db: TestDb) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(flashsale::server::run(listener, config.clone(), async {
+            let _ = stop.await;
+        }));
+        TestServer {
+            addr,
+            config,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            db,
+        }
+    }
+
+    /// A new HTTP/2 connection to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// A checkout client on a new connection.
+    pub async fn checkout(&self) -> Checkout {
+        CheckoutServiceClient::new(self.channel().await)
+    }
+
+    /// An admin client on a new connection.
+    pub async fn admin(&self) -> Admin {
+        InventoryAdminServiceClient::new(self.channel().await)
+    }
+
+    /// The overall health status.
+    pub async fn health(&self) -> ServingStatus {
+        let mut health = HealthClient::new(self.channel().await);
+        let response = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check");
+        response.into_inner().status()
+    }
+
+    /// Waits (up to 30 s) for health to report SERVING.
+    pub async fn wait_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.health().await != ServingStatus::Serving {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Graceful shutdown; returns how `run` ended.
+    pub async fn stop(mut self) -> Result<(), flashsale::server::ServerError> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let task = self.task.take().expect("server task");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("server stops within 30 s")
+            .expect("server task did not panic")
+    }
+
+    /// Creates a product through the admin API.
+    pub async fn product(&self, name: &str, price_cents: i64, stock_total: i64) -> pb::Product {
+        self.admin()
+            .await
+            .create_product(CreateProductRequest {
+                name: name.into(),
+                price_cents,
+                stock_total,
+            })
+            .await
+            .expect("create product")
+            .into_inner()
+    }
+
+    /// Audits every product and asserts the books balance.
+    pub async fn assert_consistent(&self) -> pb::AuditInventoryResponse {
+        let audit = self
+            .admin()
+            .await
+            .audit_inventory(AuditInventoryRequest {
+                product_ids: vec![],
+            })
+            .await
+            .expect("audit")
+            .into_inner();
+        assert!(
+            audit.consistent,
+            "inventory audit found inconsistent counters: {audit:#?}"
+        );
+        audit
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The `google.rpc.ErrorInfo` reason of a failed call.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+/// The fields a `google.rpc.BadRequest` detail names.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts a call failed with `code` and ErrorInfo `reason`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    expected_reason: &str,
+) -> tonic::Status {
+    let status = result.expect_err("call should fail");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert_eq!(
+        reason(&status),
+        expected_reason,
+        "unexpected reason: {status:?}"
+    );
+    status
+}
+
+/// Asserts a call failed with INVALID_ARGUMENT naming `field`.
+#[track_caller]
+pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
+    let status = assert_status(result, tonic::Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(
+        bad_fields(&status),
+        vec![field.to_string()],
+        "field violations: {status:?}"
+    );
+    assert!(
+        status.message().contains(field),
+        "message should name {field}: {status:?}"
+    );
+}
