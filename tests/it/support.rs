@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -130,8 +131,8 @@ pub struct TestServer {
     shutdown: Option<oneshot::Sender<()>>,
     /// The server task; its result tells how `run` ended.
     task: Option<JoinHandle<Result<(), flashsale::server::ServerError>>>,
-    /// Kept alive as long as the server.
-    pub db: TestDb,
+    /// Kept alive as long as any server on it.
+    pub db: Arc<TestDb>,
 }
 
 impl TestServer {
@@ -151,7 +152,8 @@ impl TestServer {
     }
 
     /// Starts a server without waiting for it to become healthy.
-    pub async fn spawn(config: ServerConfig, db: TestDb) -> TestServer {
+    pub async fn spawn(config: ServerConfig, db: impl Into<Arc<TestDb>>) -> TestServer {
+        let db = db.into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -167,6 +169,14 @@ impl TestServer {
             task: Some(task),
             db,
         }
+    }
+
+    /// A second server process-alike on the same database (its own pool, reaper, listener),
+    /// healthy when returned.
+    pub async fn start_sibling(&self) -> TestServer {
+        let server = Self::spawn(self.config.clone(), self.db.clone()).await;
+        server.wait_serving().await;
+        server
     }
 
     /// A new HTTP/2 connection to the server.
