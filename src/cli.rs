@@ -7,11 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use diesel_async::AsyncConnection;
 use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
 use crate::db;
+use crate::grpc::pb::CreateProductRequest;
+use crate::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
 use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
 
 /// Any failure of a command, reported as `error: ...`.
@@ -35,8 +36,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server until SIGINT or SIGTERM.
     Serve(ServeArgs),
-    /// Add demo products and print them.
-    Seed(DatabaseArgs),
+    /// Add demo products through a running server's admin API and print them.
+    Seed(SeedArgs),
 }
 
 /// Where the data lives.
@@ -49,6 +50,13 @@ pub struct DatabaseArgs {
     /// Data directory of the private PostgreSQL used when DATABASE_URL is unset.
     #[arg(long, env = "FLASHSALE_PG_DATA_DIR", default_value = ".flashsale/pg")]
     pub pg_data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    /// The server to seed.
+    #[arg(long, env = "FLASHSALE_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,26 +149,20 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     Ok(served?)
 }
 
-/// `flashsale seed`: migrates, then adds a few demo products.
-async fn seed(args: DatabaseArgs) -> Result<(), CliError> {
-    let (database_url, local) = open_database(&args).await?;
-    db::run_migrations(&database_url).await?;
-    let mut conn = diesel_async::AsyncPgConnection::establish(&database_url).await?;
+/// `flashsale seed`: creates a few demo products through the admin API.
+async fn seed(args: SeedArgs) -> Result<(), CliError> {
+    let mut admin = InventoryAdminServiceClient::connect(args.server.clone())
+        .await
+        .map_err(|error| format!("cannot reach {}: {error} (is `flashsale serve` running?)", args.server))?;
     let demo = [
         ("Limited sneaker drop", 12_900, 100),
         ("Concert ticket, front row", 8_500, 500),
         ("Console bundle", 49_900, 25),
     ];
-    for (name, price_cents, stock) in demo {
-        let product = db::products::insert_product(&mut conn, name, price_cents, stock).await?;
-        println!(
-            "{}  {name}  price_cents={price_cents}  stock={stock}",
-            product.id
-        );
-    }
-    drop(conn);
-    if let Some(local) = local {
-        local.stop().await?;
+    for (name, price_cents, stock_total) in demo {
+        let request = CreateProductRequest { name: name.into(), price_cents, stock_total };
+        let product = admin.create_product(request).await?.into_inner();
+        println!("{}  {name}  price_cents={price_cents}  stock_total={stock_total}", product.id);
     }
     Ok(())
 }

@@ -68,10 +68,13 @@ pub async fn run(
         stopping.clone(),
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // v1 for current grpcurl; v1alpha for older clients (grpcurl < 1.9, Python's grpcio-reflection).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving grpc");
     let on_shutdown = {
@@ -85,7 +88,8 @@ pub async fn run(
     };
     let served = Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(CheckoutServiceServer::new(CheckoutApi::new(
             checkout.clone(),
             hub,

@@ -3,4 +3,13 @@
 
 mod support;
 
+mod flash_crowd;
+mod holds;
+mod orders;
+mod products;
+mod reaper;
+mod service;
 mod smoke;
+mod stream;
+mod validation;
+mod webhooks;

@@ -1,0 +1,444 @@
+//! Products: creation, fresh reads, versions, paging, stock adjustments and the inventory audit.
+
+use std::collections::HashSet;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use flashsale::grpc::pb::{
+    AdjustStockRequest, AuditInventoryRequest, CreateOrderRequest, GetProductRequest,
+    HandlePaymentWebhookRequest, ListProductsRequest, PaymentResult, Product, ProductAudit,
+    ReleaseHoldRequest, StockCounters, handle_payment_webhook_request::Target,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::holds::hold;
+use crate::support::{TestServer, assert_status};
+
+/// One product, fresh from GetProduct.
+pub async fn fetch(server: &TestServer, product_id: &str) -> Product {
+    server
+        .checkout()
+        .await
+        .get_product(GetProductRequest {
+            product_id: product_id.into(),
+        })
+        .await
+        .expect("get product")
+        .into_inner()
+}
+
+/// A product's counters as (stock_total, reserved, sold, available).
+pub fn counters(product: &Product) -> (i64, i64, i64, i64) {
+    (
+        product.stock_total,
+        product.reserved,
+        product.sold,
+        product.available,
+    )
+}
+
+/// AdjustStock through the admin API.
+async fn adjust(server: &TestServer, product_id: &str, delta: i64) -> Result<Product, tonic::Status> {
+    server
+        .admin()
+        .await
+        .adjust_stock(AdjustStockRequest {
+            product_id: product_id.into(),
+            delta,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// AuditInventory of the given products (all when empty).
+async fn audit(
+    server: &TestServer,
+    product_ids: &[&str],
+) -> Result<flashsale::grpc::pb::AuditInventoryResponse, tonic::Status> {
+    server
+        .admin()
+        .await
+        .audit_inventory(AuditInventoryRequest {
+            product_ids: product_ids.iter().map(|id| id.to_string()).collect(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// ListProducts, one page.
+async fn list_page(
+    server: &TestServer,
+    page_size: i32,
+    page_token: &str,
+) -> flashsale::grpc::pb::ListProductsResponse {
+    server
+        .checkout()
+        .await
+        .list_products(ListProductsRequest {
+            page_size,
+            page_token: page_token.into(),
+        })
+        .await
+        .expect("list products")
+        .into_inner()
+}
+
+fn stock(stock_total: i64, reserved: i64, sold: i64) -> Option<StockCounters> {
+    Some(StockCounters {
+        stock_total,
+        reserved,
+        sold,
+        available: stock_total - reserved - sold,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_product_returns_its_counters() {
+    let server = TestServer::start().await;
+    let product = server.product("desk lamp", 4_500, 7).await;
+
+    assert!(uuid::Uuid::parse_str(&product.id).is_ok(), "id: {product:?}");
+    assert_eq!(product.name, "desk lamp");
+    assert_eq!(product.price_cents, 4_500);
+    assert_eq!(counters(&product), (7, 0, 0, 7));
+    assert!(product.version >= 1, "version: {product:?}");
+    assert_eq!(fetch(&server, &product.id).await, product);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_product_is_fresh_after_holds() {
+    let server = TestServer::start().await;
+    let product = server.product("mug", 900, 10).await;
+    let mut checkout = server.checkout().await;
+
+    hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 3, 0, 7));
+    hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 5, 0, 5));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_unknown_product_is_not_found() {
+    let server = TestServer::start().await;
+    let result = server
+        .checkout()
+        .await
+        .get_product(GetProductRequest {
+            product_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await;
+    assert_status(result, Code::NotFound, "NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn version_grows_on_every_stock_change_and_not_on_reads() {
+    let server = TestServer::start().await;
+    let product = server.product("kettle", 3_000, 10).await;
+    let mut checkout = server.checkout().await;
+    let mut version = product.version;
+
+    // Reads leave the version alone.
+    assert_eq!(fetch(&server, &product.id).await.version, version);
+    list_page(&server, 0, "").await;
+    audit(&server, &[]).await.unwrap();
+    assert_eq!(fetch(&server, &product.id).await.version, version);
+
+    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    let after_hold = fetch(&server, &product.id).await.version;
+    assert!(after_hold > version, "hold: {after_hold} <= {version}");
+    version = after_hold;
+
+    checkout
+        .release_hold(ReleaseHoldRequest {
+            hold_id: held.hold_id,
+        })
+        .await
+        .unwrap();
+    let after_release = fetch(&server, &product.id).await.version;
+    assert!(after_release > version, "release: {after_release} <= {version}");
+    version = after_release;
+
+    let restocked = adjust(&server, &product.id, 5).await.unwrap();
+    assert!(restocked.version > version, "restock: {restocked:?}");
+    assert_eq!(fetch(&server, &product.id).await.version, restocked.version);
+    version = restocked.version;
+
+    let withdrawn = adjust(&server, &product.id, -3).await.unwrap();
+    assert!(withdrawn.version > version, "withdraw: {withdrawn:?}");
+    assert_eq!(fetch(&server, &product.id).await.version, withdrawn.version);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_products_pages_through_every_product_once() {
+    let server = TestServer::start().await;
+    let mut created = Vec::new();
+    for i in 0..5 {
+        created.push(server.product(&format!("item {i}"), 100 + i, 1).await.id);
+    }
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list_page(&server, 2, &token).await;
+        pages.push(page.products.iter().map(|p| p.id.clone()).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages.len() < 10, "paging never ends: {pages:?}");
+        token = page.next_page_token;
+    }
+
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![2, 2, 1], "pages: {pages:?}");
+    let listed: Vec<String> = pages.concat();
+    let unique: HashSet<&String> = listed.iter().collect();
+    assert_eq!(unique.len(), listed.len(), "duplicates: {listed:?}");
+    assert_eq!(listed, created, "creation order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_products_last_full_page_has_no_next_token() {
+    let server = TestServer::start().await;
+    for i in 0..4 {
+        server.product(&format!("item {i}"), 100, 1).await;
+    }
+    let first = list_page(&server, 2, "").await;
+    assert_eq!(first.products.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = list_page(&server, 2, &first.next_page_token).await;
+    assert_eq!(second.products.len(), 2);
+    assert_eq!(second.next_page_token, "", "no empty trailing page");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_products_of_an_empty_catalogue_is_one_empty_page() {
+    let server = TestServer::start().await;
+    let page = list_page(&server, 10, "").await;
+    assert!(page.products.is_empty());
+    assert_eq!(page.next_page_token, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_products_page_size_zero_means_one_hundred() {
+    let server = TestServer::start().await;
+    let admin = server.admin().await;
+    let creates = (0..101).map(|i| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .create_product(flashsale::grpc::pb::CreateProductRequest {
+                    name: format!("bulk {i}"),
+                    price_cents: 1,
+                    stock_total: 1,
+                })
+                .await
+                .expect("create product")
+        }
+    });
+    futures::future::join_all(creates).await;
+
+    let first = list_page(&server, 0, "").await;
+    assert_eq!(first.products.len(), 100);
+    assert!(!first.next_page_token.is_empty());
+    let rest = list_page(&server, 0, &first.next_page_token).await;
+    assert_eq!(rest.products.len(), 1);
+    assert_eq!(rest.next_page_token, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adjust_stock_restocks_and_withdraws() {
+    let server = TestServer::start().await;
+    let product = server.product("tent", 19_900, 10).await;
+
+    let restocked = adjust(&server, &product.id, 5).await.unwrap();
+    assert_eq!(counters(&restocked), (15, 0, 0, 15));
+    let withdrawn = adjust(&server, &product.id, -12).await.unwrap();
+    assert_eq!(counters(&withdrawn), (3, 0, 0, 3));
+    assert_eq!(fetch(&server, &product.id).await, withdrawn);
+
+    let audit = server.assert_consistent().await;
+    assert_eq!(audit.products[0].recomputed, stock(3, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let product = server.product("headphones", 5_000, 10).await;
+    let mut checkout = server.checkout().await;
+    // 4 units reserved by a hold, 3 sold.
+    hold(&mut checkout, &product.id, 4, "").await.unwrap();
+    let paid = hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    let order = checkout
+        .create_order(CreateOrderRequest {
+            hold_id: paid.hold_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    checkout
+        .handle_payment_webhook(HandlePaymentWebhookRequest {
+            idempotency_key: "evt-withdraw".into(),
+            target: Some(Target::OrderId(order.order_id)),
+            result: PaymentResult::Success.into(),
+            failure_reason: String::new(),
+            amount_cents: 15_000,
+        })
+        .await
+        .unwrap();
+    let before = fetch(&server, &product.id).await;
+    assert_eq!(counters(&before), (10, 4, 3, 3));
+
+    let status = assert_status(
+        adjust(&server, &product.id, -4).await,
+        Code::FailedPrecondition,
+        "STOCK_BELOW_COMMITTED",
+    );
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(info.metadata.get("committed").map(String::as_str), Some("7"));
+    assert_eq!(fetch(&server, &product.id).await, before, "nothing changed");
+    server.assert_consistent().await;
+
+    // Down to exactly reserved + sold is allowed.
+    let withdrawn = adjust(&server, &product.id, -3).await.unwrap();
+    assert_eq!(counters(&withdrawn), (7, 4, 3, 0));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adjust_stock_of_unknown_product_is_not_found() {
+    let server = TestServer::start().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_status(adjust(&server, &unknown, 5).await, Code::NotFound, "NOT_FOUND");
+    assert_status(adjust(&server, &unknown, -5).await, Code::NotFound, "NOT_FOUND");
+    let audit = server.assert_consistent().await;
+    assert!(audit.products.is_empty(), "nothing was created: {audit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_covers_all_products_or_the_listed_ones() {
+    let server = TestServer::start().await;
+    let a = server.product("a", 100, 1).await;
+    let b = server.product("b", 100, 2).await;
+    let c = server.product("c", 100, 3).await;
+
+    let all = audit(&server, &[]).await.unwrap();
+    assert!(all.consistent);
+    let ids: HashSet<&str> = all.products.iter().map(|p| p.product_id.as_str()).collect();
+    assert_eq!(ids, HashSet::from([a.id.as_str(), b.id.as_str(), c.id.as_str()]));
+
+    let some = audit(&server, &[&a.id, &c.id]).await.unwrap();
+    assert!(some.consistent);
+    let ids: HashSet<&str> = some.products.iter().map(|p| p.product_id.as_str()).collect();
+    assert_eq!(ids, HashSet::from([a.id.as_str(), c.id.as_str()]));
+    let audited_c = some.products.iter().find(|p| p.product_id == c.id).unwrap();
+    assert_eq!(audited_c.stored, stock(3, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_of_an_unknown_product_is_not_found() {
+    let server = TestServer::start().await;
+    let known = server.product("known", 100, 1).await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_status(
+        audit(&server, &[&known.id, &unknown]).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_recomputes_counters_from_holds_orders_payments_and_adjustments() {
+    let server = TestServer::start().await;
+    let product = server.product("jacket", 1_000, 20).await;
+    let mut checkout = server.checkout().await;
+    adjust(&server, &product.id, 5).await.unwrap();
+    adjust(&server, &product.id, -3).await.unwrap();
+
+    // Active hold: 2 reserved.
+    hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    // Pending order: 3 reserved.
+    let pending = hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    checkout
+        .create_order(CreateOrderRequest {
+            hold_id: pending.hold_id,
+        })
+        .await
+        .unwrap();
+    // Paid order: 4 sold; cancelled order: nothing; released hold: nothing.
+    for (qty, result, key) in [
+        (4, PaymentResult::Success, "evt-paid"),
+        (5, PaymentResult::Failure, "evt-failed"),
+    ] {
+        let held = hold(&mut checkout, &product.id, qty, "").await.unwrap();
+        let order = checkout
+            .create_order(CreateOrderRequest {
+                hold_id: held.hold_id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        checkout
+            .handle_payment_webhook(HandlePaymentWebhookRequest {
+                idempotency_key: key.into(),
+                target: Some(Target::OrderId(order.order_id)),
+                result: result.into(),
+                failure_reason: String::new(),
+                amount_cents: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let released = hold(&mut checkout, &product.id, 1, "").await.unwrap();
+    checkout
+        .release_hold(ReleaseHoldRequest {
+            hold_id: released.hold_id,
+        })
+        .await
+        .unwrap();
+
+    let report = audit(&server, &[&product.id]).await.unwrap();
+    assert_eq!(
+        report.products,
+        vec![ProductAudit {
+            product_id: product.id.clone(),
+            stored: stock(22, 5, 4),
+            recomputed: stock(22, 5, 4),
+            consistent: true,
+        }]
+    );
+    assert!(report.consistent);
+    assert_eq!(counters(&fetch(&server, &product.id).await), (22, 5, 4, 13));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_flags_stored_counters_that_drift_from_the_rows() {
+    let server = TestServer::start().await;
+    let healthy = server.product("healthy", 100, 10).await;
+    let drifted = server.product("drifted", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &drifted.id, 2, "").await.unwrap();
+
+    // Corrupt the stored counters behind the server's back.
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query(format!(
+        "UPDATE products SET reserved = reserved + 1, sold = sold + 2 WHERE id = '{}'",
+        drifted.id
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let report = audit(&server, &[]).await.unwrap();
+    assert!(!report.consistent, "{report:#?}");
+    let row = |id: &str| report.products.iter().find(|p| p.product_id == id).unwrap();
+    assert!(row(&healthy.id).consistent);
+    let bad = row(&drifted.id);
+    assert!(!bad.consistent);
+    assert_eq!(bad.stored, stock(10, 3, 2));
+    assert_eq!(bad.recomputed, stock(10, 2, 0));
+
+    let only_healthy = audit(&server, &[&healthy.id]).await.unwrap();
+    assert!(only_healthy.consistent, "{only_healthy:#?}");
+}
