@@ -26,10 +26,10 @@ impl Checkout {
     pub async fn create_hold(&self, new: NewHold) -> Result<Hold, DomainError> {
         self.validate_new_hold(&new)?;
         let mut conn = self.conn().await?;
-        if let Some(key) = &new.client_request_id {
-            if let Some(existing) = queries::find_hold_by_client_request_id(&mut conn, key).await? {
-                return same_hold_request(existing, &new);
-            }
+        if let Some(key) = &new.client_request_id
+            && let Some(existing) = queries::find_hold_by_client_request_id(&mut conn, key).await?
+        {
+            return same_hold_request(existing, &new);
         }
         let created = conn
             .transaction(async |conn| self.reserve_and_insert(conn, &new).await)
