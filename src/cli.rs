@@ -55,7 +55,11 @@ pub struct DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
     /// The server to seed.
-    #[arg(long, env = "FLASHSALE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "FLASHSALE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
 }
 
@@ -153,16 +157,28 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 async fn seed(args: SeedArgs) -> Result<(), CliError> {
     let mut admin = InventoryAdminServiceClient::connect(args.server.clone())
         .await
-        .map_err(|error| format!("cannot reach {}: {error} (is `flashsale serve` running?)", args.server))?;
+        .map_err(|error| {
+            format!(
+                "cannot reach {}: {error} (is `flashsale serve` running?)",
+                args.server
+            )
+        })?;
     let demo = [
         ("Limited sneaker drop", 12_900, 100),
         ("Concert ticket, front row", 8_500, 500),
         ("Console bundle", 49_900, 25),
     ];
     for (name, price_cents, stock_total) in demo {
-        let request = CreateProductRequest { name: name.into(), price_cents, stock_total };
+        let request = CreateProductRequest {
+            name: name.into(),
+            price_cents,
+            stock_total,
+        };
         let product = admin.create_product(request).await?.into_inner();
-        println!("{}  {name}  price_cents={price_cents}  stock_total={stock_total}", product.id);
+        println!(
+            "{}  {name}  price_cents={price_cents}  stock_total={stock_total}",
+            product.id
+        );
     }
     Ok(())
 }

@@ -45,63 +45,105 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let stopping = CancellationToken::new();
-    let pool = db::build_pool(&config.database_url, config.pool_size, config.db_timeout)?;
-    let checkout = Arc::new(Checkout::new(
-        pool.clone(),
-        CheckoutSettings {
+    App::new(config)?.serve(listener, shutdown).await
+}
+
+/// A server assembled from its settings, not yet serving: what [`run`] runs. Tests build
+/// one to look inside (e.g. count open streams) before serving it.
+pub struct App {
+    /// Settings for the background tasks.
+    config: ServerConfig,
+    /// Shared by the domain and the health monitor.
+    pool: DbPool,
+    /// The operations behind both services and the reaper.
+    checkout: Arc<Checkout>,
+    /// Live stock states for WatchAvailability, fed by the change listener.
+    hub: Arc<AvailabilityHub>,
+}
+
+impl App {
+    /// Builds the pool (no connection is opened yet), the domain and the hub.
+    pub fn new(config: ServerConfig) -> Result<App, ServerError> {
+        let pool = db::build_pool(&config.database_url, config.pool_size, config.db_timeout)?;
+        let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
             max_qty_per_hold: config.max_qty_per_hold,
-        },
-    ));
-    let hub = Arc::new(AvailabilityHub::default());
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_serving(&health, false).await;
-
-    let mut tasks = JoinSet::new();
-    tasks.spawn(start_when_migrated(
-        config.clone(),
-        checkout.clone(),
-        hub.clone(),
-        pool,
-        health.clone(),
-        stopping.clone(),
-    ));
-
-    // v1 for current grpcurl; v1alpha for older clients (grpcurl < 1.9, Python's grpcio-reflection).
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving grpc");
-    let on_shutdown = {
-        let (health, stopping) = (health.clone(), stopping.clone());
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining calls and streams");
-            set_serving(&health, false).await;
-            stopping.cancel();
-        }
-    };
-    let served = Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(CheckoutServiceServer::new(CheckoutApi::new(
-            checkout.clone(),
+        };
+        let checkout = Arc::new(Checkout::new(pool.clone(), settings));
+        let hub = Arc::new(AvailabilityHub::default());
+        Ok(App {
+            config,
+            pool,
+            checkout,
             hub,
+        })
+    }
+
+    /// The availability hub this server's streams share.
+    pub fn hub(&self) -> Arc<AvailabilityHub> {
+        self.hub.clone()
+    }
+
+    /// Serves until `shutdown` resolves (see [`run`]).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let App {
+            config,
+            pool,
+            checkout,
+            hub,
+        } = self;
+        let stopping = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_serving(&health, false).await;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(start_when_migrated(
+            config,
+            checkout.clone(),
+            hub.clone(),
+            pool,
+            health.clone(),
             stopping.clone(),
-        )))
-        .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
-        .await;
-    stopping.cancel();
-    while tasks.join_next().await.is_some() {}
-    tracing::info!("server stopped");
-    Ok(served?)
+        ));
+
+        // v1 for current grpcurl; v1alpha for older clients (grpcurl < 1.9, Python's grpcio-reflection).
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let (reflection_v1, reflection_v1alpha) =
+            (reflection().build_v1()?, reflection().build_v1alpha()?);
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving grpc");
+        let on_shutdown = {
+            let (health, stopping) = (health.clone(), stopping.clone());
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining calls and streams");
+                set_serving(&health, false).await;
+                stopping.cancel();
+            }
+        };
+        let served = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(CheckoutServiceServer::new(CheckoutApi::new(
+                checkout.clone(),
+                hub,
+                stopping.clone(),
+            )))
+            .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+            .await;
+        stopping.cancel();
+        while tasks.join_next().await.is_some() {}
+        tracing::info!("server stopped");
+        Ok(served?)
+    }
 }
 
 /// Applies migrations (retrying while the database is unreachable), then starts the

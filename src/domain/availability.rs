@@ -6,6 +6,7 @@
 //! costs any database work after its first read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -67,6 +68,25 @@ pub struct AvailabilityHub {
     products: Mutex<HashMap<Uuid, watch::Sender<StockSnapshot>>>,
     /// Every newer state of any product, for watchers of all products.
     all: broadcast::Sender<StockSnapshot>,
+    /// Streams open right now, so leaks show (a closed stream must free its resources).
+    open_streams: AtomicUsize,
+}
+
+/// Counts one open stream for as long as the stream holds it.
+struct OpenStream(Arc<AvailabilityHub>);
+
+impl OpenStream {
+    /// Counts a new stream.
+    fn new(hub: &Arc<AvailabilityHub>) -> Self {
+        hub.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(hub.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for AvailabilityHub {
@@ -74,6 +94,7 @@ impl Default for AvailabilityHub {
         AvailabilityHub {
             products: Mutex::new(HashMap::new()),
             all: broadcast::channel(ALL_PRODUCTS_BUFFER).0,
+            open_streams: AtomicUsize::new(0),
         }
     }
 }
@@ -102,6 +123,11 @@ impl AvailabilityHub {
             let _ = self.all.send(snapshot);
         }
         newer
+    }
+
+    /// How many WatchAvailability streams are open in this process.
+    pub fn open_streams(&self) -> usize {
+        AtomicUsize::load(&self.open_streams, Ordering::Relaxed)
     }
 
     /// A receiver that sees the latest state of one product, seeded with `fresh`.
@@ -138,14 +164,20 @@ impl Checkout {
         hub: Arc<AvailabilityHub>,
         product_ids: Vec<Uuid>,
     ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
-        if product_ids.is_empty() {
-            return Ok(self.watch_all(hub).await?.left_stream());
-        }
-        let products = self.get_products(&product_ids).await?;
-        let streams = products
-            .iter()
-            .map(|product| WatchStream::new(hub.subscribe(StockSnapshot::from(product))));
-        Ok(futures::stream::select_all(streams).right_stream())
+        let stream = if product_ids.is_empty() {
+            self.watch_all(hub.clone()).await?.left_stream()
+        } else {
+            let products = self.get_products(&product_ids).await?;
+            let streams = products
+                .iter()
+                .map(|product| WatchStream::new(hub.subscribe(StockSnapshot::from(product))));
+            futures::stream::select_all(streams).right_stream()
+        };
+        let open = OpenStream::new(&hub);
+        Ok(stream.map(move |snapshot| {
+            let _counted = &open;
+            snapshot
+        }))
     }
 
     /// Every product's current state, then every newer state of any product.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::config::ServerConfig;
+use flashsale::domain::availability::AvailabilityHub;
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
 use flashsale::grpc::pb::{self, AuditInventoryRequest, CreateProductRequest};
@@ -127,6 +128,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The settings it runs with.
     pub config: ServerConfig,
+    /// The server's availability hub, to see inside (open streams).
+    pub hub: Arc<AvailabilityHub>,
     /// Fires the server's graceful shutdown.
     shutdown: Option<oneshot::Sender<()>>,
     /// The server task; its result tells how `run` ended.
@@ -159,12 +162,15 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(flashsale::server::run(listener, config.clone(), async {
+        let app = flashsale::server::App::new(config.clone()).expect("build the server");
+        let hub = app.hub();
+        let task = tokio::spawn(app.serve(listener, async {
             let _ = stop.await;
         }));
         TestServer {
             addr,
             config,
+            hub,
             shutdown: Some(shutdown),
             task: Some(task),
             db,
