@@ -26,6 +26,12 @@ use crate::db::models::Product;
 pub const CHANGES_CHANNEL: &str = "flashsale_product_changes";
 /// Changes buffered for watchers of all products before a slow one must resync.
 const ALL_PRODUCTS_BUFFER: usize = 1024;
+/// How often the listener checks that its (otherwise silent) connection is alive.
+const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the listener waits to connect or for a ping answer before reconnecting.
+const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before the listener reconnects.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnection attempts of the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -238,9 +244,9 @@ pub async fn run_change_listener(
     hub: Arc<AvailabilityHub>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = MIN_BACKOFF;
     while !shutdown.is_cancelled() {
-        match listen_once(&database_url, &checkout, &hub, &shutdown).await {
+        match listen_once(&database_url, &checkout, &hub, &shutdown, &mut backoff).await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(%error, ?backoff, "change listener lost its connection; reconnecting")
@@ -255,15 +261,19 @@ pub async fn run_change_listener(
     tracing::info!("change listener stopped");
 }
 
-/// One listening session: `Ok` on shutdown, `Err` when the connection fails.
+/// One listening session: `Ok` on shutdown, `Err` when the connection fails. The
+/// connection is pinged now and then, so a silently dead one is noticed and replaced.
 async fn listen_once(
     database_url: &str,
     checkout: &Checkout,
     hub: &AvailabilityHub,
     shutdown: &CancellationToken,
+    backoff: &mut Duration,
 ) -> Result<(), DomainError> {
-    let mut conn = AsyncPgConnection::establish(database_url)
+    let connecting = AsyncPgConnection::establish(database_url);
+    let mut conn = tokio::time::timeout(LISTENER_PING_TIMEOUT, connecting)
         .await
+        .map_err(|_| DomainError::Unavailable("listener connection timed out".into()))?
         .map_err(|error| DomainError::Unavailable(error.to_string()))?;
     diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}"))
         .execute(&mut conn)
@@ -271,25 +281,44 @@ async fn listen_once(
     // Listening first, then reading: a change committed in between is heard, not lost.
     checkout.resync(hub).await?;
     tracing::info!("change listener connected");
+    *backoff = MIN_BACKOFF;
+    let mut ping = tokio::time::interval(LISTENER_PING_INTERVAL);
+    ping.reset();
+    loop {
+        if !relay_until_ping(&mut conn, hub, shutdown, &mut ping).await? {
+            return Ok(());
+        }
+        tokio::time::timeout(LISTENER_PING_TIMEOUT, crate::db::ping(&mut conn))
+            .await
+            .map_err(|_| DomainError::Unavailable("listener ping timed out".into()))??;
+    }
+}
+
+/// Relays notifications to the hub until the next ping is due (`true`) or shutdown (`false`).
+async fn relay_until_ping(
+    conn: &mut AsyncPgConnection,
+    hub: &AvailabilityHub,
+    shutdown: &CancellationToken,
+    ping: &mut tokio::time::Interval,
+) -> Result<bool, DomainError> {
+    // The stream only borrows the connection's queue: dropping it for a ping loses nothing.
     let mut notifications = std::pin::pin!(conn.notifications_stream());
     loop {
         let notification = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = ping.tick() => return Ok(true),
             next = notifications.next() => next,
         };
-        match notification {
-            Some(Ok(notification)) => {
-                match serde_json::from_str::<StockSnapshot>(&notification.payload) {
-                    Ok(snapshot) => {
-                        hub.publish(snapshot);
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, payload = %notification.payload, "unreadable stock change")
-                    }
-                }
-            }
+        let payload = match notification {
+            Some(Ok(notification)) => notification.payload,
             Some(Err(error)) => return Err(error.into()),
             None => return Err(DomainError::Unavailable("notification stream ended".into())),
+        };
+        match serde_json::from_str::<StockSnapshot>(&payload) {
+            Ok(snapshot) => {
+                hub.publish(snapshot);
+            }
+            Err(error) => tracing::error!(%error, %payload, "unreadable stock change"),
         }
     }
 }
