@@ -38,6 +38,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Add demo products through a running server's admin API and print them.
     Seed(SeedArgs),
+    /// Drive a running server with a load scenario and print throughput, latency and checks.
+    Load(crate::load::LoadArgs),
 }
 
 /// Where the data lives.
@@ -124,6 +126,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Seed(args) => seed(args).await,
+            Command::Load(args) => crate::load::run(args).await,
         }
     });
     match outcome {

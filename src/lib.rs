@@ -14,11 +14,13 @@
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.
+//! - [`load`]: `flashsale load`, the load generator and benchmark client.
 
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod grpc;
+pub mod load;
 pub mod local_pg;
 pub mod server;
