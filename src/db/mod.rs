@@ -22,6 +22,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 /// The pool every request borrows its connection from.
 pub type DbPool = Pool<AsyncPgConnection>;
 
+/// `application_name` of the pool's connections.
+pub const POOL_APPLICATION_NAME: &str = "flashsale";
+/// `application_name` of the change listener's connection.
+pub const LISTENER_APPLICATION_NAME: &str = "flashsale-listener";
+
 /// The schema, compiled into the binary and applied at start.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -36,7 +41,8 @@ pub fn build_pool(
     // A broken connection is still detected (and dropped) on return to the pool; skipping the
     // test query saves a round trip per call.
     manager_config.recycling_method = RecyclingMethod::Fast;
-    let manager = AsyncDieselConnectionManager::new_with_config(database_url, manager_config);
+    let url = with_application_name(database_url, POOL_APPLICATION_NAME);
+    let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
     Pool::builder(manager)
         .max_size(max_size)
         .wait_timeout(Some(timeout))
@@ -57,6 +63,19 @@ pub async fn run_migrations(
     })
     .await??;
     Ok(())
+}
+
+/// `database_url` with an `application_name`, so `pg_stat_activity` tells the server's
+/// connections apart (pool vs. change listener). A name already in the URL is kept.
+pub fn with_application_name(database_url: &str, name: &str) -> String {
+    if database_url.contains("application_name=") {
+        return database_url.to_owned();
+    }
+    if !database_url.contains("://") {
+        return format!("{database_url} application_name={name}");
+    }
+    let separator = if database_url.contains('?') { '&' } else { '?' };
+    format!("{database_url}{separator}application_name={name}")
 }
 
 /// Round-trips a trivial query: is the database answering?

@@ -270,7 +270,8 @@ async fn listen_once(
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> Result<(), DomainError> {
-    let connecting = AsyncPgConnection::establish(database_url);
+    let url = crate::db::with_application_name(database_url, crate::db::LISTENER_APPLICATION_NAME);
+    let connecting = AsyncPgConnection::establish(&url);
     let mut conn = tokio::time::timeout(LISTENER_PING_TIMEOUT, connecting)
         .await
         .map_err(|_| DomainError::Unavailable("listener connection timed out".into()))?

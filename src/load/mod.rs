@@ -7,7 +7,11 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// The server to drive.
-    #[arg(long, env = "FLASHSALE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "FLASHSALE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
 }
 

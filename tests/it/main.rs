@@ -8,6 +8,7 @@ mod holds;
 mod orders;
 mod products;
 mod reaper;
+mod scaling;
 mod service;
 mod smoke;
 mod stream;

@@ -1,0 +1,332 @@
+//! Several server processes on one database, and live availability that survives a lost
+//! listener connection and frees what a departed watcher held.
+
+use std::net::TcpListener as StdListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
+use flashsale::grpc::pb::{
+    AdjustStockRequest, AvailabilityUpdate, CreateHoldRequest, GetHoldRequest, GetProductRequest,
+    HoldStatus, WatchAvailabilityRequest,
+};
+use futures::StreamExt;
+use tokio::process::{Child, Command};
+use tonic::Streaming;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::support::{TestDb, TestServer};
+
+/// A `flashsale serve` process of its own, killed when dropped.
+struct ServerProcess {
+    /// The running binary.
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    url: String,
+}
+
+impl ServerProcess {
+    /// Starts the real binary on `database_url` with a short hold TTL and a quick reaper, and
+    /// waits until its health says SERVING.
+    async fn start(database_url: &str) -> ServerProcess {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", database_url)
+            .env("FLASHSALE_HOLD_TTL", "1s")
+            .env("FLASHSALE_REAPER_INTERVAL", "50ms")
+            .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn flashsale serve");
+        let process = ServerProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        process.wait_serving().await;
+        process
+    }
+
+    /// Polls health until SERVING (30 s at most).
+    async fn wait_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = HealthClient::new(channel);
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                if let Ok(response) = health.check(request).await
+                    && response.into_inner().status() == ServingStatus::Serving
+                {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server process never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A checkout client of this process.
+    async fn checkout(&self) -> CheckoutServiceClient<Channel> {
+        CheckoutServiceClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn stop(mut self) {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("server exits within 30 s after SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "server exited with {status}");
+    }
+}
+
+/// Reads updates until one satisfies `done` (10 s at most); returns it.
+async fn read_until(
+    stream: &mut Streaming<AvailabilityUpdate>,
+    done: impl Fn(&AvailabilityUpdate) -> bool,
+) -> AvailabilityUpdate {
+    let reading = async {
+        let mut last_version = 0;
+        while let Some(update) = stream.next().await {
+            let update = update.expect("stream item");
+            assert!(
+                update.version > last_version,
+                "versions must grow: {update:?}"
+            );
+            last_version = update.version;
+            if done(&update) {
+                return update;
+            }
+        }
+        panic!("stream ended early");
+    };
+    tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the awaited state arrived within 10 s")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hold_made_through_one_process_reaches_a_watcher_on_another() {
+    let db = TestDb::new().await;
+    let (first, second) = (
+        ServerProcess::start(&db.url).await,
+        ServerProcess::start(&db.url).await,
+    );
+    let server = TestServer::spawn(crate::support::test_config(&db.url), db).await;
+    server.wait_serving().await;
+    let product = server.product("ticket", 1_000, 50).await;
+
+    let mut watcher = second
+        .checkout()
+        .await
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: vec![product.id.clone()],
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    read_until(&mut watcher, |update| update.available == 50).await;
+
+    let hold = first
+        .checkout()
+        .await
+        .create_hold(CreateHoldRequest {
+            product_id: product.id.clone(),
+            qty: 3,
+            client_request_id: String::new(),
+        })
+        .await
+        .expect("hold through the first process")
+        .into_inner();
+    let seen = read_until(&mut watcher, |update| update.reserved == 3).await;
+    assert_eq!(seen.available, 47);
+
+    // The hold expires (1 s TTL) by one of the reapers; the watcher sees the units come back.
+    let back = read_until(&mut watcher, |update| update.reserved == 0).await;
+    assert_eq!(back.available, 50);
+    let expired = second
+        .checkout()
+        .await
+        .get_hold(GetHoldRequest {
+            hold_id: hold.hold_id,
+        })
+        .await
+        .unwrap();
+    assert_eq!(expired.into_inner().status(), HoldStatus::Expired);
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_reapers_expire_every_hold_exactly_once() {
+    let db = TestDb::new().await;
+    let processes = [
+        ServerProcess::start(&db.url).await,
+        ServerProcess::start(&db.url).await,
+    ];
+    let server = TestServer::spawn(crate::support::test_config(&db.url), db).await;
+    server.wait_serving().await;
+    let products = [
+        server.product("a", 100, 1_000).await,
+        server.product("b", 100, 1_000).await,
+    ];
+
+    let mut hold_ids = Vec::new();
+    for (i, process) in processes.iter().enumerate() {
+        let mut checkout = process.checkout().await;
+        for n in 0..60 {
+            let product_id = products[(i + n) % 2].id.clone();
+            let request = CreateHoldRequest {
+                product_id,
+                qty: 1 + (n as i64 % 3),
+                client_request_id: String::new(),
+            };
+            hold_ids.push(
+                checkout
+                    .create_hold(request)
+                    .await
+                    .expect("hold")
+                    .into_inner()
+                    .hold_id,
+            );
+        }
+    }
+
+    let mut checkout = server.checkout().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for hold_id in &hold_ids {
+        loop {
+            let hold = checkout
+                .get_hold(GetHoldRequest {
+                    hold_id: hold_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if hold.status() == HoldStatus::Expired {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "hold {hold_id} never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for product in &products {
+        let now = checkout
+            .get_product(GetProductRequest {
+                product_id: product.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Expired twice would have taken reserved below zero (refused by the database) or
+        // left the audit unbalanced; skipped once would leave units reserved.
+        assert_eq!((now.reserved, now.available), (0, 1_000), "{now:?}");
+    }
+    server.assert_consistent().await;
+    for process in processes {
+        process.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_converges_after_its_listener_connection_is_killed() {
+    let server = TestServer::start().await;
+    let product = server.product("console", 50_000, 100).await;
+    let mut admin = server.admin().await;
+    let mut watcher = server
+        .checkout()
+        .await
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: vec![product.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    read_until(&mut watcher, |update| update.stock_total == 100).await;
+
+    let killed = terminate_listener(&server.db.url).await;
+    assert_eq!(
+        killed, 1,
+        "exactly one listener connection per server process"
+    );
+    // Changes made while the listener is down are caught up by its re-read after reconnecting.
+    let mut last = product.clone();
+    for delta in [5, -2, 7] {
+        let request = AdjustStockRequest {
+            product_id: product.id.clone(),
+            delta,
+        };
+        last = admin.adjust_stock(request).await.unwrap().into_inner();
+    }
+    let seen = read_until(&mut watcher, |update| update.version == last.version).await;
+    assert_eq!((seen.stock_total, seen.available), (110, 110));
+}
+
+/// Terminates the change listener's connection(s) on this database; returns how many.
+async fn terminate_listener(database_url: &str) -> usize {
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .expect("connect");
+    let sql = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = '{}' AND datname = current_database()",
+        flashsale::db::LISTENER_APPLICATION_NAME
+    );
+    diesel::sql_query(sql)
+        .execute(&mut conn)
+        .await
+        .expect("terminate listener")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_stream_frees_its_resources() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 100, 10).await;
+    let mut watcher = server
+        .checkout()
+        .await
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: vec![product.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    read_until(&mut watcher, |_| true).await;
+    assert_eq!(server.hub.open_streams(), 1);
+
+    drop(watcher);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.hub.open_streams() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
