@@ -15,6 +15,8 @@ pub struct ServerConfig {
     pub reaper_batch_size: i64,
     /// Largest qty of one hold.
     pub max_qty_per_hold: i64,
+    /// Queues of coalesced CreateHold calls; each runs one transaction at a time.
+    pub hold_batch_lanes: usize,
     /// Connections in the pool (the listener's dedicated connection comes on top).
     pub pool_size: usize,
     /// Longest wait for a pooled connection (or a new one) before a call fails UNAVAILABLE.
@@ -32,6 +34,7 @@ impl ServerConfig {
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,
             max_qty_per_hold: 10,
+            hold_batch_lanes: 4,
             pool_size: 16,
             db_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),

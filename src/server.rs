@@ -68,6 +68,7 @@ impl App {
         let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
             max_qty_per_hold: config.max_qty_per_hold,
+            hold_batch_lanes: config.hold_batch_lanes,
         };
         let checkout = Arc::new(Checkout::new(pool.clone(), settings));
         let hub = Arc::new(AvailabilityHub::default());

@@ -1,40 +1,13 @@
 //! Queries on `holds`.
 
-use std::time::Duration;
-
-use diesel::dsl::{now, sql};
-use diesel::pg::data_types::PgInterval;
+use chrono::{DateTime, Utc};
+use diesel::dsl::now;
 use diesel::prelude::*;
-use diesel::sql_types::{Interval, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::models::{Hold, HoldStatus};
 use super::schema::holds;
-
-/// Inserts an active hold that expires `ttl` from now by the database's clock (one clock
-/// for every server process).
-pub async fn insert_hold(
-    conn: &mut AsyncPgConnection,
-    product_id: Uuid,
-    qty: i64,
-    client_request_id: Option<&str>,
-    ttl: Duration,
-) -> QueryResult<Hold> {
-    let ttl = PgInterval::from_microseconds(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX));
-    diesel::insert_into(holds::table)
-        .values((
-            holds::id.eq(Uuid::now_v7()),
-            holds::product_id.eq(product_id),
-            holds::qty.eq(qty),
-            holds::status.eq(HoldStatus::Active),
-            holds::client_request_id.eq(client_request_id),
-            holds::expires_at.eq(sql::<Timestamptz>("now() + ").bind::<Interval, _>(ttl)),
-        ))
-        .returning(Hold::as_returning())
-        .get_result(conn)
-        .await
-}
 
 /// One hold by id.
 pub async fn find_hold(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Hold>> {
@@ -110,5 +83,51 @@ pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> Query
         ))
         .returning(Hold::as_returning())
         .get_results(conn)
+        .await
+}
+
+/// A hold row to insert, with its timestamps fixed by the caller (from the database clock).
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = holds)]
+pub struct NewHoldRow<'a> {
+    pub id: Uuid,
+    pub product_id: Uuid,
+    pub qty: i64,
+    pub status: HoldStatus,
+    pub client_request_id: Option<&'a str>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Inserts many holds in one statement; a row whose client request id is already taken (by
+/// a concurrent transaction) is skipped, so only the inserted rows come back.
+pub async fn insert_holds(
+    conn: &mut AsyncPgConnection,
+    rows: &[NewHoldRow<'_>],
+) -> QueryResult<Vec<Hold>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    diesel::insert_into(holds::table)
+        .values(rows)
+        .on_conflict_do_nothing()
+        .returning(Hold::as_returning())
+        .get_results(conn)
+        .await
+}
+
+/// The holds created with any of these client request ids.
+pub async fn find_holds_by_client_request_ids(
+    conn: &mut AsyncPgConnection,
+    client_request_ids: &[&str],
+) -> QueryResult<Vec<Hold>> {
+    if client_request_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    holds::table
+        .filter(holds::client_request_id.eq_any(client_request_ids))
+        .select(Hold::as_select())
+        .load(conn)
         .await
 }

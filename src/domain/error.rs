@@ -4,7 +4,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use uuid::Uuid;
 
 /// Why a domain operation did not happen. Every variant means nothing was changed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DomainError {
     /// The caller sent a value the operation cannot take; `field` names it as in the API.
     #[error("invalid {field}: {reason}")]

@@ -5,12 +5,14 @@
 
 pub mod availability;
 pub mod error;
+pub mod hold_batcher;
 pub mod holds;
 pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod reaper;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
@@ -18,6 +20,7 @@ use diesel_async::pooled_connection::deadpool::Object;
 
 use crate::db::DbPool;
 pub use error::DomainError;
+use hold_batcher::HoldBatcher;
 
 /// Business limits that shape holds.
 #[derive(Debug, Clone)]
@@ -26,6 +29,8 @@ pub struct CheckoutSettings {
     pub hold_ttl: Duration,
     /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call.
     pub max_qty_per_hold: i64,
+    /// Independent queues of coalesced CreateHold calls (each runs one transaction at a time).
+    pub hold_batch_lanes: usize,
 }
 
 /// The checkout operations over one PostgreSQL database; cheap to share behind an `Arc`.
@@ -34,6 +39,8 @@ pub struct Checkout {
     pool: DbPool,
     /// Limits applied to every request.
     settings: CheckoutSettings,
+    /// Gathers concurrent CreateHold calls into shared transactions.
+    hold_batcher: Arc<HoldBatcher>,
 }
 
 /// How many times an operation that lost a deadlock or key race is retried.
@@ -42,7 +49,13 @@ const CONFLICT_RETRIES: usize = 3;
 impl Checkout {
     /// Wraps a pool; the schema must already be migrated.
     pub fn new(pool: DbPool, settings: CheckoutSettings) -> Self {
-        Checkout { pool, settings }
+        let hold_batcher =
+            HoldBatcher::new(pool.clone(), settings.hold_ttl, settings.hold_batch_lanes);
+        Checkout {
+            pool,
+            settings,
+            hold_batcher,
+        }
     }
 
     /// The limits this instance applies.
