@@ -1,1 +1,371 @@
-//! (tests pending)
+//! Holds: reserving units, client request id retries, GetHold, and releasing exactly once.
+
+use std::time::Duration;
+
+use flashsale::grpc::pb::{
+    CreateHoldRequest, CreateOrderRequest, GetHoldRequest, GetOrderRequest, Hold, HoldStatus,
+    OrderStatus, ReleaseHoldRequest,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::products::{counters, fetch};
+use crate::support::{Checkout, TestServer, assert_status};
+
+/// CreateHold; an empty `client_request_id` means none.
+pub async fn hold(
+    checkout: &mut Checkout,
+    product_id: &str,
+    qty: i64,
+    client_request_id: &str,
+) -> Result<Hold, tonic::Status> {
+    checkout
+        .create_hold(CreateHoldRequest {
+            product_id: product_id.into(),
+            qty,
+            client_request_id: client_request_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// ReleaseHold.
+async fn release(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
+    checkout
+        .release_hold(ReleaseHoldRequest {
+            hold_id: hold_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// GetHold.
+async fn get_hold(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
+    checkout
+        .get_hold(GetHoldRequest {
+            hold_id: hold_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A protobuf timestamp as a chrono instant.
+fn instant(at: Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
+    let at = at.expect("timestamp set");
+    chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).expect("valid timestamp")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_hold_reserves_units() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+
+    let held = hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    assert!(uuid::Uuid::parse_str(&held.hold_id).is_ok(), "{held:?}");
+    assert_eq!(held.product_id, product.id);
+    assert_eq!(held.qty, 3);
+    assert_eq!(held.status(), HoldStatus::Active);
+    assert_eq!(held.client_request_id, "");
+    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 3, 0, 7));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_expires_one_ttl_after_creation() {
+    let server = TestServer::start_with(|config| config.hold_ttl = Duration::from_secs(90)).await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+
+    let held = hold(&mut checkout, &product.id, 1, "").await.unwrap();
+    let lifetime = instant(held.expires_at) - instant(held.created_at);
+    let off = (lifetime - chrono::Duration::seconds(90)).abs();
+    assert!(
+        off <= chrono::Duration::seconds(1),
+        "expires_at - created_at = {lifetime}, expected 90 s: {held:?}"
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_larger_than_available_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 5).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    let before = fetch(&server, &product.id).await;
+
+    let status = assert_status(
+        hold(&mut checkout, &product.id, 3, "").await,
+        Code::FailedPrecondition,
+        "INSUFFICIENT_STOCK",
+    );
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(
+        info.metadata.get("available").map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(fetch(&server, &product.id).await, before, "nothing changed");
+    server.assert_consistent().await;
+
+    // Exactly what is left is fine.
+    hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    assert_eq!(counters(&fetch(&server, &product.id).await), (5, 5, 0, 0));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_on_unknown_product_is_not_found() {
+    let server = TestServer::start().await;
+    let mut checkout = server.checkout().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_status(
+        hold(&mut checkout, &unknown, 1, "").await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    assert_status(
+        hold(&mut checkout, &unknown, 1, "req-unknown").await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_with_same_client_request_id_returns_the_same_hold() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+
+    let first = hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    assert_eq!(first.client_request_id, "req-1");
+    let after_first = fetch(&server, &product.id).await;
+    let retry = hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    assert_eq!(retry, first);
+    assert_eq!(
+        fetch(&server, &product.id).await,
+        after_first,
+        "reserved once"
+    );
+    assert_eq!(counters(&after_first), (10, 2, 0, 8));
+
+    // Another id is another hold.
+    let other = hold(&mut checkout, &product.id, 2, "req-2").await.unwrap();
+    assert_ne!(other.hold_id, first.hold_id);
+    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 4, 0, 6));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_retries_with_same_client_request_id_reserve_once() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 100).await;
+    let checkout = server.checkout().await;
+
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let mut checkout = checkout.clone();
+            let product_id = product.id.clone();
+            tokio::spawn(async move { hold(&mut checkout, &product_id, 3, "req-burst").await })
+        })
+        .collect();
+    let mut hold_ids = std::collections::HashSet::new();
+    for call in calls {
+        let held = call.await.unwrap().expect("every retry succeeds");
+        assert_eq!(held.qty, 3);
+        hold_ids.insert(held.hold_id);
+    }
+    assert_eq!(hold_ids.len(), 1, "one hold: {hold_ids:?}");
+    assert_eq!(
+        counters(&fetch(&server, &product.id).await),
+        (100, 3, 0, 97)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_client_request_id_for_another_request_is_refused() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let other = server.product("sandal", 4_900, 10).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    let (before, other_before) = (
+        fetch(&server, &product.id).await,
+        fetch(&server, &other.id).await,
+    );
+
+    assert_status(
+        hold(&mut checkout, &product.id, 3, "req-1").await,
+        Code::AlreadyExists,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    assert_status(
+        hold(&mut checkout, &other.id, 2, "req-1").await,
+        Code::AlreadyExists,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    assert_eq!(fetch(&server, &product.id).await, before);
+    assert_eq!(fetch(&server, &other.id).await, other_before);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_hold_returns_the_hold_as_created() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 4, "req-get")
+        .await
+        .unwrap();
+
+    assert_eq!(get_hold(&mut checkout, &held.hold_id).await.unwrap(), held);
+    release(&mut checkout, &held.hold_id).await.unwrap();
+    let released = get_hold(&mut checkout, &held.hold_id).await.unwrap();
+    assert_eq!(released.status(), HoldStatus::Released);
+    assert_eq!(released.qty, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_hold_is_not_found() {
+    let server = TestServer::start().await;
+    let mut checkout = server.checkout().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert_status(
+        get_hold(&mut checkout, &unknown).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    assert_status(
+        release(&mut checkout, &unknown).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_gives_units_back_once() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &product.id, 1, "").await.unwrap();
+    let held = hold(&mut checkout, &product.id, 4, "").await.unwrap();
+
+    let released = release(&mut checkout, &held.hold_id).await.unwrap();
+    assert_eq!(released.status(), HoldStatus::Released);
+    assert_eq!(released.hold_id, held.hold_id);
+    let after = fetch(&server, &product.id).await;
+    assert_eq!(counters(&after), (10, 1, 0, 9));
+
+    let again = release(&mut checkout, &held.hold_id).await.unwrap();
+    assert_eq!(again.status(), HoldStatus::Released);
+    assert_eq!(
+        fetch(&server, &product.id).await,
+        after,
+        "units not returned twice"
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn released_hold_cannot_become_an_order() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    release(&mut checkout, &held.hold_id).await.unwrap();
+    let before = fetch(&server, &product.id).await;
+
+    let refused = checkout
+        .create_order(CreateOrderRequest {
+            hold_id: held.hold_id.clone(),
+        })
+        .await;
+    assert_status(refused, Code::FailedPrecondition, "HOLD_RELEASED");
+    assert_eq!(fetch(&server, &product.id).await, before);
+    assert_eq!(
+        get_hold(&mut checkout, &held.hold_id)
+            .await
+            .unwrap()
+            .status(),
+        HoldStatus::Released
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn releasing_a_converted_hold_is_refused() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    let order = checkout
+        .create_order(CreateOrderRequest {
+            hold_id: held.hold_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let before = fetch(&server, &product.id).await;
+
+    assert_status(
+        release(&mut checkout, &held.hold_id).await,
+        Code::FailedPrecondition,
+        "HOLD_CONVERTED",
+    );
+    assert_eq!(
+        fetch(&server, &product.id).await,
+        before,
+        "units stay reserved"
+    );
+    assert_eq!(counters(&before), (10, 2, 0, 8));
+    assert_eq!(
+        get_hold(&mut checkout, &held.hold_id)
+            .await
+            .unwrap()
+            .status(),
+        HoldStatus::Converted
+    );
+    let order = checkout
+        .get_order(GetOrderRequest {
+            order_id: order.order_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(order.status(), OrderStatus::Pending);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_releases_return_units_exactly_once() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 12_900, 100).await;
+    let checkout = server.checkout().await;
+    // Other holds keep `reserved` high enough that a double return would show, not fail.
+    for _ in 0..5 {
+        hold(&mut checkout.clone(), &product.id, 10, "")
+            .await
+            .unwrap();
+    }
+    let held = hold(&mut checkout.clone(), &product.id, 7, "")
+        .await
+        .unwrap();
+
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut checkout = checkout.clone();
+            let hold_id = held.hold_id.clone();
+            tokio::spawn(async move { release(&mut checkout, &hold_id).await })
+        })
+        .collect();
+    for call in calls {
+        let released = call.await.unwrap().expect("every release succeeds");
+        assert_eq!(released.status(), HoldStatus::Released);
+    }
+    assert_eq!(
+        counters(&fetch(&server, &product.id).await),
+        (100, 50, 0, 50)
+    );
+    server.assert_consistent().await;
+}

@@ -38,7 +38,11 @@ pub fn counters(product: &Product) -> (i64, i64, i64, i64) {
 }
 
 /// AdjustStock through the admin API.
-async fn adjust(server: &TestServer, product_id: &str, delta: i64) -> Result<Product, tonic::Status> {
+async fn adjust(
+    server: &TestServer,
+    product_id: &str,
+    delta: i64,
+) -> Result<Product, tonic::Status> {
     server
         .admin()
         .await
@@ -97,7 +101,10 @@ async fn create_product_returns_its_counters() {
     let server = TestServer::start().await;
     let product = server.product("desk lamp", 4_500, 7).await;
 
-    assert!(uuid::Uuid::parse_str(&product.id).is_ok(), "id: {product:?}");
+    assert!(
+        uuid::Uuid::parse_str(&product.id).is_ok(),
+        "id: {product:?}"
+    );
     assert_eq!(product.name, "desk lamp");
     assert_eq!(product.price_cents, 4_500);
     assert_eq!(counters(&product), (7, 0, 0, 7));
@@ -157,7 +164,10 @@ async fn version_grows_on_every_stock_change_and_not_on_reads() {
         .await
         .unwrap();
     let after_release = fetch(&server, &product.id).await.version;
-    assert!(after_release > version, "release: {after_release} <= {version}");
+    assert!(
+        after_release > version,
+        "release: {after_release} <= {version}"
+    );
     version = after_release;
 
     let restocked = adjust(&server, &product.id, 5).await.unwrap();
@@ -182,7 +192,12 @@ async fn list_products_pages_through_every_product_once() {
     let mut token = String::new();
     loop {
         let page = list_page(&server, 2, &token).await;
-        pages.push(page.products.iter().map(|p| p.id.clone()).collect::<Vec<_>>());
+        pages.push(
+            page.products
+                .iter()
+                .map(|p| p.id.clone())
+                .collect::<Vec<_>>(),
+        );
         if page.next_page_token.is_empty() {
             break;
         }
@@ -296,7 +311,10 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
         "STOCK_BELOW_COMMITTED",
     );
     let info = status.get_details_error_info().expect("error info");
-    assert_eq!(info.metadata.get("committed").map(String::as_str), Some("7"));
+    assert_eq!(
+        info.metadata.get("committed").map(String::as_str),
+        Some("7")
+    );
     assert_eq!(fetch(&server, &product.id).await, before, "nothing changed");
     server.assert_consistent().await;
 
@@ -310,8 +328,16 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
 async fn adjust_stock_of_unknown_product_is_not_found() {
     let server = TestServer::start().await;
     let unknown = uuid::Uuid::now_v7().to_string();
-    assert_status(adjust(&server, &unknown, 5).await, Code::NotFound, "NOT_FOUND");
-    assert_status(adjust(&server, &unknown, -5).await, Code::NotFound, "NOT_FOUND");
+    assert_status(
+        adjust(&server, &unknown, 5).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    assert_status(
+        adjust(&server, &unknown, -5).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
     let audit = server.assert_consistent().await;
     assert!(audit.products.is_empty(), "nothing was created: {audit:?}");
 }
@@ -326,11 +352,18 @@ async fn audit_covers_all_products_or_the_listed_ones() {
     let all = audit(&server, &[]).await.unwrap();
     assert!(all.consistent);
     let ids: HashSet<&str> = all.products.iter().map(|p| p.product_id.as_str()).collect();
-    assert_eq!(ids, HashSet::from([a.id.as_str(), b.id.as_str(), c.id.as_str()]));
+    assert_eq!(
+        ids,
+        HashSet::from([a.id.as_str(), b.id.as_str(), c.id.as_str()])
+    );
 
     let some = audit(&server, &[&a.id, &c.id]).await.unwrap();
     assert!(some.consistent);
-    let ids: HashSet<&str> = some.products.iter().map(|p| p.product_id.as_str()).collect();
+    let ids: HashSet<&str> = some
+        .products
+        .iter()
+        .map(|p| p.product_id.as_str())
+        .collect();
     assert_eq!(ids, HashSet::from([a.id.as_str(), c.id.as_str()]));
     let audited_c = some.products.iter().find(|p| p.product_id == c.id).unwrap();
     assert_eq!(audited_c.stored, stock(3, 0, 0));
