@@ -1,1 +1,180 @@
-//! (tests pending)
+//! The flash crowd: hundreds of buyers over many connections at once never oversell, every
+//! loser gets INSUFFICIENT_STOCK and nothing else, and buyers who go on to order and pay (or
+//! fail to) leave the books balanced.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use flashsale::grpc::pb::{
+    CreateHoldRequest, HandlePaymentWebhookRequest, OrderStatus, WebhookOutcome,
+};
+use tokio::sync::Barrier;
+use tonic::Code;
+
+use crate::orders::{counters, failure, get_product, on_order, success, try_deliver, try_order};
+use crate::support::{Checkout, TestServer, reason};
+
+/// `count` checkout clients, each on its own HTTP/2 connection.
+async fn connections(server: &TestServer, count: usize) -> Vec<Checkout> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        clients.push(server.checkout().await);
+    }
+    clients
+}
+
+/// CreateHold of one unit, as the server answered.
+async fn try_hold_one(
+    checkout: &mut Checkout,
+    product_id: &str,
+) -> Result<flashsale::grpc::pb::Hold, tonic::Status> {
+    checkout
+        .create_hold(CreateHoldRequest {
+            product_id: product_id.into(),
+            qty: 1,
+            client_request_id: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Whether a refused CreateHold is the expected "sold out" answer.
+fn is_sold_out(status: &tonic::Status) -> bool {
+    status.code() == Code::FailedPrecondition && reason(status) == "INSUFFICIENT_STOCK"
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flash_crowd_of_500_buyers_on_10_connections_holds_exactly_the_stock() {
+    const BUYERS: usize = 500;
+    const CONNECTIONS: usize = 10;
+    let server = TestServer::start().await;
+    let product = server.product("limited sneaker", 19_900, 100).await;
+    let clients = connections(&server, CONNECTIONS).await;
+    let start = Arc::new(Barrier::new(BUYERS));
+
+    let mut buyers = Vec::with_capacity(BUYERS);
+    for i in 0..BUYERS {
+        let mut client = clients[i % CONNECTIONS].clone();
+        let (product_id, start) = (product.id.clone(), start.clone());
+        buyers.push(tokio::spawn(async move {
+            start.wait().await;
+            try_hold_one(&mut client, &product_id).await
+        }));
+    }
+    let (mut holds, mut sold_out, mut unexpected) = (Vec::new(), 0, Vec::new());
+    for buyer in buyers {
+        match buyer.await.unwrap() {
+            Ok(hold) => holds.push(hold),
+            Err(status) if is_sold_out(&status) => sold_out += 1,
+            Err(status) => unexpected.push(status),
+        }
+    }
+
+    assert!(unexpected.is_empty(), "unexpected errors: {unexpected:#?}");
+    assert_eq!((holds.len(), sold_out), (100, 400));
+    let ids: HashSet<&str> = holds.iter().map(|h| h.hold_id.as_str()).collect();
+    assert_eq!(ids.len(), 100, "every winner got a hold of its own");
+    assert!(
+        holds
+            .iter()
+            .all(|h| h.qty == 1 && h.product_id == product.id)
+    );
+    let mut checkout = clients[0].clone();
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (100, 100, 0, 0)
+    );
+    server.assert_consistent().await;
+}
+
+/// How one buyer of the second crowd ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buyer {
+    /// Held, ordered and paid.
+    Paid,
+    /// Held and ordered, then the payment failed.
+    Declined,
+    /// Sold out at the moment of asking.
+    TurnedAway,
+}
+
+/// One buyer: hold one unit, order it, then the provider reports success (`pays`) or failure.
+async fn buy(
+    mut checkout: Checkout,
+    product_id: String,
+    key: String,
+    pays: bool,
+) -> Result<Buyer, String> {
+    let hold = match try_hold_one(&mut checkout, &product_id).await {
+        Ok(hold) => hold,
+        Err(status) if is_sold_out(&status) => return Ok(Buyer::TurnedAway),
+        Err(status) => return Err(format!("CreateHold: {status:?}")),
+    };
+    let order = try_order(&mut checkout, &hold.hold_id)
+        .await
+        .map_err(|status| format!("CreateOrder: {status:?}"))?;
+    let webhook = if pays {
+        success(&key, on_order(&order.order_id))
+    } else {
+        failure(&key, on_order(&order.order_id), "card declined")
+    };
+    let webhook = HandlePaymentWebhookRequest {
+        amount_cents: order.total_cents,
+        ..webhook
+    };
+    let receipt = try_deliver(&mut checkout, webhook)
+        .await
+        .map_err(|status| format!("webhook: {status:?}"))?;
+    let expected = if pays {
+        OrderStatus::Paid
+    } else {
+        OrderStatus::Cancelled
+    };
+    if receipt.outcome() != WebhookOutcome::Applied || receipt.order_status() != expected {
+        return Err(format!("webhook answered {receipt:?}"));
+    }
+    Ok(if pays { Buyer::Paid } else { Buyer::Declined })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flash_crowd_that_orders_and_pays_keeps_the_books_balanced() {
+    const BUYERS: usize = 200;
+    const CONNECTIONS: usize = 8;
+    let server = TestServer::start().await;
+    let product = server.product("limited hoodie", 7_500, 50).await;
+    let clients = connections(&server, CONNECTIONS).await;
+
+    let mut buyers = Vec::with_capacity(BUYERS);
+    for i in 0..BUYERS {
+        buyers.push(tokio::spawn(buy(
+            clients[i % CONNECTIONS].clone(),
+            product.id.clone(),
+            format!("evt-{i}"),
+            i % 2 == 0,
+        )));
+    }
+    let mut outcomes = Vec::with_capacity(BUYERS);
+    let mut unexpected = Vec::new();
+    for buyer in buyers {
+        match buyer.await.unwrap() {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(error) => unexpected.push(error),
+        }
+    }
+
+    assert!(unexpected.is_empty(), "unexpected errors: {unexpected:#?}");
+    let count = |kind: Buyer| outcomes.iter().filter(|o| **o == kind).count() as i64;
+    let (paid, declined) = (count(Buyer::Paid), count(Buyer::Declined));
+    // Nobody is turned away before 50 units are held or sold.
+    assert!(paid + declined >= 50, "{paid} paid, {declined} declined");
+    let mut checkout = clients[0].clone();
+    let after = get_product(&mut checkout, &product.id).await;
+    assert_eq!(after.sold, paid, "sold is exactly the successful payments");
+    assert_eq!(after.reserved, 0, "every order settled");
+    assert_eq!(
+        after.sold + after.available + after.reserved,
+        after.stock_total
+    );
+    assert_eq!(after.stock_total, 50);
+    server.assert_consistent().await;
+}

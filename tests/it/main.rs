@@ -3,6 +3,7 @@
 
 mod support;
 
+mod coalescing;
 mod flash_crowd;
 mod holds;
 mod orders;

@@ -1,1 +1,278 @@
-//! (tests pending)
+//! WatchAvailability: the current state first, then every committed change (holds, reaper
+//! expiry, products created later), versions strictly increasing, slow readers ending on the
+//! latest state, ids checked before anything streams, and changes heard across servers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
+use tonic::{Code, Streaming};
+
+use crate::orders::{counters, get_product, hold};
+use crate::support::{Checkout, TestServer, assert_invalid, assert_status};
+
+/// Opens a WatchAvailability stream on these products (all of them when empty).
+async fn watch(checkout: &mut Checkout, product_ids: &[&str]) -> Streaming<AvailabilityUpdate> {
+    checkout
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: product_ids.iter().map(|id| id.to_string()).collect(),
+        })
+        .await
+        .expect("watch availability")
+        .into_inner()
+}
+
+/// The next update; fails the test if none comes within 30 s or the stream ends.
+async fn next(stream: &mut Streaming<AvailabilityUpdate>) -> AvailabilityUpdate {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("an update within 30 s")
+        .expect("the stream stays healthy")
+        .expect("the stream stays open")
+}
+
+/// An update's counters as `(stock_total, reserved, sold, available)`.
+fn update_counters(update: &AvailabilityUpdate) -> (i64, i64, i64, i64) {
+    (
+        update.stock_total,
+        update.reserved,
+        update.sold,
+        update.available,
+    )
+}
+
+/// Asserts an update shows exactly this product state.
+#[track_caller]
+fn assert_shows(update: &AvailabilityUpdate, product: &pb::Product) {
+    assert_eq!(update.product_id, product.id);
+    assert_eq!(update_counters(update), counters(product), "{update:?}");
+    assert_eq!(update.version, product.version, "{update:?}");
+    assert!(update.changed_at.is_some(), "{update:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry() {
+    // Long enough that the hold's own update is read before its expiry replaces it.
+    let server = TestServer::start_with(|config| config.hold_ttl = Duration::from_secs(3)).await;
+    let product = server.product("console", 49_900, 10).await;
+    let mut checkout = server.checkout().await;
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[&product.id]).await;
+
+    let initial = next(&mut stream).await;
+    assert_shows(&initial, &get_product(&mut checkout, &product.id).await);
+
+    hold(&mut checkout, &product.id, 3).await;
+    let held = next(&mut stream).await;
+    assert_eq!(update_counters(&held), (10, 3, 0, 7));
+    assert!(held.version > initial.version, "{initial:?} then {held:?}");
+
+    // Nobody converts the hold: the reaper's expiry is announced too.
+    let expired = next(&mut stream).await;
+    assert_eq!(update_counters(&expired), (10, 0, 0, 10));
+    assert!(expired.version > held.version, "{held:?} then {expired:?}");
+    assert_shows(&expired, &get_product(&mut checkout, &product.id).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watching_two_products_starts_with_the_current_state_of_each() {
+    let server = TestServer::start().await;
+    let first = server.product("console", 49_900, 10).await;
+    let second = server.product("controller", 5_900, 20).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &second.id, 4).await;
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[&first.id, &second.id]).await;
+
+    let mut initial = BTreeMap::new();
+    for _ in 0..2 {
+        let update = next(&mut stream).await;
+        initial.insert(update.product_id.clone(), update);
+    }
+    for product in [&first, &second] {
+        let update = initial
+            .get(&product.id)
+            .expect("an initial state per product");
+        assert_shows(update, &get_product(&mut checkout, &product.id).await);
+    }
+    assert_eq!(initial[&second.id].reserved, 4);
+
+    hold(&mut checkout, &first.id, 1).await;
+    let update = next(&mut stream).await;
+    assert_shows(&update, &get_product(&mut checkout, &first.id).await);
+    assert_eq!(update.reserved, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watching_all_products_includes_products_created_after_the_stream_opened() {
+    let server = TestServer::start().await;
+    let first = server.product("console", 49_900, 10).await;
+    let second = server.product("controller", 5_900, 20).await;
+    let mut checkout = server.checkout().await;
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[]).await;
+
+    let mut initial = BTreeMap::new();
+    for _ in 0..2 {
+        let update = next(&mut stream).await;
+        initial.insert(update.product_id.clone(), update);
+    }
+    assert_shows(&initial[&first.id], &first);
+    assert_shows(&initial[&second.id], &second);
+
+    let later = server.product("headset", 9_900, 7).await;
+    let created = next(&mut stream).await;
+    assert_shows(&created, &later);
+    assert_eq!(update_counters(&created), (7, 0, 0, 7));
+
+    hold(&mut checkout, &later.id, 2).await;
+    let held = next(&mut stream).await;
+    assert_eq!(held.product_id, later.id);
+    assert_eq!(update_counters(&held), (7, 2, 0, 5));
+    assert!(held.version > created.version);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watching_an_unknown_product_fails_not_found_before_streaming() {
+    let server = TestServer::start().await;
+    let known = server.product("console", 49_900, 10).await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut checkout = server.checkout().await;
+
+    for product_ids in [
+        vec![unknown.clone()],
+        vec![known.id.clone(), unknown.clone()],
+    ] {
+        let status = assert_status(
+            checkout
+                .watch_availability(WatchAvailabilityRequest { product_ids })
+                .await,
+            Code::NotFound,
+            "NOT_FOUND",
+        );
+        assert!(status.message().contains(&unknown), "{status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watching_a_malformed_product_id_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let known = server.product("console", 49_900, 10).await;
+    let mut checkout = server.checkout().await;
+
+    assert_invalid(
+        checkout
+            .watch_availability(WatchAvailabilityRequest {
+                product_ids: vec![known.id.clone(), "not-a-uuid".into()],
+            })
+            .await,
+        "product_ids",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_watcher_ends_on_the_latest_state() {
+    let server = TestServer::start().await;
+    let product = server.product("console", 49_900, 100).await;
+    let mut checkout = server.checkout().await;
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[&product.id]).await;
+    let mut last = next(&mut stream).await;
+
+    // 50 changes while the watcher reads nothing.
+    for _ in 0..50 {
+        hold(&mut checkout, &product.id, 1).await;
+    }
+    let latest = get_product(&mut checkout, &product.id).await;
+    assert_eq!(latest.reserved, 50);
+
+    while last.version < latest.version {
+        let update = next(&mut stream).await;
+        assert!(
+            update.version > last.version,
+            "versions strictly increase: {last:?} then {update:?}"
+        );
+        last = update;
+    }
+    assert_shows(&last, &latest);
+
+    // Caught up, the stream still follows live changes.
+    hold(&mut checkout, &product.id, 1).await;
+    let live = next(&mut stream).await;
+    assert_eq!(update_counters(&live), (100, 51, 0, 49));
+    assert!(live.version > last.version);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watcher_on_another_server_sees_changes_made_through_the_first() {
+    let first = TestServer::start().await;
+    let second = first.start_sibling().await;
+    let product = first.product("console", 49_900, 10).await;
+    let mut watcher = second.checkout().await;
+    let mut stream = watch(&mut watcher, &[&product.id]).await;
+    let initial = next(&mut stream).await;
+    assert_eq!(update_counters(&initial), (10, 0, 0, 10));
+
+    let mut on_first = first.checkout().await;
+    hold(&mut on_first, &product.id, 6).await;
+
+    let update = next(&mut stream).await;
+    assert_shows(&update, &get_product(&mut on_first, &product.id).await);
+    assert_eq!(update.reserved, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_watcher_of_all_products_ends_on_the_latest_state_of_each() {
+    let server = TestServer::start().await;
+    let mut products = Vec::new();
+    for name in ["console", "controller", "headset", "cable"] {
+        products.push(server.product(name, 1_000, 500).await);
+    }
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[]).await;
+    let mut versions = BTreeMap::new();
+    for _ in 0..products.len() {
+        let update = next(&mut stream).await;
+        versions.insert(update.product_id.clone(), update.version);
+    }
+
+    // 200 concurrent changes, each on its own connection, while the watcher reads nothing.
+    let mut changes = Vec::new();
+    for i in 0..200 {
+        let mut client = server.checkout().await;
+        let product_id = products[i % products.len()].id.clone();
+        changes.push(tokio::spawn(async move {
+            hold(&mut client, &product_id, 1).await;
+        }));
+    }
+    for change in changes {
+        change.await.unwrap();
+    }
+    let mut checkout = server.checkout().await;
+    let mut latest = BTreeMap::new();
+    for product in &products {
+        latest.insert(
+            product.id.clone(),
+            get_product(&mut checkout, &product.id).await,
+        );
+    }
+
+    let mut shown = BTreeMap::new();
+    while latest
+        .values()
+        .any(|product| versions[&product.id] < product.version)
+    {
+        let update = next(&mut stream).await;
+        let previous = versions[&update.product_id];
+        assert!(
+            update.version > previous,
+            "versions of one product strictly increase: {previous} then {update:?}"
+        );
+        versions.insert(update.product_id.clone(), update.version);
+        shown.insert(update.product_id.clone(), update);
+    }
+    for product in latest.values() {
+        assert_eq!(product.reserved, 50);
+        assert_shows(&shown[&product.id], product);
+    }
+}

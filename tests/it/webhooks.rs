@@ -1,1 +1,659 @@
-//! (tests pending)
+//! Payment webhooks: one idempotency key, one effect (duplicates, concurrent deliveries,
+//! reused keys), payments that arrive before their order (deferred, then applied or closed),
+//! amount checks, and unknown targets that store nothing.
+
+use std::time::Duration;
+
+use flashsale::grpc::pb::{
+    self, HandlePaymentWebhookRequest, OrderStatus, ReleaseHoldRequest, WebhookOutcome,
+};
+use tonic::Code;
+
+use crate::orders::{
+    counters, deliver, failure, get_order, get_product, hold, on_hold, on_order, order, sleep_past,
+    success, try_deliver, try_order,
+};
+use crate::support::{Checkout, TestServer, assert_status};
+
+/// A product at 250 cents with `stock` units, and a pending order of `qty` of it.
+async fn pending_order(
+    server: &TestServer,
+    stock: i64,
+    qty: i64,
+) -> (Checkout, pb::Product, pb::Order) {
+    let product = server.product("ticket", 250, stock).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, qty).await;
+    let order = order(&mut checkout, &hold.hold_id).await;
+    (checkout, product, order)
+}
+
+/// The same webhook with `amount_cents` reported.
+fn with_amount(
+    webhook: HandlePaymentWebhookRequest,
+    amount_cents: i64,
+) -> HandlePaymentWebhookRequest {
+    HandlePaymentWebhookRequest {
+        amount_cents,
+        ..webhook
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One key, one effect.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_delivery_answers_like_the_first_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let webhook = with_amount(success("evt-1", on_order(&order.order_id)), 500);
+    let first = deliver(&mut checkout, webhook.clone()).await;
+    assert_eq!(first.outcome(), WebhookOutcome::Applied);
+    let settled = get_product(&mut checkout, &product.id).await;
+
+    let again = deliver(&mut checkout, webhook).await;
+
+    assert_eq!(again.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(again.idempotency_key, "evt-1");
+    assert_eq!(again.order_id, first.order_id);
+    assert_eq!(again.order_status(), OrderStatus::Paid);
+    assert_eq!(get_product(&mut checkout, &product.id).await, settled);
+    assert_eq!(counters(&settled), (10, 0, 2, 8));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_deliveries_of_one_key_apply_exactly_once() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 3).await;
+
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let mut client = server.checkout().await;
+        let webhook = success("evt-race", on_order(&order.order_id));
+        calls.push(tokio::spawn(async move {
+            try_deliver(&mut client, webhook).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let receipt = call.await.unwrap().expect("every delivery is answered");
+        assert_eq!(receipt.order_id, order.order_id);
+        assert_eq!(receipt.order_status(), OrderStatus::Paid);
+        outcomes.push(receipt.outcome());
+    }
+
+    let applied = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Applied)
+        .count();
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Duplicate)
+        .count();
+    assert_eq!((applied, duplicates), (1, 9), "outcomes: {outcomes:?}");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 3, 7)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failure_returns_the_stock_exactly_once_across_different_keys() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 4).await;
+
+    let first = deliver(
+        &mut checkout,
+        failure("evt-a", on_order(&order.order_id), "declined"),
+    )
+    .await;
+    let second = deliver(
+        &mut checkout,
+        failure("evt-b", on_order(&order.order_id), "declined again"),
+    )
+    .await;
+
+    assert_eq!(first.outcome(), WebhookOutcome::Applied);
+    assert_eq!(second.outcome(), WebhookOutcome::Ignored);
+    assert_eq!(second.order_status(), OrderStatus::Cancelled);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    assert_eq!(
+        get_order(&mut checkout, &order.order_id)
+            .await
+            .failure_reason,
+        "declined"
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_failures_with_different_keys_return_the_stock_once() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 4).await;
+
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut client = server.checkout().await;
+        let webhook = failure(&format!("evt-{i}"), on_order(&order.order_id), "declined");
+        calls.push(tokio::spawn(async move {
+            try_deliver(&mut client, webhook).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let receipt = call.await.unwrap().expect("every delivery is answered");
+        assert_eq!(receipt.order_status(), OrderStatus::Cancelled);
+        outcomes.push(receipt.outcome());
+    }
+
+    let applied = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Applied)
+        .count();
+    let ignored = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Ignored)
+        .count();
+    assert_eq!((applied, ignored), (1, 7), "outcomes: {outcomes:?}");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reused_key_with_another_payload_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, first_order) = pending_order(&server, 10, 2).await;
+    let other_hold = hold(&mut checkout, &product.id, 1).await;
+    let other_order = order(&mut checkout, &other_hold.hold_id).await;
+    let original = success("evt-1", on_order(&first_order.order_id));
+    deliver(&mut checkout, original.clone()).await;
+    let before = get_product(&mut checkout, &product.id).await;
+
+    let reuses = [
+        // another result
+        failure("evt-1", on_order(&first_order.order_id), ""),
+        // another amount
+        with_amount(original.clone(), first_order.total_cents),
+        // another order
+        success("evt-1", on_order(&other_order.order_id)),
+        // the same order, but named through its hold
+        success("evt-1", on_hold(&first_order.hold_id)),
+        // another failure reason on an otherwise equal payload
+        HandlePaymentWebhookRequest {
+            failure_reason: "extra".into(),
+            ..original.clone()
+        },
+    ];
+    for reuse in reuses {
+        let status = assert_status(
+            try_deliver(&mut checkout, reuse.clone()).await,
+            Code::AlreadyExists,
+            "IDEMPOTENCY_KEY_REUSED",
+        );
+        assert!(status.message().contains("evt-1"), "{reuse:?}: {status:?}");
+    }
+
+    assert_eq!(get_product(&mut checkout, &product.id).await, before);
+    assert_eq!(
+        get_order(&mut checkout, &other_order.order_id)
+            .await
+            .status(),
+        OrderStatus::Pending
+    );
+    assert_eq!(
+        get_order(&mut checkout, &first_order.order_id)
+            .await
+            .status(),
+        OrderStatus::Paid
+    );
+    // The original payload still gets its duplicate answer.
+    assert_eq!(
+        deliver(&mut checkout, original).await.outcome(),
+        WebhookOutcome::Duplicate
+    );
+    server.assert_consistent().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Amounts and unknown targets.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amount_other_than_the_order_total_is_refused_and_not_stored() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    assert_eq!(order.total_cents, 500);
+    let before = get_product(&mut checkout, &product.id).await;
+
+    let status = assert_status(
+        try_deliver(
+            &mut checkout,
+            with_amount(success("evt-1", on_order(&order.order_id)), 499),
+        )
+        .await,
+        Code::FailedPrecondition,
+        "AMOUNT_MISMATCH",
+    );
+    assert!(status.message().contains("500"), "{status:?}");
+    assert_eq!(get_product(&mut checkout, &product.id).await, before);
+    assert_eq!(
+        get_order(&mut checkout, &order.order_id).await.status(),
+        OrderStatus::Pending
+    );
+
+    // Nothing was stored under the key: the corrected delivery applies.
+    let retry = deliver(
+        &mut checkout,
+        with_amount(success("evt-1", on_order(&order.order_id)), 500),
+    )
+    .await;
+    assert_eq!(retry.outcome(), WebhookOutcome::Applied);
+    assert_eq!(retry.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amount_mismatch_on_a_hold_payment_is_refused_before_it_is_deferred() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+
+    assert_status(
+        try_deliver(
+            &mut checkout,
+            with_amount(success("evt-1", on_hold(&hold.hold_id)), 250),
+        )
+        .await,
+        Code::FailedPrecondition,
+        "AMOUNT_MISMATCH",
+    );
+
+    // Nothing waits on the hold: the order is created pending.
+    let order = order(&mut checkout, &hold.hold_id).await;
+    assert_eq!(order.status(), OrderStatus::Pending);
+    let retry = deliver(
+        &mut checkout,
+        with_amount(success("evt-1", on_order(&order.order_id)), 500),
+    )
+    .await;
+    assert_eq!(retry.outcome(), WebhookOutcome::Applied);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_amount_means_not_reported_and_is_accepted() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+
+    let receipt = deliver(
+        &mut checkout,
+        with_amount(success("evt-1", on_order(&order.order_id)), 0),
+    )
+    .await;
+
+    assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
+    assert_eq!(receipt.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_order_or_hold_is_not_found_and_the_key_stays_unused() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    assert_status(
+        try_deliver(&mut checkout, success("evt-1", on_order(&unknown))).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    // Had the first delivery been stored, this other payload would be ALREADY_EXISTS.
+    assert_status(
+        try_deliver(&mut checkout, success("evt-1", on_hold(&unknown))).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    // An order id is not a hold id.
+    assert_status(
+        try_deliver(&mut checkout, success("evt-1", on_hold(&order.order_id))).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+
+    let real = deliver(&mut checkout, success("evt-1", on_order(&order.order_id))).await;
+    assert_eq!(real.outcome(), WebhookOutcome::Applied);
+    assert_eq!(real.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Payments that arrive before the order.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payment_before_the_order_is_deferred_then_pays_the_order_on_creation() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+    let webhook = with_amount(success("evt-early", on_hold(&hold.hold_id)), 500);
+
+    let deferred = deliver(&mut checkout, webhook.clone()).await;
+    assert_eq!(deferred.outcome(), WebhookOutcome::Deferred);
+    assert!(deferred.order_id.is_empty(), "{deferred:?}");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 2, 0, 8)
+    );
+    // While it waits, a redelivery is a duplicate of the deferral.
+    let waiting = deliver(&mut checkout, webhook.clone()).await;
+    assert_eq!(waiting.outcome(), WebhookOutcome::Duplicate);
+    assert!(waiting.order_id.is_empty(), "{waiting:?}");
+
+    let order = order(&mut checkout, &hold.hold_id).await;
+    assert_eq!(order.status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+
+    let later = deliver(&mut checkout, webhook).await;
+    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(later.order_id, order.order_id);
+    assert_eq!(later.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_payment_before_the_order_cancels_the_order_on_creation() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 3).await;
+    let webhook = failure("evt-early", on_hold(&hold.hold_id), "insufficient funds");
+
+    let deferred = deliver(&mut checkout, webhook.clone()).await;
+    assert_eq!(deferred.outcome(), WebhookOutcome::Deferred);
+    assert!(deferred.order_id.is_empty(), "{deferred:?}");
+
+    let order = order(&mut checkout, &hold.hold_id).await;
+    assert_eq!(order.status(), OrderStatus::Cancelled);
+    assert_eq!(order.failure_reason, "insufficient funds");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    let later = deliver(&mut checkout, webhook).await;
+    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(later.order_id, order.order_id);
+    assert_eq!(later.order_status(), OrderStatus::Cancelled);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_deferred_payments_settle_the_order_once_in_arrival_order() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+    let declined = failure("evt-1", on_hold(&hold.hold_id), "declined");
+    let paid = success("evt-2", on_hold(&hold.hold_id));
+    assert_eq!(
+        deliver(&mut checkout, declined.clone()).await.outcome(),
+        WebhookOutcome::Deferred
+    );
+    assert_eq!(
+        deliver(&mut checkout, paid.clone()).await.outcome(),
+        WebhookOutcome::Deferred
+    );
+
+    let order = order(&mut checkout, &hold.hold_id).await;
+
+    assert_eq!(order.status(), OrderStatus::Cancelled);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    let first = deliver(&mut checkout, declined).await;
+    assert_eq!(
+        (first.outcome(), first.order_status()),
+        (WebhookOutcome::Duplicate, OrderStatus::Cancelled)
+    );
+    assert_eq!(first.order_id, order.order_id);
+    let second = deliver(&mut checkout, paid).await;
+    assert_eq!(
+        (second.outcome(), second.order_status()),
+        (WebhookOutcome::Duplicate, OrderStatus::Cancelled)
+    );
+    assert_eq!(second.order_id, order.order_id);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deferred_payment_on_a_released_hold_is_closed_and_stock_comes_back_once() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+    let webhook = success("evt-early", on_hold(&hold.hold_id));
+    assert_eq!(
+        deliver(&mut checkout, webhook.clone()).await.outcome(),
+        WebhookOutcome::Deferred
+    );
+
+    checkout
+        .release_hold(ReleaseHoldRequest {
+            hold_id: hold.hold_id.clone(),
+        })
+        .await
+        .expect("release hold");
+
+    assert_status(
+        try_order(&mut checkout, &hold.hold_id).await,
+        Code::FailedPrecondition,
+        "HOLD_RELEASED",
+    );
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    let later = deliver(&mut checkout, webhook).await;
+    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert!(later.order_id.is_empty(), "{later:?}");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deferred_payment_on_a_hold_that_expires_is_closed_and_stock_comes_back_once() {
+    let server = TestServer::start_with(|config| {
+        config.hold_ttl = Duration::from_secs(2);
+        config.reaper_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+    let webhook = success("evt-early", on_hold(&hold.hold_id));
+    assert_eq!(
+        deliver(&mut checkout, webhook.clone()).await.outcome(),
+        WebhookOutcome::Deferred
+    );
+
+    sleep_past(hold.expires_at).await;
+
+    assert_status(
+        try_order(&mut checkout, &hold.hold_id).await,
+        Code::FailedPrecondition,
+        "HOLD_EXPIRED",
+    );
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    let later = deliver(&mut checkout, webhook).await;
+    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert!(later.order_id.is_empty(), "{later:?}");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 0, 10)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payment_aimed_at_a_converted_hold_applies_to_its_order() {
+    let server = TestServer::start().await;
+    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+
+    let receipt = deliver(
+        &mut checkout,
+        with_amount(success("evt-1", on_hold(&order.hold_id)), 500),
+    )
+    .await;
+
+    assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
+    assert_eq!(receipt.order_id, order.order_id);
+    assert_eq!(receipt.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        get_order(&mut checkout, &order.order_id).await.status(),
+        OrderStatus::Paid
+    );
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_deliveries_of_one_key_on_a_hold_defer_it_once() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let hold = hold(&mut checkout, &product.id, 2).await;
+
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let mut client = server.checkout().await;
+        let webhook = success("evt-early", on_hold(&hold.hold_id));
+        calls.push(tokio::spawn(async move {
+            try_deliver(&mut client, webhook).await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let receipt = call.await.unwrap().expect("every delivery is answered");
+        assert!(receipt.order_id.is_empty(), "{receipt:?}");
+        outcomes.push(receipt.outcome());
+    }
+    let deferred = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Deferred)
+        .count();
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == WebhookOutcome::Duplicate)
+        .count();
+    assert_eq!((deferred, duplicates), (1, 9), "outcomes: {outcomes:?}");
+
+    let order = order(&mut checkout, &hold.hold_id).await;
+    assert_eq!(order.status(), OrderStatus::Paid);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (10, 0, 2, 8)
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_once() {
+    const BUYERS: usize = 20;
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 250, BUYERS as i64).await;
+    let mut checkout = server.checkout().await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2 * BUYERS));
+
+    let mut races = Vec::new();
+    for i in 0..BUYERS {
+        let hold = hold(&mut checkout, &product.id, 1).await;
+        let (mut orders, mut payments) = (server.checkout().await, server.checkout().await);
+        let webhook = success(&format!("evt-{i}"), on_hold(&hold.hold_id));
+        let (order_start, payment_start) = (start.clone(), start.clone());
+        let hold_id = hold.hold_id.clone();
+        let ordering = tokio::spawn(async move {
+            order_start.wait().await;
+            try_order(&mut orders, &hold_id).await
+        });
+        let paying = tokio::spawn(async move {
+            payment_start.wait().await;
+            try_deliver(&mut payments, webhook).await
+        });
+        races.push((i, ordering, paying));
+    }
+
+    for (i, ordering, paying) in races {
+        let order = ordering.await.unwrap().expect("CreateOrder succeeds");
+        let receipt = paying.await.unwrap().expect("the webhook is answered");
+        match receipt.outcome() {
+            // The payment came first and waited: the order was born paid.
+            WebhookOutcome::Deferred => assert_eq!(order.status(), OrderStatus::Paid),
+            // The order came first: the payment paid it.
+            WebhookOutcome::Applied => {
+                assert_eq!(receipt.order_id, order.order_id);
+                assert_eq!(receipt.order_status(), OrderStatus::Paid);
+            }
+            other => panic!("buyer {i}: unexpected outcome {other:?}"),
+        }
+        assert_eq!(
+            get_order(&mut checkout, &order.order_id).await.status(),
+            OrderStatus::Paid
+        );
+        let again = deliver(
+            &mut checkout,
+            success(&format!("evt-{i}"), on_hold(&order.hold_id)),
+        )
+        .await;
+        assert_eq!(again.outcome(), WebhookOutcome::Duplicate);
+        assert_eq!(again.order_id, order.order_id);
+        assert_eq!(again.order_status(), OrderStatus::Paid);
+    }
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (BUYERS as i64, 0, BUYERS as i64, 0)
+    );
+    server.assert_consistent().await;
+}

@@ -1,0 +1,171 @@
+//! CreateHold calls coalesced into shared transactions: arrival-order grants that stop
+//! exactly at the last units, keys and products mixed in one batch, commits actually shared.
+
+use std::collections::HashMap;
+
+use diesel::sql_types::BigInt;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use flashsale::grpc::pb::{CreateHoldRequest, GetProductRequest, Hold};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::support::{Checkout, TestServer, reason};
+
+/// Fires all `requests` at once over `connections` connections; answers in request order.
+async fn crowd(
+    server: &TestServer,
+    connections: usize,
+    requests: Vec<CreateHoldRequest>,
+) -> Vec<Result<Hold, tonic::Status>> {
+    let mut clients: Vec<Checkout> = Vec::new();
+    for _ in 0..connections {
+        clients.push(server.checkout().await);
+    }
+    let calls = requests.into_iter().enumerate().map(|(i, request)| {
+        let mut client = clients[i % connections].clone();
+        tokio::spawn(async move { client.create_hold(request).await.map(|r| r.into_inner()) })
+    });
+    let mut answers = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        answers.push(call.expect("call task"));
+    }
+    answers
+}
+
+/// A CreateHold request without a key.
+fn request(product_id: &str, qty: i64) -> CreateHoldRequest {
+    CreateHoldRequest { product_id: product_id.into(), qty, client_request_id: String::new() }
+}
+
+/// The product's current available units.
+async fn available(server: &TestServer, product_id: &str) -> i64 {
+    let request = GetProductRequest { product_id: product_id.into() };
+    server.checkout().await.get_product(request).await.unwrap().into_inner().available
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crowd_straddling_the_last_units_gets_exactly_the_stock() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 23).await;
+    let requests: Vec<_> = (0..120).map(|i| request(&product.id, 1 + i % 4)).collect();
+    let quantities: Vec<i64> = requests.iter().map(|r| r.qty).collect();
+
+    let answers = crowd(&server, 6, requests).await;
+
+    let left = available(&server, &product.id).await;
+    let mut granted = 0;
+    for (answer, qty) in answers.iter().zip(&quantities) {
+        match answer {
+            Ok(hold) => granted += hold.qty,
+            Err(status) => {
+                assert_eq!((status.code(), reason(status).as_str()), (Code::FailedPrecondition, "INSUFFICIENT_STOCK"));
+                // Refused only when it did not fit: nothing it could have had is left.
+                assert!(*qty > left, "a request for {qty} was refused while {left} units remain");
+                let info = status.get_details_error_info().expect("error info");
+                let reported: i64 = info.metadata["available"].parse().unwrap();
+                assert!(reported < *qty && reported >= left, "reported available {reported}");
+            }
+        }
+    }
+    assert_eq!(granted + left, 23, "granted units plus what is left must be the stock");
+    assert!(left < 4, "stock left over ({left}) while requests for 1..=4 units were refused");
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_batch_serves_many_products_each_within_its_own_stock() {
+    let server = TestServer::start().await;
+    let mut products = Vec::new();
+    for n in 0..8 {
+        products.push(server.product(&format!("p{n}"), 100, 5 + n).await);
+    }
+    let requests: Vec<_> = (0..240).map(|i| request(&products[i % 8].id, 1)).collect();
+    let mut requests = requests;
+    requests.push(request("01900000-0000-7000-8000-000000000000", 1));
+
+    let answers = crowd(&server, 8, requests).await;
+
+    let unknown = answers.last().unwrap().as_ref().expect_err("unknown product");
+    assert_eq!(unknown.code(), Code::NotFound);
+    let mut granted: HashMap<String, i64> = HashMap::new();
+    for hold in answers.iter().flatten() {
+        *granted.entry(hold.product_id.clone()).or_default() += hold.qty;
+    }
+    for product in &products {
+        assert_eq!(granted.get(&product.id), Some(&product.stock_total), "product {}", product.name);
+        assert_eq!(available(&server, &product.id).await, 0);
+    }
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
+    let server = TestServer::start().await;
+    let product = server.product("ticket", 100, 1_000).await;
+    let requests: Vec<_> = (0..100)
+        .map(|i| CreateHoldRequest {
+            product_id: product.id.clone(),
+            qty: 2,
+            client_request_id: format!("cart-{}", i % 10),
+        })
+        .collect();
+    let mut requests = requests;
+    // The same key for another qty is refused, whichever of the two arrives first.
+    requests.push(CreateHoldRequest { product_id: product.id.clone(), qty: 3, client_request_id: "cart-0".into() });
+
+    let answers = crowd(&server, 8, requests).await;
+
+    let mut hold_by_key: HashMap<String, String> = HashMap::new();
+    let mut refused = 0;
+    for answer in &answers {
+        match answer {
+            Ok(hold) => {
+                let first = hold_by_key.entry(hold.client_request_id.clone()).or_insert(hold.hold_id.clone());
+                assert_eq!(*first, hold.hold_id, "one key, one hold");
+            }
+            Err(status) => {
+                assert_eq!(reason(status), "IDEMPOTENCY_KEY_REUSED", "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 1, "only the mismatched request is refused");
+    assert_eq!(hold_by_key.len(), 10);
+    let reserved = 1_000 - available(&server, &product.id).await;
+    let expected: i64 = if answers.last().unwrap().is_ok() { 9 * 2 + 3 } else { 10 * 2 };
+    assert_eq!(reserved, expected, "each key reserved once");
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crowd_shares_commits() {
+    let server = TestServer::start().await;
+    let product = server.product("hot", 100, 1_000_000).await;
+    let before = commits(&server.db.url).await;
+
+    let answers = crowd(&server, 8, (0..500).map(|_| request(&product.id, 1)).collect()).await;
+
+    let after = commits(&server.db.url).await;
+    assert!(answers.iter().all(Result::is_ok));
+    assert_eq!(available(&server, &product.id).await, 1_000_000 - 500);
+    // One commit per hold would be 500; background work (reaper, health) adds a few dozen.
+    assert!(after - before < 250, "{} commits for 500 concurrent holds", after - before);
+}
+
+/// Transactions committed in this database so far (as the statistics collector has them).
+async fn commits(database_url: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Commits {
+        #[diesel(sql_type = BigInt)]
+        xact_commit: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url).await.unwrap();
+    diesel::sql_query("SELECT pg_stat_clear_snapshot()").execute(&mut conn).await.unwrap();
+    let row: Commits = diesel::sql_query(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    row.xact_commit
+}
