@@ -34,13 +34,26 @@ async fn crowd(
 
 /// A CreateHold request without a key.
 fn request(product_id: &str, qty: i64) -> CreateHoldRequest {
-    CreateHoldRequest { product_id: product_id.into(), qty, client_request_id: String::new() }
+    CreateHoldRequest {
+        product_id: product_id.into(),
+        qty,
+        client_request_id: String::new(),
+    }
 }
 
 /// The product's current available units.
 async fn available(server: &TestServer, product_id: &str) -> i64 {
-    let request = GetProductRequest { product_id: product_id.into() };
-    server.checkout().await.get_product(request).await.unwrap().into_inner().available
+    let request = GetProductRequest {
+        product_id: product_id.into(),
+    };
+    server
+        .checkout()
+        .await
+        .get_product(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .available
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -58,17 +71,33 @@ async fn a_crowd_straddling_the_last_units_gets_exactly_the_stock() {
         match answer {
             Ok(hold) => granted += hold.qty,
             Err(status) => {
-                assert_eq!((status.code(), reason(status).as_str()), (Code::FailedPrecondition, "INSUFFICIENT_STOCK"));
+                assert_eq!(
+                    (status.code(), reason(status).as_str()),
+                    (Code::FailedPrecondition, "INSUFFICIENT_STOCK")
+                );
                 // Refused only when it did not fit: nothing it could have had is left.
-                assert!(*qty > left, "a request for {qty} was refused while {left} units remain");
+                assert!(
+                    *qty > left,
+                    "a request for {qty} was refused while {left} units remain"
+                );
                 let info = status.get_details_error_info().expect("error info");
                 let reported: i64 = info.metadata["available"].parse().unwrap();
-                assert!(reported < *qty && reported >= left, "reported available {reported}");
+                assert!(
+                    reported < *qty && reported >= left,
+                    "reported available {reported}"
+                );
             }
         }
     }
-    assert_eq!(granted + left, 23, "granted units plus what is left must be the stock");
-    assert!(left < 4, "stock left over ({left}) while requests for 1..=4 units were refused");
+    assert_eq!(
+        granted + left,
+        23,
+        "granted units plus what is left must be the stock"
+    );
+    assert!(
+        left < 4,
+        "stock left over ({left}) while requests for 1..=4 units were refused"
+    );
     server.assert_consistent().await;
 }
 
@@ -85,14 +114,23 @@ async fn one_batch_serves_many_products_each_within_its_own_stock() {
 
     let answers = crowd(&server, 8, requests).await;
 
-    let unknown = answers.last().unwrap().as_ref().expect_err("unknown product");
+    let unknown = answers
+        .last()
+        .unwrap()
+        .as_ref()
+        .expect_err("unknown product");
     assert_eq!(unknown.code(), Code::NotFound);
     let mut granted: HashMap<String, i64> = HashMap::new();
     for hold in answers.iter().flatten() {
         *granted.entry(hold.product_id.clone()).or_default() += hold.qty;
     }
     for product in &products {
-        assert_eq!(granted.get(&product.id), Some(&product.stock_total), "product {}", product.name);
+        assert_eq!(
+            granted.get(&product.id),
+            Some(&product.stock_total),
+            "product {}",
+            product.name
+        );
         assert_eq!(available(&server, &product.id).await, 0);
     }
     server.assert_consistent().await;
@@ -111,7 +149,11 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
         .collect();
     let mut requests = requests;
     // The same key for another qty is refused, whichever of the two arrives first.
-    requests.push(CreateHoldRequest { product_id: product.id.clone(), qty: 3, client_request_id: "cart-0".into() });
+    requests.push(CreateHoldRequest {
+        product_id: product.id.clone(),
+        qty: 3,
+        client_request_id: "cart-0".into(),
+    });
 
     let answers = crowd(&server, 8, requests).await;
 
@@ -120,7 +162,9 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
     for answer in &answers {
         match answer {
             Ok(hold) => {
-                let first = hold_by_key.entry(hold.client_request_id.clone()).or_insert(hold.hold_id.clone());
+                let first = hold_by_key
+                    .entry(hold.client_request_id.clone())
+                    .or_insert(hold.hold_id.clone());
                 assert_eq!(*first, hold.hold_id, "one key, one hold");
             }
             Err(status) => {
@@ -132,7 +176,11 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
     assert_eq!(refused, 1, "only the mismatched request is refused");
     assert_eq!(hold_by_key.len(), 10);
     let reserved = 1_000 - available(&server, &product.id).await;
-    let expected: i64 = if answers.last().unwrap().is_ok() { 9 * 2 + 3 } else { 10 * 2 };
+    let expected: i64 = if answers.last().unwrap().is_ok() {
+        9 * 2 + 3
+    } else {
+        10 * 2
+    };
     assert_eq!(reserved, expected, "each key reserved once");
     server.assert_consistent().await;
 }
@@ -143,13 +191,22 @@ async fn a_crowd_shares_commits() {
     let product = server.product("hot", 100, 1_000_000).await;
     let before = commits(&server.db.url).await;
 
-    let answers = crowd(&server, 8, (0..500).map(|_| request(&product.id, 1)).collect()).await;
+    let answers = crowd(
+        &server,
+        8,
+        (0..500).map(|_| request(&product.id, 1)).collect(),
+    )
+    .await;
 
     let after = commits(&server.db.url).await;
     assert!(answers.iter().all(Result::is_ok));
     assert_eq!(available(&server, &product.id).await, 1_000_000 - 500);
     // One commit per hold would be 500; background work (reaper, health) adds a few dozen.
-    assert!(after - before < 250, "{} commits for 500 concurrent holds", after - before);
+    assert!(
+        after - before < 250,
+        "{} commits for 500 concurrent holds",
+        after - before
+    );
 }
 
 /// Transactions committed in this database so far (as the statistics collector has them).
@@ -160,7 +217,10 @@ async fn commits(database_url: &str) -> i64 {
         xact_commit: i64,
     }
     let mut conn = AsyncPgConnection::establish(database_url).await.unwrap();
-    diesel::sql_query("SELECT pg_stat_clear_snapshot()").execute(&mut conn).await.unwrap();
+    diesel::sql_query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let row: Commits = diesel::sql_query(
         "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
     )
