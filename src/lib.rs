@@ -2,7 +2,7 @@
 //!
 //! A map of the crate, from the outside in:
 //!
-//! - [`cli`]: the `flashsale` command line (`serve`, `seed`); `main.rs` only calls it.
+//! - [`cli`]: the `flashsale` command line (`serve`, `seed`, `load`); `main.rs` only calls it.
 //! - [`server`]: wiring. [`server::run`] takes a bound listener, a [`config::ServerConfig`]
 //!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
 //! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->

@@ -1,7 +1,44 @@
-//! `flashsale load`: a load generator that drives a running server over gRPC and checks the
-//! books afterwards. (Scenarios land here.)
+//! `flashsale load`: a load generator that drives a running server over gRPC, prints
+//! throughput, latency percentiles and status counts, and checks the books afterwards.
+//!
+//! Scenarios, one module each:
+//!
+//! - [`hot_holds`]: many clients race `CreateHold` (qty 1) on one product.
+//! - [`many_products`]: the same race spread over many products.
+//! - [`flash_crowd`]: buyers hold, order and pay (or fail, or walk away) on a small stock.
+//! - [`watchers`]: thousands of `WatchAvailability` streams and the delivery latency of
+//!   stock changes to all of them.
+//!
+//! Shared pieces: [`conn`] (channels, products), [`stats`] (per-client latency histograms
+//! and status counts merged at the end, the progress line), [`checks`] (the final checks
+//! that exit non-zero on failure) and [`procfs`] (server memory and CPU, file limits).
+//!
+//! Every client task owns its statistics; they are merged once the clients are done, so the
+//! hot path shares nothing but a few relaxed atomic counters for the progress line.
 
-use clap::Args;
+mod checks;
+mod conn;
+mod flash_crowd;
+mod hot_holds;
+mod many_products;
+mod procfs;
+mod stats;
+mod watchers;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+pub use flash_crowd::{Abandon, FlashCrowdArgs};
+pub use hot_holds::HotHoldsArgs;
+pub use many_products::{ManyProductsArgs, Pick};
+pub use watchers::WatchersArgs;
+
+/// Any failure of a scenario, including a failed check: `flashsale` reports it and exits 1.
+pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a run lasts when neither `--duration` nor `--requests` is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
 /// Options of `flashsale load`.
 #[derive(Debug, Clone, Args)]
@@ -9,13 +46,119 @@ pub struct LoadArgs {
     /// The server to drive.
     #[arg(
         long,
+        global = true,
         env = "FLASHSALE_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub scenario: Scenario,
 }
 
-/// Runs the chosen scenario and prints its figures.
-pub async fn run(args: LoadArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    Err(format!("no load scenarios yet (server {})", args.server).into())
+/// The load scenarios.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Scenario {
+    /// Many clients hammer CreateHold (qty 1) on one product.
+    HotHolds(HotHoldsArgs),
+    /// Buyers race for a small stock: hold, order, then pay (success or failure) or walk away.
+    FlashCrowd(FlashCrowdArgs),
+    /// Like hot-holds, spread over many products.
+    ManyProducts(ManyProductsArgs),
+    /// Thousands of WatchAvailability streams on one product: delivery latency of changes.
+    Watchers(WatchersArgs),
+}
+
+/// How many clients run and over how many HTTP/2 connections.
+#[derive(Debug, Clone, Args)]
+pub struct Crowd {
+    /// Concurrent clients (each runs one call at a time).
+    #[arg(long, default_value_t = 256, value_parser = positive)]
+    pub clients: usize,
+    /// HTTP/2 connections the clients are spread over (round-robin).
+    #[arg(long, default_value_t = 8, value_parser = positive)]
+    pub connections: usize,
+}
+
+/// When a run of independent calls stops: after a duration or after a number of calls.
+#[derive(Debug, Clone, Args)]
+pub struct Budget {
+    /// How long to run (e.g. 10s, 1m); the default (10s) unless --requests is given.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Total calls to make, over all clients, instead of running for a duration.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+}
+
+/// Runs the chosen scenario and prints its figures; fails when a check fails.
+pub async fn run(args: LoadArgs) -> Result<(), LoadError> {
+    match args.scenario {
+        Scenario::HotHolds(scenario) => hot_holds::run(&args.server, scenario).await,
+        Scenario::FlashCrowd(scenario) => flash_crowd::run(&args.server, scenario).await,
+        Scenario::ManyProducts(scenario) => many_products::run(&args.server, scenario).await,
+        Scenario::Watchers(scenario) => watchers::run(&args.server, scenario).await,
+    }
+}
+
+/// Parses a count that must be at least one.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(value) => Ok(value),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Parses a ratio between 0 and 1.
+fn ratio(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|error| format!("{error}"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err("must be between 0 and 1".into())
+    }
+}
+
+/// A fast, well-mixed 64-bit hash (splitmix64): the randomness of the scenarios, so a run
+/// needs no random number crate and every client draws from its own sequence.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in [0, 1) drawn for `(seed, n)`.
+fn unit(seed: u64, n: u64) -> f64 {
+    (mix(seed ^ mix(n)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A name suffix and seed unique to this run, so products and idempotency keys of
+/// different runs never collide.
+fn run_id() -> (String, u64) {
+    let id = uuid::Uuid::now_v7();
+    let (high, low) = id.as_u64_pair();
+    (id.simple().to_string(), high ^ low)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_is_in_range_and_spread() {
+        let draws: Vec<f64> = (0..10_000).map(|n| unit(42, n)).collect();
+        assert!(draws.iter().all(|value| (0.0..1.0).contains(value)));
+        let below_tenth = draws.iter().filter(|value| **value < 0.1).count();
+        assert!((800..1200).contains(&below_tenth), "{below_tenth}");
+    }
+
+    #[test]
+    fn parsers_refuse_out_of_range() {
+        assert!(positive("0").is_err());
+        assert_eq!(positive("3"), Ok(3));
+        assert!(ratio("1.5").is_err());
+        assert_eq!(ratio("0.25"), Ok(0.25));
+    }
 }
