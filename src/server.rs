@@ -120,12 +120,13 @@ impl App {
             (reflection().build_v1()?, reflection().build_v1alpha()?);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving grpc");
         let on_shutdown = {
-            let (health, stopping) = (health.clone(), stopping.clone());
+            let (health, stopping, hub) = (health.clone(), stopping.clone(), hub.clone());
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: draining calls and streams");
                 set_serving(&health, false).await;
                 stopping.cancel();
+                hub.close();
             }
         };
         let served = Server::builder()
@@ -135,7 +136,6 @@ impl App {
             .add_service(CheckoutServiceServer::new(CheckoutApi::new(
                 checkout.clone(),
                 hub,
-                stopping.clone(),
             )))
             .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)

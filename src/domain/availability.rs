@@ -70,12 +70,18 @@ impl From<&Product> for StockSnapshot {
 
 /// The latest known state of every product this process has heard of, shared by all watchers.
 pub struct AvailabilityHub {
-    /// One value per product; each watcher of that product holds a receiver.
-    products: Mutex<HashMap<Uuid, watch::Sender<StockSnapshot>>>,
-    /// Every newer state of any product, for watchers of all products.
-    all: broadcast::Sender<StockSnapshot>,
+    /// The channels; `None` once the hub closed for shutdown.
+    channels: Mutex<Option<Channels>>,
     /// Streams open right now, so leaks show (a closed stream must free its resources).
     open_streams: AtomicUsize,
+}
+
+/// Where watchers wait for changes.
+struct Channels {
+    /// One value per product; each watcher of that product holds a receiver.
+    products: HashMap<Uuid, watch::Sender<StockSnapshot>>,
+    /// Every newer state of any product, for watchers of all products.
+    all: broadcast::Sender<StockSnapshot>,
 }
 
 /// Counts one open stream for as long as the stream holds it.
@@ -97,38 +103,58 @@ impl Drop for OpenStream {
 
 impl Default for AvailabilityHub {
     fn default() -> Self {
-        AvailabilityHub {
-            products: Mutex::new(HashMap::new()),
+        let channels = Channels {
+            products: HashMap::new(),
             all: broadcast::channel(ALL_PRODUCTS_BUFFER).0,
+        };
+        AvailabilityHub {
+            channels: Mutex::new(Some(channels)),
             open_streams: AtomicUsize::new(0),
         }
     }
 }
 
+/// Why a watcher cannot start: the server is shutting down.
+fn shutting_down() -> DomainError {
+    DomainError::Unavailable("server is shutting down".into())
+}
+
 impl AvailabilityHub {
+    /// The channels, unless the hub closed.
+    fn channels(&self) -> std::sync::MutexGuard<'_, Option<Channels>> {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Records a state if it is newer than the one known; returns whether it was.
     pub fn publish(&self, snapshot: StockSnapshot) -> bool {
-        let newer = {
-            let mut products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-            match products.get(&snapshot.product_id) {
-                Some(sender) => sender.send_if_modified(|current| {
-                    let newer = snapshot.version > current.version;
-                    if newer {
-                        *current = snapshot.clone();
-                    }
-                    newer
-                }),
-                None => {
-                    products.insert(snapshot.product_id, watch::Sender::new(snapshot.clone()));
-                    true
+        let mut channels = self.channels();
+        let Some(channels) = channels.as_mut() else {
+            return false;
+        };
+        let newer = match channels.products.get(&snapshot.product_id) {
+            Some(sender) => sender.send_if_modified(|current| {
+                let newer = snapshot.version > current.version;
+                if newer {
+                    *current = snapshot.clone();
                 }
+                newer
+            }),
+            None => {
+                let sender = watch::Sender::new(snapshot.clone());
+                channels.products.insert(snapshot.product_id, sender);
+                true
             }
         };
         if newer {
             // No receiver is fine: nobody watches all products right now.
-            let _ = self.all.send(snapshot);
+            let _ = channels.all.send(snapshot);
         }
         newer
+    }
+
+    /// Ends every stream (their channels close) and refuses new ones: for shutdown.
+    pub fn close(&self) {
+        self.channels().take();
     }
 
     /// How many WatchAvailability streams are open in this process.
@@ -137,53 +163,80 @@ impl AvailabilityHub {
     }
 
     /// A receiver that sees the latest state of one product, seeded with `fresh`.
-    fn subscribe(&self, fresh: StockSnapshot) -> watch::Receiver<StockSnapshot> {
+    fn subscribe(
+        &self,
+        fresh: StockSnapshot,
+    ) -> Result<watch::Receiver<StockSnapshot>, DomainError> {
         let product_id = fresh.product_id;
         self.publish(fresh);
-        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-        products[&product_id].subscribe()
+        let channels = self.channels();
+        let channels = channels.as_ref().ok_or_else(shutting_down)?;
+        Ok(channels.products[&product_id].subscribe())
+    }
+
+    /// A receiver of every newer state of any product.
+    fn subscribe_all(&self) -> Result<broadcast::Receiver<StockSnapshot>, DomainError> {
+        let channels = self.channels();
+        Ok(channels.as_ref().ok_or_else(shutting_down)?.all.subscribe())
     }
 
     /// The latest state of one product, if known.
     pub fn latest(&self, product_id: Uuid) -> Option<StockSnapshot> {
-        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-        products
-            .get(&product_id)
-            .map(|sender| sender.borrow().clone())
+        let channels = self.channels();
+        let sender = channels.as_ref()?.products.get(&product_id)?;
+        Some(sender.borrow().clone())
     }
 
     /// The latest known state of every product.
     fn latest_all(&self) -> Vec<StockSnapshot> {
-        let products = self.products.lock().unwrap_or_else(PoisonError::into_inner);
-        products
+        let channels = self.channels();
+        let Some(channels) = channels.as_ref() else {
+            return Vec::new();
+        };
+        channels
+            .products
             .values()
             .map(|sender| sender.borrow().clone())
             .collect()
     }
 }
 
+/// The stream of a watcher.
+pub type SnapshotStream = futures::stream::BoxStream<'static, StockSnapshot>;
+
 impl Checkout {
     /// The current state of each product in `product_ids` (all products, including later
     /// ones, when empty), then every newer state. Unknown ids fail before anything streams.
+    /// Streams end when the hub closes.
     pub async fn watch_availability(
         &self,
         hub: Arc<AvailabilityHub>,
         product_ids: Vec<Uuid>,
-    ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
-        let stream = if product_ids.is_empty() {
-            self.watch_all(hub.clone()).await?.left_stream()
-        } else {
-            let products = self.get_products(&product_ids).await?;
-            let streams = products
-                .iter()
-                .map(|product| WatchStream::new(hub.subscribe(StockSnapshot::from(product))));
-            futures::stream::select_all(streams).right_stream()
-        };
+    ) -> Result<SnapshotStream, DomainError> {
         let open = OpenStream::new(&hub);
-        Ok(stream.map(move |snapshot| {
+        let count = move |snapshot| {
             let _counted = &open;
             snapshot
-        }))
+        };
+        if product_ids.is_empty() {
+            return Ok(self.watch_all(hub).await?.map(count).boxed());
+        }
+        let products = self.get_products(&product_ids).await?;
+        let mut streams = Vec::with_capacity(products.len());
+        for product in &products {
+            streams.push(WatchStream::new(
+                hub.subscribe(StockSnapshot::from(product))?,
+            ));
+        }
+        // One product (the common case) needs no merging.
+        Ok(match streams.pop() {
+            Some(only) if streams.is_empty() => only.map(count).boxed(),
+            Some(last) => {
+                streams.push(last);
+                futures::stream::select_all(streams).map(count).boxed()
+            }
+            None => futures::stream::empty().boxed(),
+        })
     }
 
     /// Every product's current state, then every newer state of any product.
@@ -192,7 +245,7 @@ impl Checkout {
         hub: Arc<AvailabilityHub>,
     ) -> Result<impl Stream<Item = StockSnapshot> + Send + 'static + use<>, DomainError> {
         // Subscribe before reading, so no change falls between the read and the stream.
-        let mut changes = hub.all.subscribe();
+        let mut changes = hub.subscribe_all()?;
         let initial: Vec<StockSnapshot> = self
             .all_products()
             .await?

@@ -4,7 +4,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::convert::{optional_text, parse_id, parse_ids, payment_result};
@@ -19,24 +18,15 @@ use crate::domain::{Checkout, DomainError};
 pub struct CheckoutApi {
     /// The operations every handler delegates to.
     checkout: Arc<Checkout>,
-    /// Live stock states, shared by every WatchAvailability stream of this process.
+    /// Live stock states, shared by every WatchAvailability stream of this process; closed
+    /// on shutdown, which ends every stream with a clear status.
     hub: Arc<AvailabilityHub>,
-    /// Cancelled when the server shuts down, so open streams end with a clear status.
-    shutdown: CancellationToken,
 }
 
 impl CheckoutApi {
-    /// Wires the API to the domain, the availability hub and the shutdown signal.
-    pub fn new(
-        checkout: Arc<Checkout>,
-        hub: Arc<AvailabilityHub>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        CheckoutApi {
-            checkout,
-            hub,
-            shutdown,
-        }
+    /// Wires the API to the domain and the availability hub.
+    pub fn new(checkout: Arc<Checkout>, hub: Arc<AvailabilityHub>) -> Self {
+        CheckoutApi { checkout, hub }
     }
 }
 
@@ -149,7 +139,7 @@ impl CheckoutService for CheckoutApi {
             .checkout
             .watch_availability(self.hub.clone(), ids)
             .await?;
-        let shutdown = self.shutdown.clone().cancelled_owned();
+        // Updates only end when the hub closes for shutdown.
         let shutting_down = futures::stream::once(async {
             Err(Status::unavailable(
                 "server is shutting down; reconnect to another instance",
@@ -157,7 +147,6 @@ impl CheckoutService for CheckoutApi {
         });
         let stream = updates
             .map(|snapshot| Ok(pb::AvailabilityUpdate::from(snapshot)))
-            .take_until(shutdown)
             .chain(shutting_down);
         Ok(Response::new(Box::pin(stream)))
     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod checkout;
+pub mod codec;
 pub mod convert;
 pub mod status;
 
