@@ -169,6 +169,9 @@ struct WatcherReport {
     opened: Result<Duration, Status>,
     /// Every update after the initial one: its version and when it arrived.
     received: Vec<(i64, Instant)>,
+    /// For each of those updates, how long after its commit (`changed_at`, by the
+    /// database's clock on this machine) it arrived: the fan-out alone, without the write.
+    after_commit: Vec<Duration>,
     /// Why the stream ended early, if it did.
     ended: Option<Status>,
 }
@@ -267,13 +270,14 @@ impl Watcher {
             Ok(((stream, initial_version), elapsed)) => {
                 self.shared.initialized.fetch_add(1, Ordering::Relaxed);
                 self.shared.progress.add(true);
-                let mut received = Vec::with_capacity(self.capacity);
-                let ended = self.watch(stream, initial_version, &mut received).await;
-                WatcherReport {
+                let mut report = WatcherReport {
                     opened: Ok(elapsed),
-                    received,
-                    ended,
-                }
+                    received: Vec::with_capacity(self.capacity),
+                    after_commit: Vec::with_capacity(self.capacity),
+                    ended: None,
+                };
+                report.ended = self.watch(stream, initial_version, &mut report).await;
+                report
             }
             Err(status) => {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +285,7 @@ impl Watcher {
                 WatcherReport {
                     opened: Err(status),
                     received: Vec::new(),
+                    after_commit: Vec::new(),
                     ended: None,
                 }
             }
@@ -319,13 +324,13 @@ impl Watcher {
         }
     }
 
-    /// Records updates into `received` until the final version, cancellation or the
+    /// Records updates into `report` until the final version, cancellation or the
     /// stream's end; returns why the stream ended early, if it did.
     async fn watch(
         &self,
         mut stream: Streaming<pb::AvailabilityUpdate>,
         mut latest: i64,
-        received: &mut Vec<(i64, Instant)>,
+        report: &mut WatcherReport,
     ) -> Option<Status> {
         let mut final_version = self.shared.final_version.clone();
         loop {
@@ -343,7 +348,8 @@ impl Watcher {
             };
             match next {
                 Some(Ok(update)) => {
-                    received.push((update.version, Instant::now()));
+                    report.received.push((update.version, Instant::now()));
+                    report.after_commit.push(since_commit(&update));
                     latest = latest.max(update.version);
                     self.shared.progress.add(true);
                 }
@@ -489,6 +495,8 @@ struct Delivery {
     per_watcher: Histogram<u64>,
     /// Per change, the time until the last watcher had it.
     to_last: Histogram<u64>,
+    /// Receive time minus commit time, over all updates received.
+    after_commit: Histogram<u64>,
     /// Pairs whose exact version the watcher never received (skipped).
     missed: u64,
     /// Pairs the watcher never got to (its stream ended or was stopped before).
@@ -499,12 +507,23 @@ struct Delivery {
     received: u64,
 }
 
+/// How long ago (wall clock) the update's change committed; zero if the clock disagrees.
+fn since_commit(update: &pb::AvailabilityUpdate) -> Duration {
+    let committed = update
+        .changed_at
+        .and_then(|at| std::time::SystemTime::try_from(at).ok());
+    committed
+        .and_then(|at| at.elapsed().ok())
+        .unwrap_or_default()
+}
+
 /// Matches each watcher's updates with the changes.
 fn delivery(changes: &[(i64, Instant)], reports: &[WatcherReport]) -> Delivery {
     let mut last_arrival: Vec<Option<Instant>> = vec![None; changes.len()];
     let mut figures = Delivery {
         per_watcher: histogram(),
         to_last: histogram(),
+        after_commit: histogram(),
         missed: 0,
         undelivered: 0,
         on_final: 0,
@@ -513,6 +532,9 @@ fn delivery(changes: &[(i64, Instant)], reports: &[WatcherReport]) -> Delivery {
     let final_version = changes.last().map(|(version, _)| *version);
     for report in reports.iter().filter(|report| report.opened.is_ok()) {
         figures.received += report.received.len() as u64;
+        for lag in &report.after_commit {
+            record_latency(&mut figures.after_commit, *lag);
+        }
         let mut next = 0;
         for &(version, arrived) in &report.received {
             while next < changes.len() && changes[next].0 <= version {
@@ -577,6 +599,10 @@ async fn report(
     drive.recorder.print();
     super::stats::print_latency("delivery to each watcher", &figures.per_watcher);
     super::stats::print_latency("delivery to the last watcher", &figures.to_last);
+    super::stats::print_latency(
+        "delivery after commit (fan-out only)",
+        &figures.after_commit,
+    );
     let pairs = figures.per_watcher.len() + figures.undelivered;
     println!(
         "missed versions: {} of {pairs} (skipped by slow readers, superseded by a later one); undelivered: {}",
@@ -656,6 +682,7 @@ mod tests {
         WatcherReport {
             opened: Ok(Duration::ZERO),
             received,
+            after_commit: Vec::new(),
             ended: None,
         }
     }
