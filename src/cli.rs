@@ -40,6 +40,8 @@ pub enum Command {
     Seed(SeedArgs),
     /// Drive a running server with a load scenario and print throughput, latency and checks.
     Load(crate::load::LoadArgs),
+    /// Measure hot-product hold throughput against PostgreSQL's one-hold-per-commit ceiling.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the data lives.
@@ -131,6 +133,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Seed(args) => seed(args).await,
             Command::Load(args) => crate::load::run(args).await,
+            Command::Bench(args) => crate::bench::run(args).await,
         }
     });
     match outcome {

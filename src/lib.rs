@@ -2,7 +2,7 @@
 //!
 //! A map of the crate, from the outside in:
 //!
-//! - [`cli`]: the `flashsale` command line (`serve`, `seed`, `load`); `main.rs` only calls it.
+//! - [`cli`]: the `flashsale` command line (`serve`, `seed`, `load`, `bench`); `main.rs` only calls it.
 //! - [`server`]: wiring. [`server::run`] takes a bound listener, a [`config::ServerConfig`]
 //!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
 //! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
@@ -15,7 +15,9 @@
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.
 //! - [`load`]: `flashsale load`, the load generator and benchmark client.
+//! - [`bench`]: `flashsale bench`, the server against PostgreSQL's own ceiling, in one run.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

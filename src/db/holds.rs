@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use diesel::dsl::now;
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -86,34 +87,48 @@ pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> Query
         .await
 }
 
-/// A hold row to insert, with its timestamps fixed by the caller (from the database clock).
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = holds)]
+/// A hold to insert with [`insert_holds`].
+#[derive(Debug, Clone)]
 pub struct NewHoldRow<'a> {
     pub id: Uuid,
     pub product_id: Uuid,
     pub qty: i64,
-    pub status: HoldStatus,
     pub client_request_id: Option<&'a str>,
-    pub expires_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
 }
 
-/// Inserts many holds in one statement; a row whose client request id is already taken (by
-/// a concurrent transaction) is skipped, so only the inserted rows come back.
+/// One statement for any number of rows (arrays, not a VALUES list whose length changes the
+/// SQL), so PostgreSQL plans it once per connection.
+const INSERT_HOLDS_SQL: &str = "
+INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at)
+SELECT id, product_id, qty, 'active', client_request_id, $5, $6, $6
+FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[]) AS row(id, product_id, qty, client_request_id)
+ON CONFLICT DO NOTHING
+RETURNING id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at";
+
+/// Inserts active holds created at `created_at` and expiring at `expires_at`, in one statement; a
+/// row whose client request id is already taken (by a concurrent transaction) is skipped,
+/// so only the inserted rows come back.
 pub async fn insert_holds(
     conn: &mut AsyncPgConnection,
     rows: &[NewHoldRow<'_>],
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
 ) -> QueryResult<Vec<Hold>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    diesel::insert_into(holds::table)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(Hold::as_returning())
-        .get_results(conn)
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let product_ids: Vec<Uuid> = rows.iter().map(|row| row.product_id).collect();
+    let qtys: Vec<i64> = rows.iter().map(|row| row.qty).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|row| row.client_request_id).collect();
+    diesel::sql_query(INSERT_HOLDS_SQL)
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<SqlUuid>, _>(product_ids)
+        .bind::<Array<BigInt>, _>(qtys)
+        .bind::<Array<Nullable<Text>>, _>(keys)
+        .bind::<Timestamptz, _>(expires_at)
+        .bind::<Timestamptz, _>(created_at)
+        .load(conn)
         .await
 }
 

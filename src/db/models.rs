@@ -106,7 +106,7 @@ impl Product {
 }
 
 /// A hold row.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, QueryableByName, Selectable, Insertable)]
 #[diesel(table_name = holds, check_for_backend(diesel::pg::Pg))]
 pub struct Hold {
     pub id: Uuid,

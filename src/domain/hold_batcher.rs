@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::TimeDelta;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -23,7 +23,7 @@ use crate::db::DbPool;
 use crate::db::holds::{
     NewHoldRow, find_hold_by_client_request_id, find_holds_by_client_request_ids, insert_holds,
 };
-use crate::db::models::{Hold, HoldStatus, Product};
+use crate::db::models::{Hold, Product};
 use crate::db::products::{lock_products, reserve_many};
 
 /// Largest number of calls one transaction carries.
@@ -184,8 +184,8 @@ impl HoldBatcher {
         product_ids.dedup();
         let (products, now) = lock_products(conn, &product_ids).await?;
         let granted = grant_in_arrival_order(requests, &products, &mut answers);
-        let rows = self.hold_rows(requests, &granted, now);
-        let inserted = insert_holds(conn, &rows).await?;
+        let rows = hold_rows(requests, &granted);
+        let inserted = insert_holds(conn, &rows, now, now + self.hold_ttl).await?;
         let mut units: HashMap<Uuid, i64> = HashMap::new();
         for hold in &inserted {
             *units.entry(hold.product_id).or_default() += hold.qty;
@@ -206,31 +206,22 @@ impl HoldBatcher {
         }
         Ok(answers)
     }
+}
 
-    /// The rows of the granted requests, timed by the database clock.
-    fn hold_rows<'a>(
-        &self,
-        requests: &'a [NewHold],
-        granted: &[usize],
-        now: DateTime<Utc>,
-    ) -> Vec<NewHoldRow<'a>> {
-        granted
-            .iter()
-            .map(|&index| {
-                let request = &requests[index];
-                NewHoldRow {
-                    id: Uuid::now_v7(),
-                    product_id: request.product_id,
-                    qty: request.qty,
-                    status: HoldStatus::Active,
-                    client_request_id: request.client_request_id.as_deref(),
-                    expires_at: now + self.hold_ttl,
-                    created_at: now,
-                    updated_at: now,
-                }
-            })
-            .collect()
-    }
+/// The rows of the granted requests.
+fn hold_rows<'a>(requests: &'a [NewHold], granted: &[usize]) -> Vec<NewHoldRow<'a>> {
+    granted
+        .iter()
+        .map(|&index| {
+            let request = &requests[index];
+            NewHoldRow {
+                id: Uuid::now_v7(),
+                product_id: request.product_id,
+                qty: request.qty,
+                client_request_id: request.client_request_id.as_deref(),
+            }
+        })
+        .collect()
 }
 
 /// Resets a lane's `draining` flag if its task dies mid-batch (a panic), so the lane keeps working.

@@ -37,7 +37,7 @@ pub struct HotHoldsArgs {
 }
 
 /// `flashsale load hot-holds`.
-pub async fn run(server: &str, args: HotHoldsArgs) -> Result<(), LoadError> {
+pub async fn run(server: &str, args: HotHoldsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "hot-holds",
         products: 1,
@@ -65,8 +65,19 @@ pub struct HoldsPlan {
     pub budget: Budget,
 }
 
+/// The headline figures of a holds race, for `flashsale bench`.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldsFigures {
+    /// Holds granted per second over the race.
+    pub holds_per_second: f64,
+    /// Median CreateHold latency.
+    pub p50: Duration,
+    /// 99th percentile CreateHold latency.
+    pub p99: Duration,
+}
+
 /// Runs a holds race: connect, create the products, race, print, check.
-pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<(), LoadError> {
+pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<HoldsFigures, LoadError> {
     let channels = connect(server, plan.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("{} {run}", plan.scenario);
@@ -74,7 +85,18 @@ pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<(), LoadError> {
     let ids: Vec<String> = products.into_iter().map(|product| product.id).collect();
     let outcome = race(&plan, &channels, Arc::new(ids.clone()), seed).await?;
     print_summary(&plan, &ids, &outcome);
-    check(&plan, &channels[0], &ids, &outcome).await
+    check(&plan, &channels[0], &ids, &outcome).await?;
+    let latency = |quantile| {
+        outcome
+            .recorder
+            .latency_at(Rpc::CreateHold, quantile)
+            .unwrap_or_default()
+    };
+    Ok(HoldsFigures {
+        holds_per_second: per_second(outcome.granted(), outcome.elapsed),
+        p50: latency(0.5),
+        p99: latency(0.99),
+    })
 }
 
 /// What one product saw during the race.

@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 
-use super::hot_holds::{HoldsPlan, UNLIMITED_STOCK, run_plan};
+use super::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use super::{Budget, Crowd, LoadError, mix, positive};
 
 /// Options of `flashsale load many-products`.
@@ -36,7 +36,7 @@ pub enum Pick {
 }
 
 /// `flashsale load many-products`.
-pub async fn run(server: &str, args: ManyProductsArgs) -> Result<(), LoadError> {
+pub async fn run(server: &str, args: ManyProductsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "many-products",
         products: args.products,

@@ -19,8 +19,8 @@
 mod checks;
 mod conn;
 mod flash_crowd;
-mod hot_holds;
-mod many_products;
+pub mod hot_holds;
+pub mod many_products;
 mod procfs;
 mod stats;
 mod watchers;
@@ -94,9 +94,11 @@ pub struct Budget {
 /// Runs the chosen scenario and prints its figures; fails when a check fails.
 pub async fn run(args: LoadArgs) -> Result<(), LoadError> {
     match args.scenario {
-        Scenario::HotHolds(scenario) => hot_holds::run(&args.server, scenario).await,
+        Scenario::HotHolds(scenario) => hot_holds::run(&args.server, scenario).await.map(drop),
         Scenario::FlashCrowd(scenario) => flash_crowd::run(&args.server, scenario).await,
-        Scenario::ManyProducts(scenario) => many_products::run(&args.server, scenario).await,
+        Scenario::ManyProducts(scenario) => {
+            many_products::run(&args.server, scenario).await.map(drop)
+        }
         Scenario::Watchers(scenario) => watchers::run(&args.server, scenario).await,
     }
 }

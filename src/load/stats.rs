@@ -205,6 +205,12 @@ impl Recorder {
             .map_or(0, |counts| counts.values().sum())
     }
 
+    /// The latency of `rpc` at `quantile` (0.5, 0.99), if any call was recorded.
+    pub fn latency_at(&self, rpc: Rpc, quantile: f64) -> Option<Duration> {
+        let histogram = self.latency.get(&rpc)?;
+        Some(Duration::from_micros(histogram.value_at_quantile(quantile)))
+    }
+
     /// Prints one latency line and one status line per kind of call.
     pub fn print(&self) {
         for (rpc, histogram) in &self.latency {

@@ -173,14 +173,13 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
             }
         }
     }
-    assert_eq!(refused, 1, "only the mismatched request is refused");
+    // Whichever request for cart-0 got there first decides: the odd one out is refused, or
+    // (if it came first) the ten that differ from it.
+    let odd_one_won = answers.last().unwrap().is_ok();
+    assert_eq!(refused, if odd_one_won { 10 } else { 1 }, "refusals");
     assert_eq!(hold_by_key.len(), 10);
     let reserved = 1_000 - available(&server, &product.id).await;
-    let expected: i64 = if answers.last().unwrap().is_ok() {
-        9 * 2 + 3
-    } else {
-        10 * 2
-    };
+    let expected: i64 = if odd_one_won { 9 * 2 + 3 } else { 10 * 2 };
     assert_eq!(reserved, expected, "each key reserved once");
     server.assert_consistent().await;
 }

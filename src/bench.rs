@@ -1,0 +1,294 @@
+//! `flashsale bench`: the hot-product throughput benchmark, side by side in one run. On one
+//! fresh, durable PostgreSQL it measures (1) PostgreSQL's own one-hold-per-commit ceiling
+//! with pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
+//! INSERT per transaction, at each client count, keeping the best), then (2) the full gRPC
+//! server (`flashsale serve` as a child process) under `flashsale load hot-holds` and
+//! `many-products`, and prints the figures and their ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Args;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use tokio::process::{Child, Command};
+
+use crate::db;
+use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
+use crate::load::many_products::Pick;
+use crate::load::{Budget, Crowd};
+use crate::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
+
+/// Any failure of the benchmark.
+type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The baseline's schema: the one of `pg_limit.sh`, one product with ample stock.
+const BASELINE_SCHEMA: &str = "
+CREATE TABLE products (id bigint PRIMARY KEY, stock_total bigint NOT NULL,
+    reserved bigint NOT NULL DEFAULT 0, sold bigint NOT NULL DEFAULT 0,
+    CHECK (reserved >= 0 AND sold >= 0 AND reserved + sold <= stock_total));
+CREATE TABLE holds (id bigserial PRIMARY KEY, product_id bigint NOT NULL REFERENCES products (id),
+    qty int NOT NULL, status text NOT NULL DEFAULT 'active', expires_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON holds (expires_at) WHERE status = 'active';
+INSERT INTO products VALUES (1, 1000000000000, 0, 0);";
+
+/// One hold per transaction: the ceiling of any server that commits each hold on its own.
+const BASELINE_SCRIPT: &str = "BEGIN;
+UPDATE products SET reserved = reserved + 1 WHERE id = 1 AND stock_total - reserved - sold >= 1;
+INSERT INTO holds (product_id, qty, expires_at) VALUES (1, 1, now() + interval '2 minutes');
+END;
+";
+
+/// Options of `flashsale bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// How long each measurement runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// pgbench client counts tried for the baseline (its best counts).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub pgbench_clients: Vec<u32>,
+    /// Concurrent CreateHold clients against the server.
+    #[arg(long, default_value_t = 256)]
+    pub clients: usize,
+    /// HTTP/2 connections those clients share.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// Products of the many-products run.
+    #[arg(long, default_value_t = 64)]
+    pub products: usize,
+    /// Extra flags for `flashsale serve` (e.g. "--pool-size 32").
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    pub serve_flags: String,
+}
+
+/// Runs the baseline and the server runs on one fresh PostgreSQL and prints the comparison.
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    let workdir = std::env::temp_dir().join(format!("flashsale-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir)?;
+    let postgres = LocalPostgres::start(LocalPostgresOptions {
+        data_dir: workdir.join("pg"),
+        durable: true,
+        max_connections: 300,
+    })
+    .await?;
+    let outcome = measure(&args, &postgres, &workdir).await;
+    postgres.stop().await?;
+    let _ = std::fs::remove_dir_all(&workdir);
+    let (baseline, hot, many) = outcome?;
+    print_comparison(&args, baseline, hot, many);
+    Ok(())
+}
+
+/// The three measurements, in order.
+async fn measure(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    workdir: &Path,
+) -> Result<((u32, f64), HoldsFigures, HoldsFigures), BenchError> {
+    let baseline = pgbench_baseline(args, postgres, workdir).await?;
+    db::create_database_if_missing(&postgres.url("postgres"), "flashsale").await?;
+    let server = ServerProcess::start(&postgres.url("flashsale"), &args.serve_flags).await?;
+    let hot = holds_run(args, &server.url, "hot-holds", 1).await;
+    let many = match hot {
+        Ok(_) => holds_run(args, &server.url, "many-products", args.products).await,
+        Err(_) => Err("skipped".into()),
+    };
+    server.stop().await?;
+    Ok((baseline, hot?, many?))
+}
+
+/// pgbench's best one-hold-per-commit rate: `(clients, holds per second)`.
+async fn pgbench_baseline(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    workdir: &Path,
+) -> Result<(u32, f64), BenchError> {
+    db::create_database_if_missing(&postgres.url("postgres"), "pgbench").await?;
+    let mut conn = AsyncPgConnection::establish(&postgres.url("pgbench")).await?;
+    conn.batch_execute(BASELINE_SCHEMA).await?;
+    let script = workdir.join("atomic.sql");
+    std::fs::write(&script, BASELINE_SCRIPT)?;
+    let pgbench = find_postgres_bin()?.join("pgbench");
+    let mut best = (0, 0.0);
+    for &clients in &args.pgbench_clients {
+        let tps = run_pgbench(&pgbench, postgres.port(), clients, args.duration, &script).await?;
+        println!("baseline pgbench atomic: {clients} clients: {tps:.0} holds/s");
+        if tps > best.1 {
+            best = (clients, tps);
+        }
+    }
+    Ok(best)
+}
+
+/// One pgbench run; its transactions per second (one hold each).
+async fn run_pgbench(
+    pgbench: &PathBuf,
+    port: u16,
+    clients: u32,
+    duration: Duration,
+    script: &Path,
+) -> Result<f64, BenchError> {
+    let output = Command::new(pgbench)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+            "-M",
+            "prepared",
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &duration.as_secs().max(1).to_string(),
+        ])
+        .arg("-f")
+        .arg(script)
+        .arg("pgbench")
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "pgbench printed no tps: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into()
+        })
+}
+
+/// One `flashsale load` holds race against the server.
+async fn holds_run(
+    args: &BenchArgs,
+    server: &str,
+    scenario: &'static str,
+    products: usize,
+) -> Result<HoldsFigures, BenchError> {
+    let plan = HoldsPlan {
+        scenario,
+        products,
+        stock: UNLIMITED_STOCK,
+        pick: Pick::RoundRobin,
+        crowd: Crowd {
+            clients: args.clients,
+            connections: args.connections,
+        },
+        budget: Budget {
+            duration: Some(args.duration),
+            requests: None,
+        },
+    };
+    println!();
+    run_plan(server, plan).await
+}
+
+/// Prints the side-by-side figures and ratios.
+fn print_comparison(
+    args: &BenchArgs,
+    (clients, baseline): (u32, f64),
+    hot: HoldsFigures,
+    many: HoldsFigures,
+) {
+    let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
+    println!();
+    println!("== hot product: one-hold-per-commit ceiling vs. the server ==");
+    println!("pgbench atomic (best, {clients} clients):     {baseline:>9.0} holds/s");
+    println!(
+        "flashsale hot-holds ({} clients):      {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
+        args.clients,
+        hot.holds_per_second,
+        ms(hot.p50),
+        ms(hot.p99)
+    );
+    println!(
+        "ratio hot-holds / pgbench:              {:>9.1}x",
+        hot.holds_per_second / baseline
+    );
+    println!(
+        "flashsale many-products ({} products): {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
+        args.products,
+        many.holds_per_second,
+        ms(many.p50),
+        ms(many.p99)
+    );
+    println!(
+        "ratio many-products / hot-holds:        {:>9.2}x",
+        many.holds_per_second / hot.holds_per_second
+    );
+}
+
+/// `flashsale serve` as a child process on a database, killed if dropped.
+struct ServerProcess {
+    /// The running server.
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    url: String,
+}
+
+impl ServerProcess {
+    /// Starts this binary's `serve` and waits for it to answer (30 s at most).
+    async fn start(database_url: &str, extra_flags: &str) -> Result<ServerProcess, BenchError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+            .args(extra_flags.split_whitespace())
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let server = ServerProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    /// Polls health until SERVING.
+    async fn wait_ready(&self) -> Result<(), BenchError> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        for _ in 0..300 {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(self.url.clone())?
+                .connect()
+                .await
+            {
+                let response = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if response.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err("the benchmark server did not become healthy within 30 s".into())
+    }
+
+    /// SIGTERM and wait.
+    async fn stop(mut self) -> Result<(), BenchError> {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        self.child.wait().await?;
+        Ok(())
+    }
+}
