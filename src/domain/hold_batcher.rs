@@ -125,11 +125,14 @@ impl HoldBatcher {
 
     /// Runs one batch and answers every caller in it.
     async fn run_batch(&self, batch: Vec<PendingHold>) {
+        let started = std::time::Instant::now();
         let (requests, replies): (Vec<NewHold>, Vec<_>) = batch
             .into_iter()
             .map(|pending| (pending.request, pending.reply))
             .unzip();
-        match self.reserve(&requests).await {
+        let outcome = self.reserve(&requests).await;
+        tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
+        match outcome {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     // A caller that went away does not need its answer.
