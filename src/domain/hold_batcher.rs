@@ -104,16 +104,17 @@ impl HoldBatcher {
 
     /// Runs batches for one lane until its queue is empty.
     async fn drain(self: Arc<Self>, lane: usize) {
-        let mut stop_draining = DrainGuard {
+        let mut guard = DrainGuard {
             batcher: &self,
             lane,
+            armed: true,
         };
         loop {
             let batch: Vec<PendingHold> = {
                 let mut state = self.lane(lane);
                 if state.pending.is_empty() {
                     state.draining = false;
-                    stop_draining.lane = usize::MAX;
+                    guard.armed = false;
                     return;
                 }
                 let take = state.pending.len().min(MAX_BATCH);
@@ -227,17 +228,20 @@ fn hold_rows<'a>(requests: &'a [NewHold], granted: &[usize]) -> Vec<NewHoldRow<'
         .collect()
 }
 
-/// Resets a lane's `draining` flag if its task dies mid-batch (a panic), so the lane keeps working.
+/// Resets a lane's `draining` flag if its task dies mid-batch (a panic), so the next call
+/// starts a new drain instead of waiting forever.
 struct DrainGuard<'a> {
     /// The batcher owning the lane.
     batcher: &'a HoldBatcher,
-    /// The lane, or `usize::MAX` once the drain ended normally.
+    /// The lane being drained.
     lane: usize,
+    /// Cleared when the drain ends normally (it reset the flag itself).
+    armed: bool,
 }
 
 impl Drop for DrainGuard<'_> {
     fn drop(&mut self) {
-        if self.lane != usize::MAX {
+        if self.armed {
             self.batcher.lane(self.lane).draining = false;
         }
     }
