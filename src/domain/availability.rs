@@ -180,13 +180,6 @@ impl AvailabilityHub {
         Ok(channels.as_ref().ok_or_else(shutting_down)?.all.subscribe())
     }
 
-    /// The latest state of one product, if known.
-    pub fn latest(&self, product_id: Uuid) -> Option<StockSnapshot> {
-        let channels = self.channels();
-        let sender = channels.as_ref()?.products.get(&product_id)?;
-        Some(sender.borrow().clone())
-    }
-
     /// The latest known state of every product.
     fn latest_all(&self) -> Vec<StockSnapshot> {
         let channels = self.channels();
