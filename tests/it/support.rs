@@ -27,6 +27,30 @@ pub type Admin = InventoryAdminServiceClient<Channel>;
 /// The private cluster of this test process, when `DATABASE_URL` is unset.
 static CLUSTER: OnceCell<LocalPostgres> = OnceCell::const_new();
 
+/// Name prefix of the private clusters' data directories (and logs) in the temp dir; the
+/// test process's pid follows.
+const CLUSTER_PREFIX: &str = "flashsale-test-pg-";
+
+/// Removes the clusters (and logs) of earlier test processes that are gone: their
+/// postmasters died with them, but the files stay.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(CLUSTER_PREFIX) else {
+            continue;
+        };
+        let pid = rest.trim_end_matches(".log");
+        let alive = std::path::Path::new("/proc").join(pid).exists();
+        if !alive && pid.chars().all(|c| c.is_ascii_digit()) {
+            let path = entry.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    }
+}
+
 /// A URL of the server's maintenance database, where test databases are created.
 async fn admin_url() -> String {
     if let Ok(url) = std::env::var("DATABASE_URL") {
@@ -34,8 +58,9 @@ async fn admin_url() -> String {
     }
     let cluster = CLUSTER
         .get_or_init(|| async {
+            remove_stale_clusters();
             let data_dir =
-                std::env::temp_dir().join(format!("flashsale-test-pg-{}", std::process::id()));
+                std::env::temp_dir().join(format!("{CLUSTER_PREFIX}{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data_dir);
             LocalPostgres::start(LocalPostgresOptions {
                 data_dir,
