@@ -54,8 +54,8 @@ pub enum DomainError {
         committed: i64,
     },
 
-    /// A unique constraint refused a row (a concurrent duplicate); callers that expect the
-    /// race re-read, others report it as a conflict.
+    /// A unique constraint refused a row no operation expected to collide (expected races,
+    /// such as a taken client request id, are resolved where they happen): ABORTED.
     #[error("unique constraint {constraint} refused a duplicate")]
     UniqueViolation { constraint: String },
 

@@ -58,11 +58,6 @@ impl Checkout {
         }
     }
 
-    /// The limits this instance applies.
-    pub fn settings(&self) -> &CheckoutSettings {
-        &self.settings
-    }
-
     /// Borrows a pooled connection; an unreachable database is `Unavailable`.
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, DomainError> {
         Ok(self.pool.get().await?)

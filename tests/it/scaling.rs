@@ -103,6 +103,21 @@ impl ServerProcess {
     }
 }
 
+/// Opens a WatchAvailability stream on one product.
+async fn watch(
+    checkout: &mut CheckoutServiceClient<Channel>,
+    product_id: &str,
+) -> Streaming<AvailabilityUpdate> {
+    let request = WatchAvailabilityRequest {
+        product_ids: vec![product_id.to_owned()],
+    };
+    checkout
+        .watch_availability(request)
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
 /// Reads updates until one satisfies `done` (10 s at most); returns it.
 async fn read_until(
     stream: &mut Streaming<AvailabilityUpdate>,
@@ -139,15 +154,7 @@ async fn a_hold_made_through_one_process_reaches_a_watcher_on_another() {
     server.wait_serving().await;
     let product = server.product("ticket", 1_000, 50).await;
 
-    let mut watcher = second
-        .checkout()
-        .await
-        .watch_availability(WatchAvailabilityRequest {
-            product_ids: vec![product.id.clone()],
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut watcher = watch(&mut second.checkout().await, &product.id).await;
     read_until(&mut watcher, |update| update.available == 50).await;
 
     let hold = first
@@ -259,15 +266,7 @@ async fn a_stream_converges_after_its_listener_connection_is_killed() {
     let server = TestServer::start().await;
     let product = server.product("console", 50_000, 100).await;
     let mut admin = server.admin().await;
-    let mut watcher = server
-        .checkout()
-        .await
-        .watch_availability(WatchAvailabilityRequest {
-            product_ids: vec![product.id.clone()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = watch(&mut server.checkout().await, &product.id).await;
     read_until(&mut watcher, |update| update.stock_total == 100).await;
 
     let killed = terminate_listener(&server.db.url).await;
@@ -308,15 +307,7 @@ async fn terminate_listener(database_url: &str) -> usize {
 async fn a_cancelled_stream_frees_its_resources() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 100, 10).await;
-    let mut watcher = server
-        .checkout()
-        .await
-        .watch_availability(WatchAvailabilityRequest {
-            product_ids: vec![product.id.clone()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = watch(&mut server.checkout().await, &product.id).await;
     read_until(&mut watcher, |_| true).await;
     assert_eq!(server.hub.open_streams(), 1);
 

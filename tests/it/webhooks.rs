@@ -84,14 +84,8 @@ async fn concurrent_deliveries_of_one_key_apply_exactly_once() {
         outcomes.push(receipt.outcome());
     }
 
-    let applied = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Applied)
-        .count();
-    let duplicates = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Duplicate)
-        .count();
+    let applied = tally(&outcomes, WebhookOutcome::Applied);
+    let duplicates = tally(&outcomes, WebhookOutcome::Duplicate);
     assert_eq!((applied, duplicates), (1, 9), "outcomes: {outcomes:?}");
     assert_eq!(
         counters(&get_product(&mut checkout, &product.id).await),
@@ -152,14 +146,8 @@ async fn concurrent_failures_with_different_keys_return_the_stock_once() {
         outcomes.push(receipt.outcome());
     }
 
-    let applied = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Applied)
-        .count();
-    let ignored = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Ignored)
-        .count();
+    let applied = tally(&outcomes, WebhookOutcome::Applied);
+    let ignored = tally(&outcomes, WebhookOutcome::Ignored);
     assert_eq!((applied, ignored), (1, 7), "outcomes: {outcomes:?}");
     assert_eq!(
         counters(&get_product(&mut checkout, &product.id).await),
@@ -580,14 +568,8 @@ async fn concurrent_deliveries_of_one_key_on_a_hold_defer_it_once() {
         assert!(receipt.order_id.is_empty(), "{receipt:?}");
         outcomes.push(receipt.outcome());
     }
-    let deferred = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Deferred)
-        .count();
-    let duplicates = outcomes
-        .iter()
-        .filter(|o| **o == WebhookOutcome::Duplicate)
-        .count();
+    let deferred = tally(&outcomes, WebhookOutcome::Deferred);
+    let duplicates = tally(&outcomes, WebhookOutcome::Duplicate);
     assert_eq!((deferred, duplicates), (1, 9), "outcomes: {outcomes:?}");
 
     let order = order(&mut checkout, &hold.hold_id).await;
@@ -656,4 +638,9 @@ async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_onc
         (BUYERS as i64, 0, BUYERS as i64, 0)
     );
     server.assert_consistent().await;
+}
+
+/// How many of `outcomes` are `outcome`.
+fn tally(outcomes: &[WebhookOutcome], outcome: WebhookOutcome) -> usize {
+    outcomes.iter().filter(|seen| **seen == outcome).count()
 }
