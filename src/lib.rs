@@ -5,6 +5,8 @@
 //! - [`cli`]: the `flashsale` command line (`serve`, `seed`, `load`, `bench`); `main.rs` only calls it.
 //! - [`server`]: wiring. [`server::run`] takes a bound listener, a [`config::ServerConfig`]
 //!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
+//! - [`transport`]: accepted connections whose small writes (one HTTP/2 frame per
+//!   streamed update) are coalesced into few syscalls.
 //! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
 //!   domain conversions, and the one `From<DomainError> for Status`.
 //! - [`domain`]: the checkout rules, transport-neutral: holds, orders, payments, products,
@@ -26,3 +28,4 @@ pub mod grpc;
 pub mod load;
 pub mod local_pg;
 pub mod server;
+pub mod transport;

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
@@ -23,6 +22,7 @@ use crate::grpc::pb::{
     self, checkout_service_server::CheckoutServiceServer,
     inventory_admin_service_server::InventoryAdminServiceServer,
 };
+use crate::transport::coalescing_incoming;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +138,7 @@ impl App {
                 hub,
             )))
             .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+            .serve_with_incoming_shutdown(coalescing_incoming(listener), on_shutdown)
             .await;
         stopping.cancel();
         while tasks.join_next().await.is_some() {}
