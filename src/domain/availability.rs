@@ -4,8 +4,14 @@
 //! product shared by all its watchers, plus one broadcast for watchers of every product.
 //! A slow watcher skips intermediate states and always ends on the latest; no watcher
 //! costs any database work after its first read.
+//!
+//! Watchers of a product are grouped by the client connection they came on, and a change
+//! wakes one group after the other. Each watcher's update is a small HTTP/2 frame on its
+//! connection; woken together, a connection's watchers queue their frames back to back
+//! and they leave in one write (see [`crate::transport`]) instead of one write each.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -78,26 +84,91 @@ pub struct AvailabilityHub {
 
 /// Where watchers wait for changes.
 struct Channels {
-    /// One value per product; each watcher of that product holds a receiver.
-    products: HashMap<Uuid, watch::Sender<StockSnapshot>>,
+    /// The latest state of each product and the watchers waiting for its next one.
+    products: HashMap<Uuid, ProductChannel>,
     /// Every newer state of any product, for watchers of all products.
     all: broadcast::Sender<StockSnapshot>,
 }
 
+/// Which watchers are woken together: those of one client connection (`None`: watchers
+/// whose connection is unknown).
+pub type WakeGroup = Option<SocketAddr>;
+
+/// One product's latest state, and its watchers by wake group.
+struct ProductChannel {
+    /// The latest state heard of.
+    latest: StockSnapshot,
+    /// One value per wake group; each watcher holds a receiver of its group's.
+    groups: HashMap<WakeGroup, watch::Sender<StockSnapshot>>,
+}
+
+impl ProductChannel {
+    /// Records `snapshot` if it is newer and wakes every group; returns whether it was.
+    fn publish(&mut self, snapshot: &StockSnapshot) -> bool {
+        if snapshot.version <= self.latest.version {
+            return false;
+        }
+        self.latest = snapshot.clone();
+        // Groups whose watchers all went away are dropped here.
+        self.groups
+            .retain(|_, group| group.send(snapshot.clone()).is_ok());
+        true
+    }
+
+    /// A receiver of the latest state for a watcher in `group`.
+    fn subscribe(&mut self, group: WakeGroup) -> watch::Receiver<StockSnapshot> {
+        let latest = &self.latest;
+        self.groups
+            .entry(group)
+            .or_insert_with(|| watch::Sender::new(latest.clone()))
+            .subscribe()
+    }
+}
+
+/// A watcher's stream, counted as open for as long as it lives.
+struct CountedStream {
+    /// The updates. Declared first so it is dropped first: its receivers are gone by
+    /// the time `_open` drops the wake groups left empty.
+    updates: SnapshotStream,
+    /// Held for its `Drop`: uncounts the stream and tidies up after it.
+    _open: OpenStream,
+}
+
+impl Stream for CountedStream {
+    type Item = StockSnapshot;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<StockSnapshot>> {
+        self.updates.poll_next_unpin(cx)
+    }
+}
+
 /// Counts one open stream for as long as the stream holds it.
-struct OpenStream(Arc<AvailabilityHub>);
+struct OpenStream {
+    /// The hub that counts it.
+    hub: Arc<AvailabilityHub>,
+    /// The products it watches (none when it watches all), whose wake groups may be left
+    /// empty when it ends.
+    product_ids: Vec<Uuid>,
+}
 
 impl OpenStream {
     /// Counts a new stream.
-    fn new(hub: &Arc<AvailabilityHub>) -> Self {
+    fn new(hub: &Arc<AvailabilityHub>, product_ids: &[Uuid]) -> Self {
         hub.open_streams.fetch_add(1, Ordering::Relaxed);
-        OpenStream(hub.clone())
+        OpenStream {
+            hub: hub.clone(),
+            product_ids: product_ids.to_vec(),
+        }
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.hub.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.hub.drop_empty_groups(&self.product_ids);
     }
 }
 
@@ -131,17 +202,14 @@ impl AvailabilityHub {
         let Some(channels) = channels.as_mut() else {
             return false;
         };
-        let newer = match channels.products.get(&snapshot.product_id) {
-            Some(sender) => sender.send_if_modified(|current| {
-                let newer = snapshot.version > current.version;
-                if newer {
-                    *current = snapshot.clone();
-                }
-                newer
-            }),
+        let newer = match channels.products.get_mut(&snapshot.product_id) {
+            Some(product) => product.publish(&snapshot),
             None => {
-                let sender = watch::Sender::new(snapshot.clone());
-                channels.products.insert(snapshot.product_id, sender);
+                let product = ProductChannel {
+                    latest: snapshot.clone(),
+                    groups: HashMap::new(),
+                };
+                channels.products.insert(snapshot.product_id, product);
                 true
             }
         };
@@ -162,16 +230,45 @@ impl AvailabilityHub {
         AtomicUsize::load(&self.open_streams, Ordering::Relaxed)
     }
 
-    /// A receiver that sees the latest state of one product, seeded with `fresh`.
+    /// Wake groups of all products, counting each connection once per product it watches.
+    pub fn wake_groups(&self) -> usize {
+        let channels = self.channels();
+        let Some(channels) = channels.as_ref() else {
+            return 0;
+        };
+        channels
+            .products
+            .values()
+            .map(|product| product.groups.len())
+            .sum()
+    }
+
+    /// Forgets the wake groups of these products that no watcher is left in.
+    fn drop_empty_groups(&self, product_ids: &[Uuid]) {
+        let mut channels = self.channels();
+        let Some(channels) = channels.as_mut() else {
+            return;
+        };
+        for id in product_ids {
+            if let Some(product) = channels.products.get_mut(id) {
+                product.groups.retain(|_, group| group.receiver_count() > 0);
+            }
+        }
+    }
+
+    /// A receiver that sees the latest state of one product, seeded with `fresh`, for a
+    /// watcher in `group`.
     fn subscribe(
         &self,
         fresh: StockSnapshot,
+        group: WakeGroup,
     ) -> Result<watch::Receiver<StockSnapshot>, DomainError> {
         let product_id = fresh.product_id;
         self.publish(fresh);
-        let channels = self.channels();
-        let channels = channels.as_ref().ok_or_else(shutting_down)?;
-        Ok(channels.products[&product_id].subscribe())
+        let mut channels = self.channels();
+        let channels = channels.as_mut().ok_or_else(shutting_down)?;
+        let product = channels.products.get_mut(&product_id);
+        Ok(product.expect("published above").subscribe(group))
     }
 
     /// A receiver of every newer state of any product.
@@ -189,7 +286,7 @@ impl AvailabilityHub {
         channels
             .products
             .values()
-            .map(|sender| sender.borrow().clone())
+            .map(|product| product.latest.clone())
             .collect()
     }
 }
@@ -200,33 +297,37 @@ pub type SnapshotStream = futures::stream::BoxStream<'static, StockSnapshot>;
 impl Checkout {
     /// The current state of each product in `product_ids` (all products, including later
     /// ones, when empty), then every newer state. Unknown ids fail before anything streams.
-    /// Streams end when the hub closes.
+    /// Streams end when the hub closes. Watchers in one `group` are woken together.
     pub async fn watch_availability(
         &self,
         hub: Arc<AvailabilityHub>,
         product_ids: Vec<Uuid>,
+        group: WakeGroup,
     ) -> Result<SnapshotStream, DomainError> {
-        let open = OpenStream::new(&hub);
-        let count = move |snapshot| {
-            let _counted = &open;
-            snapshot
+        let open = OpenStream::new(&hub, &product_ids);
+        let count = |updates| {
+            CountedStream {
+                updates,
+                _open: open,
+            }
+            .boxed()
         };
         if product_ids.is_empty() {
-            return Ok(self.watch_all(hub).await?.map(count).boxed());
+            return Ok(count(self.watch_all(hub).await?.boxed()));
         }
         let products = self.get_products(&product_ids).await?;
         let mut streams = Vec::with_capacity(products.len());
         for product in &products {
             streams.push(WatchStream::new(
-                hub.subscribe(StockSnapshot::from(product))?,
+                hub.subscribe(StockSnapshot::from(product), group)?,
             ));
         }
         // One product (the common case) needs no merging.
         Ok(match streams.pop() {
-            Some(only) if streams.is_empty() => only.map(count).boxed(),
+            Some(only) if streams.is_empty() => count(only.boxed()),
             Some(last) => {
                 streams.push(last);
-                futures::stream::select_all(streams).map(count).boxed()
+                count(futures::stream::select_all(streams).boxed())
             }
             None => futures::stream::empty().boxed(),
         })

@@ -135,9 +135,11 @@ impl CheckoutService for CheckoutApi {
         request: Request<pb::WatchAvailabilityRequest>,
     ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
         let ids = parse_ids("product_ids", &request.get_ref().product_ids)?;
+        // Watchers of one connection are woken together, so their updates share writes.
+        let connection = request.remote_addr();
         let updates = self
             .checkout
-            .watch_availability(self.hub.clone(), ids)
+            .watch_availability(self.hub.clone(), ids, connection)
             .await?;
         // Updates only end when the hub closes for shutdown.
         let shutting_down = futures::stream::once(async {

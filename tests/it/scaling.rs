@@ -312,11 +312,66 @@ async fn a_cancelled_stream_frees_its_resources() {
     assert_eq!(server.hub.open_streams(), 1);
 
     drop(watcher);
+    wait_for("the stream to be freed", || server.hub.open_streams() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watchers_sharing_a_connection_are_woken_together_and_leave_nothing_behind() {
+    let server = TestServer::start().await;
+    let product = server.product("sneaker", 100, 10).await;
+    let shared = server.channel().await;
+    let mut first = watch(&mut CheckoutServiceClient::new(shared.clone()), &product.id).await;
+    let mut second = watch(&mut CheckoutServiceClient::new(shared), &product.id).await;
+    let mut alone = watch(&mut server.checkout().await, &product.id).await;
+    for stream in [&mut first, &mut second, &mut alone] {
+        read_until(stream, |_| true).await;
+    }
+    assert_eq!(server.hub.wake_groups(), 2, "one wake group per connection");
+
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id).await;
+    for stream in [&mut first, &mut second, &mut alone] {
+        read_until(stream, |update| update.version >= held.version).await;
+    }
+
+    drop((first, second));
+    wait_for("the shared connection's group to go", || {
+        server.hub.wake_groups() == 1 && server.hub.open_streams() == 1
+    })
+    .await;
+    let held = hold(&mut checkout, &product.id).await;
+    let seen = read_until(&mut alone, |update| update.version >= held.version).await;
+    assert_eq!(seen.reserved, 2);
+}
+
+/// Holds one unit; returns the product as it is right after.
+async fn hold(
+    checkout: &mut CheckoutServiceClient<Channel>,
+    product_id: &str,
+) -> flashsale::grpc::pb::Product {
+    let request = CreateHoldRequest {
+        product_id: product_id.to_owned(),
+        qty: 1,
+        client_request_id: String::new(),
+    };
+    checkout.create_hold(request).await.expect("hold");
+    let request = GetProductRequest {
+        product_id: product_id.to_owned(),
+    };
+    checkout
+        .get_product(request)
+        .await
+        .expect("product")
+        .into_inner()
+}
+
+/// Polls `done` every 20 ms until it holds; fails the test after 10 s.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server.hub.open_streams() != 0 {
+    while !done() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the stream was never freed"
+            "waited 10 s for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
