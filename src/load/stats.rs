@@ -245,6 +245,11 @@ impl Progress {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `count` successful calls (or received messages) at once.
+    pub fn add_ok(&self, count: u64) {
+        self.ok.fetch_add(count, Ordering::Relaxed);
+    }
+
     /// (successful, failed) so far.
     fn read(&self) -> (u64, u64) {
         (

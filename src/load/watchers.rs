@@ -16,6 +16,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -34,6 +35,8 @@ use crate::grpc::pb::{
 const OPEN_ATTEMPTS: u32 = 5;
 /// Pause before retrying an UNAVAILABLE open.
 const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Updates a watcher receives before adding them to the shared progress counter.
+const PROGRESS_BATCH: u64 = 64;
 /// How often the coordinator looks at the watchers while waiting for them.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -325,38 +328,49 @@ impl Watcher {
     }
 
     /// Records updates into `report` until the final version, cancellation or the
-    /// stream's end; returns why the stream ended early, if it did.
+    /// stream's end; returns why the stream ended early, if it did. The futures it waits
+    /// on besides the stream are built once, not per update: ten thousand watchers
+    /// re-registering on shared wakers for every message would cost the (co-located)
+    /// load generator more CPU than reading the messages.
     async fn watch(
         &self,
         mut stream: Streaming<pb::AvailabilityUpdate>,
         mut latest: i64,
         report: &mut WatcherReport,
     ) -> Option<Status> {
-        let mut final_version = self.shared.final_version.clone();
-        loop {
-            let last = *final_version.borrow_and_update();
-            if last.is_some_and(|last| latest >= last) {
-                return None;
+        let cancelled = self.shared.cancel.clone().cancelled_owned();
+        let mut announcements = WatchStream::new(self.shared.final_version.clone());
+        let mut final_version = None;
+        let mut uncounted = 0;
+        tokio::pin!(cancelled);
+        let ended = loop {
+            if final_version.is_some_and(|last| latest >= last) {
+                break None;
             }
-            let next = tokio::select! {
-                _ = self.shared.cancel.cancelled() => return None,
-                changed = final_version.changed() => match changed {
-                    Ok(()) => continue,
-                    Err(_) => return None,
+            tokio::select! {
+                biased;
+                next = stream.next() => match next {
+                    Some(Ok(update)) => {
+                        report.received.push((update.version, Instant::now()));
+                        report.after_commit.push(since_commit(&update));
+                        latest = latest.max(update.version);
+                        uncounted += 1;
+                        if uncounted == PROGRESS_BATCH {
+                            self.shared.progress.add_ok(std::mem::take(&mut uncounted));
+                        }
+                    }
+                    Some(Err(status)) => break Some(status),
+                    None => break Some(Status::unavailable("stream ended")),
                 },
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(update)) => {
-                    report.received.push((update.version, Instant::now()));
-                    report.after_commit.push(since_commit(&update));
-                    latest = latest.max(update.version);
-                    self.shared.progress.add(true);
-                }
-                Some(Err(status)) => return Some(status),
-                None => return Some(Status::unavailable("stream ended")),
+                announced = announcements.next() => match announced {
+                    Some(announced) => final_version = announced,
+                    None => break None,
+                },
+                _ = &mut cancelled => break None,
             }
-        }
+        };
+        self.shared.progress.add_ok(uncounted);
+        ended
     }
 }
 
