@@ -67,8 +67,8 @@ impl Checkout {
     }
 }
 
-/// Ends a locked active hold without an order (`Released` or `Expired`): its units go back
-/// to the product and payments deferred on it are closed as ignored.
+/// Ends a locked active hold without an order (`Released` or `Expired`): payments deferred
+/// on it are closed as ignored and its units go back to the product, as the last write.
 pub(super) async fn close_hold(
     conn: &mut AsyncPgConnection,
     hold: &Hold,
@@ -78,6 +78,9 @@ pub(super) async fn close_hold(
         reserved: -hold.qty,
         ..StockChange::default()
     };
+    ignore_deferred_events(conn, &[hold.id]).await?;
+    let closed = queries::set_hold_status(conn, hold.id, status).await?;
+    // The product's row lock last: held only until the commit.
     apply_stock_change(conn, hold.product_id, change)
         .await?
         .ok_or_else(|| {
@@ -86,8 +89,7 @@ pub(super) async fn close_hold(
                 hold.product_id, hold.id
             ))
         })?;
-    ignore_deferred_events(conn, &[hold.id]).await?;
-    Ok(queries::set_hold_status(conn, hold.id, status).await?)
+    Ok(closed)
 }
 
 /// A retried CreateHold gets the original hold; the same key for another request is refused.

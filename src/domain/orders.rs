@@ -78,13 +78,27 @@ async fn existing_order(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Ord
         .ok_or_else(|| DomainError::Internal(format!("converted hold {} has no order", hold.id)))
 }
 
-/// Settles a locked pending order: success sells its units, failure gives them back.
+/// A settlement's stock change, applied as its transaction's last write: the product's row
+/// is the one every buyer of a hot product waits for, so its lock is held only from this
+/// write to the commit.
+#[must_use = "the settlement's units move only when the change is applied"]
+pub(super) struct PendingStock {
+    /// The order whose units move.
+    order_id: Uuid,
+    /// Its product.
+    product_id: Uuid,
+    /// Paid: reserved to sold; failed: reserved back to available.
+    change: StockChange,
+}
+
+/// Settles a locked pending order: success will sell its units, failure give them back.
+/// Writes the order now; the returned stock change must be applied before commit.
 pub(super) async fn settle(
     conn: &mut AsyncPgConnection,
     order: &Order,
     result: PaymentResult,
     failure_reason: &str,
-) -> Result<Order, DomainError> {
+) -> Result<(Order, PendingStock), DomainError> {
     let (status, change, reason) = match result {
         PaymentResult::Success => (
             OrderStatus::Paid,
@@ -104,13 +118,27 @@ pub(super) async fn settle(
             failure_reason,
         ),
     };
-    apply_stock_change(conn, order.product_id, change)
+    let settled = queries::settle_order(conn, order.id, status, reason).await?;
+    let pending = PendingStock {
+        order_id: order.id,
+        product_id: order.product_id,
+        change,
+    };
+    Ok((settled, pending))
+}
+
+/// Moves a settled order's units (takes the product's row lock until commit).
+pub(super) async fn apply_pending_stock(
+    conn: &mut AsyncPgConnection,
+    pending: PendingStock,
+) -> Result<(), DomainError> {
+    apply_stock_change(conn, pending.product_id, pending.change)
         .await?
         .ok_or_else(|| {
             DomainError::Internal(format!(
                 "settling order {} broke the stock counters",
-                order.id
+                pending.order_id
             ))
         })?;
-    Ok(queries::settle_order(conn, order.id, status, reason).await?)
+    Ok(())
 }

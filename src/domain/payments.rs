@@ -4,7 +4,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::orders::{hold_total_cents, settle};
+use super::orders::{PendingStock, apply_pending_stock, hold_total_cents, settle};
 use super::{Checkout, DomainError, check_text_len, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
@@ -103,7 +103,11 @@ async fn process_webhook(
     if let Some(event) = find_event(conn, &webhook.idempotency_key).await? {
         return duplicate_receipt(event, webhook);
     }
-    let (outcome, order) = match webhook.target {
+    let Decision {
+        outcome,
+        order,
+        stock,
+    } = match webhook.target {
         PaymentTarget::Order(order_id) => {
             let order = lock_order(conn, order_id)
                 .await?
@@ -123,6 +127,9 @@ async fn process_webhook(
             "idempotency key stored concurrently".into(),
         ));
     }
+    if let Some(stock) = stock {
+        apply_pending_stock(conn, stock).await?;
+    }
     Ok(WebhookReceipt {
         idempotency_key: webhook.idempotency_key.clone(),
         order_id,
@@ -131,18 +138,43 @@ async fn process_webhook(
     })
 }
 
+/// What a new delivery does.
+struct Decision {
+    /// How the event is stored and answered.
+    outcome: EventOutcome,
+    /// The order it concerns, as it ends up; `None` while deferred or when its hold died.
+    order: Option<Order>,
+    /// The units to move, as the transaction's last write.
+    stock: Option<PendingStock>,
+}
+
+impl Decision {
+    /// A delivery that moves no units.
+    fn without_stock(outcome: EventOutcome, order: Option<Order>) -> Self {
+        Decision {
+            outcome,
+            order,
+            stock: None,
+        }
+    }
+}
+
 /// Settles a locked order unless it is already final.
 async fn apply_to_order(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
     order: Order,
-) -> Result<(EventOutcome, Option<Order>), DomainError> {
+) -> Result<Decision, DomainError> {
     check_amount(webhook.amount_cents, order.total_cents)?;
     if order.status.is_final() {
-        return Ok((EventOutcome::Ignored, Some(order)));
+        return Ok(Decision::without_stock(EventOutcome::Ignored, Some(order)));
     }
-    let settled = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
-    Ok((EventOutcome::Applied, Some(settled)))
+    let (settled, stock) = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
+    Ok(Decision {
+        outcome: EventOutcome::Applied,
+        order: Some(settled),
+        stock: Some(stock),
+    })
 }
 
 /// A webhook aimed at a hold: applies to its order if it has one, waits for it if it may
@@ -151,7 +183,7 @@ async fn apply_to_hold(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
     hold_id: Uuid,
-) -> Result<(EventOutcome, Option<Order>), DomainError> {
+) -> Result<Decision, DomainError> {
     let (hold, past_ttl) = lock_hold(conn, hold_id)
         .await?
         .ok_or_else(|| DomainError::not_found("hold", hold_id))?;
@@ -170,10 +202,10 @@ async fn apply_to_hold(
         }
         HoldStatus::Active if !past_ttl => {
             check_amount(webhook.amount_cents, hold_total_cents(conn, &hold).await?)?;
-            Ok((EventOutcome::Deferred, None))
+            Ok(Decision::without_stock(EventOutcome::Deferred, None))
         }
         HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => {
-            Ok((EventOutcome::Ignored, None))
+            Ok(Decision::without_stock(EventOutcome::Ignored, None))
         }
     }
 }
@@ -184,11 +216,15 @@ pub(super) async fn apply_deferred_events(
     conn: &mut AsyncPgConnection,
     mut order: Order,
 ) -> Result<Order, DomainError> {
+    let mut stock = None;
     for event in lock_deferred_events(conn, order.hold_id).await? {
         let outcome = if order.status.is_final() {
             EventOutcome::Ignored
         } else {
-            order = settle(conn, &order, event.result, &event.failure_reason).await?;
+            let (settled, units) =
+                settle(conn, &order, event.result, &event.failure_reason).await?;
+            order = settled;
+            stock = Some(units);
             EventOutcome::Applied
         };
         resolve_event(
@@ -199,6 +235,10 @@ pub(super) async fn apply_deferred_events(
             Some(order.status),
         )
         .await?;
+    }
+    // The product's row lock last: held only until the commit.
+    if let Some(stock) = stock {
+        apply_pending_stock(conn, stock).await?;
     }
     Ok(order)
 }
