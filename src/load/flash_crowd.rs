@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args, ValueEnum};
+use rand::RngExt;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -15,7 +16,7 @@ use super::checks::{Checks, read_products};
 use super::conn::{connect, create_products, expires_at};
 use super::hot_holds::INSUFFICIENT_STOCK;
 use super::stats::{Progress, Recorder, Rpc, Ticker, has_reason, option_name, per_second};
-use super::{Crowd, LoadError, positive, ratio, run_id, unit};
+use super::{Crowd, LoadError, actor_rng, positive, ratio, run_id};
 use crate::grpc::pb::{
     self, checkout_service_client::CheckoutServiceClient, handle_payment_webhook_request::Target,
 };
@@ -172,8 +173,9 @@ impl CrowdClient {
     /// One buyer: hold, then walk away, or order and pay.
     async fn buy(&mut self, buyer: u64) {
         let args = &self.plan.args;
-        let abandons = unit(self.plan.seed, 2 * buyer) < args.abandon_ratio;
-        let fails = unit(self.plan.seed, 2 * buyer + 1) < args.fail_ratio;
+        let mut rng = actor_rng(self.plan.seed, buyer);
+        let abandons = rng.random_bool(args.abandon_ratio);
+        let fails = rng.random_bool(args.fail_ratio);
         let Some(hold) = self.hold().await else {
             return;
         };

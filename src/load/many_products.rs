@@ -2,9 +2,11 @@
 //! too; clients pick products round-robin or at random.
 
 use clap::{Args, ValueEnum};
+use rand::RngExt;
+use rand::rngs::SmallRng;
 
 use super::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
-use super::{Budget, Crowd, LoadError, mix, positive};
+use super::{Budget, Crowd, LoadError, actor_rng, positive};
 
 /// Options of `flashsale load many-products`.
 #[derive(Debug, Clone, Args)]
@@ -50,33 +52,36 @@ pub async fn run(server: &str, args: ManyProductsArgs) -> Result<HoldsFigures, L
 
 /// One client's sequence of product indexes.
 #[derive(Debug, Clone)]
-pub struct Picker {
-    /// Round-robin or random.
-    pick: Pick,
-    /// The next round-robin index, or the random state.
-    state: u64,
+pub enum Picker {
+    /// The next product after the last one.
+    RoundRobin {
+        /// The next index (taken modulo the product count).
+        next: u64,
+    },
+    /// Uniformly at random, from the client's own generator.
+    Random(SmallRng),
 }
 
 impl Picker {
     /// The picker of client number `client`; `seed` varies the random sequences per run.
     pub fn new(pick: Pick, client: usize, seed: u64) -> Picker {
         let client = client as u64;
-        let state = match pick {
-            Pick::RoundRobin => client,
-            Pick::Random => mix(seed ^ client),
-        };
-        Picker { pick, state }
+        match pick {
+            Pick::RoundRobin => Picker::RoundRobin { next: client },
+            Pick::Random => Picker::Random(actor_rng(seed, client)),
+        }
     }
 
     /// The next product index below `count`.
     pub fn next(&mut self, count: usize) -> usize {
-        let count = count as u64;
-        let drawn = match self.pick {
-            Pick::RoundRobin => self.state % count,
-            Pick::Random => mix(self.state) % count,
-        };
-        self.state = self.state.wrapping_add(1);
-        drawn as usize
+        match self {
+            Picker::RoundRobin { next } => {
+                let drawn = *next % count as u64;
+                *next = next.wrapping_add(1);
+                drawn as usize
+            }
+            Picker::Random(rng) => rng.random_range(0..count),
+        }
     }
 }
 

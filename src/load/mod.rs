@@ -28,6 +28,8 @@ mod watchers;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 
 pub use flash_crowd::{Abandon, FlashCrowdArgs};
 pub use hot_holds::HotHoldsArgs;
@@ -122,18 +124,10 @@ fn ratio(text: &str) -> Result<f64, String> {
     }
 }
 
-/// A fast, well-mixed 64-bit hash (splitmix64): the randomness of the scenarios, so a run
-/// needs no random number crate and every client draws from its own sequence.
-fn mix(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// A uniform number in [0, 1) drawn for `(seed, n)`.
-fn unit(seed: u64, n: u64) -> f64 {
-    (mix(seed ^ mix(n)) >> 11) as f64 / (1u64 << 53) as f64
+/// The random draws of one actor (a client, a buyer) of a run: its own sequence, derived
+/// from the run's seed and the actor's number, so actors never share a generator.
+fn actor_rng(seed: u64, actor: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed ^ actor.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// A name suffix and seed unique to this run, so products and idempotency keys of
@@ -146,14 +140,18 @@ fn run_id() -> (String, u64) {
 
 #[cfg(test)]
 mod tests {
+    use rand::RngExt;
+
     use super::*;
 
     #[test]
-    fn unit_is_in_range_and_spread() {
-        let draws: Vec<f64> = (0..10_000).map(|n| unit(42, n)).collect();
-        assert!(draws.iter().all(|value| (0.0..1.0).contains(value)));
-        let below_tenth = draws.iter().filter(|value| **value < 0.1).count();
-        assert!((800..1200).contains(&below_tenth), "{below_tenth}");
+    fn actors_of_one_run_draw_different_sequences() {
+        let draws = |actor| -> Vec<u64> {
+            let mut rng = actor_rng(42, actor);
+            (0..4).map(|_| rng.random()).collect()
+        };
+        assert_ne!(draws(0), draws(1));
+        assert_eq!(draws(0), draws(0), "one seed, one sequence");
     }
 
     #[test]
