@@ -74,13 +74,13 @@ pub(super) async fn close_hold(
     hold: &Hold,
     status: HoldStatus,
 ) -> Result<Hold, DomainError> {
+    ignore_deferred_events(conn, &[hold.id]).await?;
+    let closed = queries::set_hold_status(conn, hold.id, status).await?;
+    // The product's row lock last: held only until the commit.
     let change = StockChange {
         reserved: -hold.qty,
         ..StockChange::default()
     };
-    ignore_deferred_events(conn, &[hold.id]).await?;
-    let closed = queries::set_hold_status(conn, hold.id, status).await?;
-    // The product's row lock last: held only until the commit.
     apply_stock_change(conn, hold.product_id, change)
         .await?
         .ok_or_else(|| {

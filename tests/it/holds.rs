@@ -30,7 +30,7 @@ pub async fn hold(
 }
 
 /// ReleaseHold.
-async fn release(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
+pub async fn release(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
     checkout
         .release_hold(ReleaseHoldRequest {
             hold_id: hold_id.into(),

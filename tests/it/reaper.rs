@@ -1,6 +1,6 @@
 //! The reaper: holds past their TTL expire and give their units back exactly once, also in
-//! bulk, racing CreateOrder, with payments deferred on them, and with two server processes
-//! reaping the same database.
+//! bulk, racing CreateOrder and ReleaseHold, with payments deferred on them, and with two
+//! server processes reaping the same database.
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -9,6 +9,7 @@ use flashsale::grpc::pb::{self, HoldStatus, OrderStatus, WebhookOutcome};
 use tokio::time::Instant;
 use tonic::Code;
 
+use crate::holds::release;
 use crate::orders::{
     counters, deliver, get_hold, get_order, get_product, hold, on_hold, order, success, try_order,
 };
@@ -192,6 +193,49 @@ async fn create_order_racing_the_reaper_at_expiry_either_converts_or_expires_nev
         counters(&after),
         (100, reserved, 0, 100 - reserved),
         "reserved is exactly the pending orders' units"
+    );
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_racing_the_reaper_at_expiry_gives_the_units_back_once() {
+    let server = TestServer::start_with(|config| config.hold_ttl = Duration::from_secs(1)).await;
+    let product = server.product("mug", 100, 100).await;
+    let mut checkout = server.checkout().await;
+    // Units neither side may touch: a hold closed twice shows as reserved dropping below 4.
+    pending_order_of(&mut checkout, &product.id, 4).await;
+    let mut holds = Vec::new();
+    for i in 0..40 {
+        holds.push(hold(&mut checkout, &product.id, 1 + (i as i64 % 2)).await);
+    }
+
+    // Each ReleaseHold lands between 200 ms before and 190 ms after its hold's expiry, while
+    // the reaper sweeps every 100 ms.
+    let mut calls = Vec::new();
+    for (i, hold) in holds.into_iter().enumerate() {
+        let mut client = checkout.clone();
+        calls.push(tokio::spawn(async move {
+            sleep_until_around(hold.expires_at, -200 + 10 * i as i64).await;
+            release(&mut client, &hold.hold_id).await
+        }));
+    }
+    let (mut released, mut expired) = (0, 0);
+    for call in calls {
+        match call.await.unwrap().expect("release answers").status() {
+            HoldStatus::Released => released += 1,
+            HoldStatus::Expired => expired += 1,
+            other => panic!("a raced hold ended {other:?}"),
+        }
+    }
+
+    eprintln!("race outcome: {released} released, {expired} expired");
+    assert_eq!(released + expired, 40);
+    wait_until_reserved_at_most(&checkout, &product.id, 4).await;
+    let after = get_product(&mut checkout, &product.id).await;
+    assert_eq!(
+        counters(&after),
+        (100, 4, 0, 96),
+        "every unit back exactly once"
     );
     server.assert_consistent().await;
 }
