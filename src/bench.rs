@@ -16,7 +16,7 @@ use tokio::process::{Child, Command};
 use crate::db;
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
-use crate::load::{Budget, Crowd};
+use crate::load::{Budget, Crowd, procfs};
 use crate::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
 
 /// Any failure of the benchmark.
@@ -90,9 +90,13 @@ async fn measure(
     let baseline = pgbench_baseline(args, postgres, workdir).await?;
     db::create_database_if_missing(&postgres.url("postgres"), "flashsale").await?;
     let server = ServerProcess::start(&postgres.url("flashsale"), &args.serve_flags).await?;
-    let hot = holds_run(args, &server.url, "hot-holds", 1).await;
+    let processes = Processes {
+        server: server.child.id().unwrap_or_default(),
+        postgres: postgres.pid().unwrap_or_default(),
+    };
+    let hot = holds_run(args, &server.url, "hot-holds", 1, &processes).await;
     let many = match hot {
-        Ok(_) => holds_run(args, &server.url, "many-products", args.products).await,
+        Ok(_) => holds_run(args, &server.url, "many-products", args.products, &processes).await,
         Err(_) => Err("skipped".into()),
     };
     server.stop().await?;
@@ -170,12 +174,33 @@ async fn run_pgbench(
         })
 }
 
-/// One `flashsale load` holds race against the server.
+/// The processes whose CPU time a run accounts for (besides this one, the load generator).
+struct Processes {
+    /// `flashsale serve`.
+    server: u32,
+    /// The postmaster; its backends are its children.
+    postgres: u32,
+}
+
+impl Processes {
+    /// CPU seconds used so far by the server, PostgreSQL and this load generator.
+    fn cpu_seconds(&self) -> [f64; 3] {
+        [
+            procfs::cpu_seconds(self.server).unwrap_or(f64::NAN),
+            procfs::family_cpu_seconds(self.postgres).unwrap_or(f64::NAN),
+            procfs::cpu_seconds(procfs::own_pid()).unwrap_or(f64::NAN),
+        ]
+    }
+}
+
+/// One `flashsale load` holds race against the server, followed by the CPU time each
+/// process spent per hold granted.
 async fn holds_run(
     args: &BenchArgs,
     server: &str,
     scenario: &'static str,
     products: usize,
+    processes: &Processes,
 ) -> Result<HoldsFigures, BenchError> {
     let plan = HoldsPlan {
         scenario,
@@ -192,7 +217,23 @@ async fn holds_run(
         },
     };
     println!();
-    run_plan(server, plan).await
+    let before = processes.cpu_seconds();
+    let started = std::time::Instant::now();
+    let figures = run_plan(server, plan).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let after = processes.cpu_seconds();
+    let used: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let per_hold = |seconds: f64| seconds / figures.holds as f64 * 1e6;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "cpu per hold: server {:.1} us, postgresql {:.1} us, load generator {:.1} us; \
+         {:.2} of {cores} cores busy on average (setup and checks included)",
+        per_hold(used[0]),
+        per_hold(used[1]),
+        per_hold(used[2]),
+        used.iter().sum::<f64>() / wall,
+    );
+    Ok(figures)
 }
 
 /// Prints the side-by-side figures and ratios.

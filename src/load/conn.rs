@@ -1,12 +1,16 @@
 //! Connections and fixtures: N HTTP/2 channels to the server (one TCP connection each) and
 //! the products a scenario works on, created through the admin API.
 
+use std::io;
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use tonic::transport::{Channel, Endpoint};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::service_fn;
 
 use super::LoadError;
+use crate::transport::coalescing_connect;
 use crate::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
 
 /// Longest wait for one TCP connection and HTTP/2 handshake.
@@ -20,18 +24,24 @@ pub const PRICE_CENTS: i64 = 1_000;
 
 /// Opens `count` separate HTTP/2 connections to `server`.
 ///
-/// Nagle is off (small calls must not wait for each other) and the flow-control windows
-/// are fixed and large instead of adaptive: the messages are tiny, so BDP probing would
-/// only add pings.
+/// Writes are coalesced (`transport::CoalescingStream`, Nagle off): the calls a crowd of
+/// clients starts in one scheduler turn leave in one write instead of one each. The
+/// flow-control windows are fixed and large instead of adaptive: the messages are tiny, so
+/// BDP probing would only add pings.
 pub async fn connect(server: &str, count: usize) -> Result<Vec<Channel>, LoadError> {
     let endpoint = Endpoint::from_shared(server.to_owned())
         .map_err(|error| format!("invalid server address {server:?}: {error}"))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .http2_adaptive_window(false)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .initial_stream_window_size(STREAM_WINDOW);
-    let channels = try_join_all((0..count).map(|_| endpoint.connect()))
+    let connector = service_fn(|uri: Uri| async move {
+        let host = uri.host().ok_or_else(|| io::Error::other("server address has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(80);
+        Ok::<_, io::Error>(TokioIo::new(coalescing_connect((host, port)).await?))
+    });
+    let channels = try_join_all((0..count).map(|_| endpoint.connect_with_connector(connector)))
         .await
         .map_err(|error| {
             let error = with_causes(&error);

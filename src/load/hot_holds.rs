@@ -68,6 +68,8 @@ pub struct HoldsPlan {
 /// The headline figures of a holds race, for `flashsale bench`.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldsFigures {
+    /// Holds granted over the race.
+    pub holds: u64,
     /// Holds granted per second over the race.
     pub holds_per_second: f64,
     /// Median CreateHold latency.
@@ -93,6 +95,7 @@ pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<HoldsFigures, Loa
             .unwrap_or_default()
     };
     Ok(HoldsFigures {
+        holds: outcome.granted(),
         holds_per_second: per_second(outcome.granted(), outcome.elapsed),
         p50: latency(0.5),
         p99: latency(0.99),

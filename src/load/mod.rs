@@ -21,7 +21,7 @@ mod conn;
 mod flash_crowd;
 pub mod hot_holds;
 pub mod many_products;
-mod procfs;
+pub mod procfs;
 mod stats;
 mod watchers;
 
