@@ -96,7 +96,16 @@ async fn measure(
     };
     let hot = holds_run(args, &server.url, "hot-holds", 1, &processes).await;
     let many = match hot {
-        Ok(_) => holds_run(args, &server.url, "many-products", args.products, &processes).await,
+        Ok(_) => {
+            holds_run(
+                args,
+                &server.url,
+                "many-products",
+                args.products,
+                &processes,
+            )
+            .await
+        }
         Err(_) => Err("skipped".into()),
     };
     server.stop().await?;

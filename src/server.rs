@@ -12,6 +12,7 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
 use crate::config::ServerConfig;
+use crate::db::io_thread::IoThread;
 use crate::db::{self, DbPool};
 use crate::domain::availability::{AvailabilityHub, run_change_listener};
 use crate::domain::reaper::{ReaperSettings, run_reaper};
@@ -29,6 +30,8 @@ use crate::transport::coalescing_incoming;
 pub enum ServerError {
     #[error("invalid database configuration: {0}")]
     Pool(#[from] diesel_async::pooled_connection::deadpool::BuildError),
+    #[error("cannot start the database i/o thread: {0}")]
+    IoThread(#[from] std::io::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("grpc transport failed: {0}")]
@@ -62,15 +65,22 @@ pub struct App {
 }
 
 impl App {
-    /// Builds the pool (no connection is opened yet), the domain and the hub.
+    /// Builds the pool (no connection is opened yet; they will be driven by a database i/o
+    /// thread of its own), the domain and the hub.
     pub fn new(config: ServerConfig) -> Result<App, ServerError> {
-        let pool = db::build_pool(&config.database_url, config.pool_size, config.db_timeout)?;
+        let io = IoThread::start("flashsale-db-io")?;
+        let pool = db::build_pool(
+            &config.database_url,
+            config.pool_size,
+            config.db_timeout,
+            io.clone(),
+        )?;
         let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
             max_qty_per_hold: config.max_qty_per_hold,
             hold_batch_lanes: config.hold_batch_lanes,
         };
-        let checkout = Arc::new(Checkout::new(pool.clone(), settings));
+        let checkout = Arc::new(Checkout::new(pool.clone(), settings, io));
         let hub = Arc::new(AvailabilityHub::default());
         Ok(App {
             config,

@@ -4,20 +4,25 @@
 
 pub mod audit;
 pub mod holds;
+pub mod io_thread;
 pub mod models;
 pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod schema;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::ConnectionError;
 use diesel_async::pooled_connection::deadpool::{BuildError, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use io_thread::IoThread;
 
 /// The pool every request borrows its connection from.
 pub type DbPool = Pool<AsyncPgConnection>;
@@ -31,16 +36,29 @@ pub const LISTENER_APPLICATION_NAME: &str = "flashsale-listener";
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Builds the connection pool; `timeout` bounds waiting for, opening and recycling a
-/// connection, so a database outage surfaces as an error instead of a hang.
+/// connection, so a database outage surfaces as an error instead of a hang. Connections are
+/// opened on `io`, so their socket tasks run there.
 pub fn build_pool(
     database_url: &str,
     max_size: usize,
     timeout: Duration,
+    io: Arc<IoThread>,
 ) -> Result<DbPool, BuildError> {
     let mut manager_config = ManagerConfig::default();
     // A broken connection is still detected (and dropped) on return to the pool; skipping the
     // test query saves a round trip per call.
     manager_config.recycling_method = RecyclingMethod::Fast;
+    manager_config.custom_setup = Box::new(move |url| {
+        let url = url.to_owned();
+        let opened = io
+            .handle()
+            .spawn(async move { AsyncPgConnection::establish(&url).await });
+        Box::pin(async move {
+            opened.await.map_err(|error| {
+                ConnectionError::BadConnection(format!("database i/o thread stopped: {error}"))
+            })?
+        })
+    });
     let url = with_application_name(database_url, POOL_APPLICATION_NAME);
     let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
     Pool::builder(manager)

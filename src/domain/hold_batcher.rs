@@ -23,6 +23,7 @@ use crate::db::DbPool;
 use crate::db::holds::{
     NewHoldRow, find_hold_by_client_request_id, find_holds_by_client_request_ids, insert_holds,
 };
+use crate::db::io_thread::IoThread;
 use crate::db::models::{Hold, Product};
 use crate::db::products::{lock_products, reserve_many};
 
@@ -54,6 +55,8 @@ pub struct HoldBatcher {
     hold_ttl: TimeDelta,
     /// Independent queues; a product always maps to the same lane.
     lanes: Vec<Mutex<Lane>>,
+    /// Where the batches run.
+    io: Arc<IoThread>,
 }
 
 /// What one request of a batch comes to inside the transaction.
@@ -69,12 +72,13 @@ enum Answer {
 }
 
 impl HoldBatcher {
-    /// A batcher with `lanes` queues (at least one).
-    pub fn new(pool: DbPool, hold_ttl: Duration, lanes: usize) -> Arc<Self> {
+    /// A batcher with `lanes` queues (at least one) whose batches run on `io`.
+    pub fn new(pool: DbPool, hold_ttl: Duration, lanes: usize, io: Arc<IoThread>) -> Arc<Self> {
         Arc::new(HoldBatcher {
             pool,
             hold_ttl: TimeDelta::from_std(hold_ttl).unwrap_or(TimeDelta::MAX),
             lanes: (0..lanes.max(1)).map(|_| Mutex::default()).collect(),
+            io,
         })
     }
 
@@ -88,7 +92,7 @@ impl HoldBatcher {
             !std::mem::replace(&mut state.draining, true)
         };
         if start_draining {
-            tokio::spawn(self.clone().drain(lane));
+            self.io.handle().spawn(self.clone().drain(lane));
         }
         answer
             .await

@@ -19,6 +19,7 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::deadpool::Object;
 
 use crate::db::DbPool;
+use crate::db::io_thread::IoThread;
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
 
@@ -47,10 +48,14 @@ pub struct Checkout {
 const CONFLICT_RETRIES: usize = 3;
 
 impl Checkout {
-    /// Wraps a pool; the schema must already be migrated.
-    pub fn new(pool: DbPool, settings: CheckoutSettings) -> Self {
-        let hold_batcher =
-            HoldBatcher::new(pool.clone(), settings.hold_ttl, settings.hold_batch_lanes);
+    /// Wraps a pool; the schema must already be migrated. Hold batches run on `io`.
+    pub fn new(pool: DbPool, settings: CheckoutSettings, io: Arc<IoThread>) -> Self {
+        let hold_batcher = HoldBatcher::new(
+            pool.clone(),
+            settings.hold_ttl,
+            settings.hold_batch_lanes,
+            io,
+        );
         Checkout {
             pool,
             settings,

@@ -10,8 +10,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
 use super::LoadError;
-use crate::transport::coalescing_connect;
 use crate::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
+use crate::transport::coalescing_connect;
 
 /// Longest wait for one TCP connection and HTTP/2 handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,7 +36,9 @@ pub async fn connect(server: &str, count: usize) -> Result<Vec<Channel>, LoadErr
         .initial_connection_window_size(CONNECTION_WINDOW)
         .initial_stream_window_size(STREAM_WINDOW);
     let connector = service_fn(|uri: Uri| async move {
-        let host = uri.host().ok_or_else(|| io::Error::other("server address has no host"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| io::Error::other("server address has no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(80);
         Ok::<_, io::Error>(TokioIo::new(coalescing_connect((host, port)).await?))
