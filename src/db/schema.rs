@@ -66,7 +66,6 @@ diesel::table! {
     }
 }
 
-diesel::joinable!(holds -> products (product_id));
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(orders -> products (product_id));
 diesel::joinable!(stock_adjustments -> products (product_id));

@@ -475,3 +475,54 @@ async fn audit_flags_stored_counters_that_drift_from_the_rows() {
     let only_healthy = audit(&server, &[&healthy.id]).await.unwrap();
     assert!(only_healthy.consistent, "{only_healthy:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
+    let server = TestServer::start().await;
+    let product = server.product("held", 100, 10).await;
+    let other = server.product("other", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    let insert_for = |product_id: &str| {
+        format!(
+            "INSERT INTO holds (id, product_id, qty, expires_at)
+             VALUES (gen_random_uuid(), '{product_id}', 1, now() + interval '1 minute')"
+        )
+    };
+
+    // Written behind the server's back, each of these would leave a hold without its
+    // product; the database refuses them as it would a foreign key.
+    let missing = uuid::Uuid::now_v7().to_string();
+    for statement in [
+        insert_for(&missing),
+        format!(
+            "INSERT INTO holds (id, product_id, qty, expires_at)
+             SELECT gen_random_uuid(), named, 1, now() FROM unnest(ARRAY['{}', '{missing}']::uuid[]) AS named",
+            other.id
+        ),
+        format!("DELETE FROM products WHERE id = '{}'", product.id),
+        format!("UPDATE products SET id = gen_random_uuid() WHERE id = '{}'", product.id),
+        format!("UPDATE holds SET product_id = '{}' WHERE id = '{}'", other.id, held.hold_id),
+    ] {
+        let refused = diesel::sql_query(&statement).execute(&mut conn).await;
+        let Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+            info,
+        )) = refused
+        else {
+            panic!("{statement}: {refused:?}");
+        };
+        assert_eq!(
+            info.constraint_name(),
+            Some("holds_product_id_fkey"),
+            "{statement}: {}",
+            info.message()
+        );
+    }
+    // A hold for an existing product is accepted.
+    let accepted = diesel::sql_query(insert_for(&other.id))
+        .execute(&mut conn)
+        .await;
+    assert_eq!(accepted.unwrap(), 1);
+}
