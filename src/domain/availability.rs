@@ -462,11 +462,14 @@ async fn relay_until_ping(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(DomainError::Unavailable("notification stream ended".into())),
         };
-        match serde_json::from_str::<StockSnapshot>(&payload) {
-            Ok(snapshot) => {
-                hub.publish(snapshot);
+        // One notification per statement: the states of the products it changed.
+        match serde_json::from_str::<Vec<StockSnapshot>>(&payload) {
+            Ok(snapshots) => {
+                for snapshot in snapshots {
+                    hub.publish(snapshot);
+                }
             }
-            Err(error) => tracing::error!(%error, %payload, "unreadable stock change"),
+            Err(error) => tracing::error!(%error, %payload, "unreadable stock changes"),
         }
     }
 }

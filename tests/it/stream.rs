@@ -1,10 +1,12 @@
 //! WatchAvailability: the current state first, then every committed change (holds, reaper
 //! expiry, products created later), versions strictly increasing, slow readers ending on the
-//! latest state, ids checked before anything streams, and changes heard across servers.
+//! latest state, ids checked before anything streams, changes heard across servers, and
+//! statements that change many products at once.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
 use tonic::{Code, Streaming};
 
@@ -274,5 +276,40 @@ async fn slow_watcher_of_all_products_ends_on_the_latest_state_of_each() {
     for product in latest.values() {
         assert_eq!(product.reserved, 50);
         assert_shows(&shown[&product.id], product);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_statement_changing_more_products_than_one_notification_holds_reaches_each_watcher() {
+    let server = TestServer::start().await;
+    // The database announces the changes of one statement 24 products per notification.
+    let mut products = Vec::new();
+    for index in 0..30 {
+        products.push(server.product(&format!("item {index}"), 100, 10).await);
+    }
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[]).await;
+    let mut before = BTreeMap::new();
+    for _ in 0..products.len() {
+        let update = next(&mut stream).await;
+        before.insert(update.product_id.clone(), update);
+    }
+
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    let restocked = diesel::sql_query("UPDATE products SET stock_total = stock_total + 5")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(restocked, products.len());
+
+    let mut after = BTreeMap::new();
+    while after.len() < products.len() {
+        let update = next(&mut stream).await;
+        after.insert(update.product_id.clone(), update);
+    }
+    for product in &products {
+        let (old, new) = (&before[&product.id], &after[&product.id]);
+        assert_eq!(update_counters(new), (15, 0, 0, 15), "{new:?}");
+        assert!(new.version > old.version, "{old:?} then {new:?}");
     }
 }
