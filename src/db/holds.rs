@@ -87,7 +87,7 @@ pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> Query
         .await
 }
 
-/// A hold to insert with [`insert_holds`].
+/// A hold to insert with [`insert_holds_and_reserve`].
 #[derive(Debug, Clone)]
 pub struct NewHoldRow<'a> {
     pub id: Uuid,
@@ -97,31 +97,61 @@ pub struct NewHoldRow<'a> {
 }
 
 /// One statement for any number of rows (arrays, not a VALUES list whose length changes the
-/// SQL), so PostgreSQL plans it once per connection.
-const INSERT_HOLDS_SQL: &str = "
-INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at)
-SELECT id, product_id, qty, 'active', client_request_id, $5, $6, $6
-FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[]) AS row(id, product_id, qty, client_request_id)
-ON CONFLICT DO NOTHING
-RETURNING id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at";
+/// SQL), so PostgreSQL plans it once per connection. It inserts the holds and adds the units
+/// of those it inserted to their products' `reserved`, each update guarded like
+/// [`super::products::apply_stock_change`]; one statement saves a round trip while the
+/// products are locked.
+const INSERT_HOLDS_AND_RESERVE_SQL: &str = "
+WITH inserted AS (
+    INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at)
+    SELECT id, product_id, qty, 'active', client_request_id, $5, $6, $6
+    FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[]) AS row(id, product_id, qty, client_request_id)
+    ON CONFLICT DO NOTHING
+    RETURNING id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at
+), units AS (
+    SELECT product_id, sum(qty)::int8 AS total FROM inserted GROUP BY product_id
+), reserved AS (
+    UPDATE products SET reserved = products.reserved + units.total
+    FROM units
+    WHERE products.id = units.product_id
+      AND products.stock_total - products.reserved - products.sold >= units.total
+    RETURNING products.id
+)
+SELECT inserted.*, (SELECT count(*) FROM units) AS products_held,
+       (SELECT count(*) FROM reserved) AS products_reserved
+FROM inserted";
 
-/// Inserts active holds created at `created_at` and expiring at `expires_at`, in one statement; a
-/// row whose client request id is already taken (by a concurrent transaction) is skipped,
-/// so only the inserted rows come back.
-pub async fn insert_holds(
+/// A hold inserted by [`insert_holds_and_reserve`], with the statement's product counts.
+#[derive(QueryableByName)]
+struct ReservedHold {
+    #[diesel(embed)]
+    hold: Hold,
+    /// Products the inserted holds name.
+    #[diesel(sql_type = BigInt)]
+    products_held: i64,
+    /// Of those, products whose `reserved` took the units.
+    #[diesel(sql_type = BigInt)]
+    products_reserved: i64,
+}
+
+/// Inserts active holds created at `created_at` and expiring at `expires_at` and reserves
+/// their units, in one statement; a row whose client request id is already taken (by a
+/// concurrent transaction) is skipped, so only the inserted rows come back. `None` when a
+/// product could not take its units (its row was not locked first): roll back then.
+pub async fn insert_holds_and_reserve(
     conn: &mut AsyncPgConnection,
     rows: &[NewHoldRow<'_>],
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-) -> QueryResult<Vec<Hold>> {
+) -> QueryResult<Option<Vec<Hold>>> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
     let product_ids: Vec<Uuid> = rows.iter().map(|row| row.product_id).collect();
     let qtys: Vec<i64> = rows.iter().map(|row| row.qty).collect();
     let keys: Vec<Option<&str>> = rows.iter().map(|row| row.client_request_id).collect();
-    diesel::sql_query(INSERT_HOLDS_SQL)
+    let inserted: Vec<ReservedHold> = diesel::sql_query(INSERT_HOLDS_AND_RESERVE_SQL)
         .bind::<Array<SqlUuid>, _>(ids)
         .bind::<Array<SqlUuid>, _>(product_ids)
         .bind::<Array<BigInt>, _>(qtys)
@@ -129,7 +159,14 @@ pub async fn insert_holds(
         .bind::<Timestamptz, _>(expires_at)
         .bind::<Timestamptz, _>(created_at)
         .load(conn)
-        .await
+        .await?;
+    if inserted
+        .iter()
+        .any(|row| row.products_reserved != row.products_held)
+    {
+        return Ok(None);
+    }
+    Ok(Some(inserted.into_iter().map(|row| row.hold).collect()))
 }
 
 /// The holds created with any of these client request ids.

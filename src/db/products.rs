@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::Timestamptz;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -151,22 +151,4 @@ pub async fn lock_products(
         }
     };
     Ok((rows.into_iter().map(|(product, _)| product).collect(), now))
-}
-
-/// Adds `units` to `reserved` of each `(product, units)` in one statement, each guarded like
-/// [`apply_stock_change`]; returns how many products were updated.
-pub async fn reserve_many(
-    conn: &mut AsyncPgConnection,
-    reservations: &[(Uuid, i64)],
-) -> QueryResult<usize> {
-    let (ids, units): (Vec<Uuid>, Vec<i64>) = reservations.iter().copied().unzip();
-    diesel::sql_query(
-        "UPDATE products SET reserved = products.reserved + r.units
-         FROM unnest($1::uuid[], $2::int8[]) AS r(id, units)
-         WHERE products.id = r.id AND products.stock_total - products.reserved - products.sold >= r.units",
-    )
-    .bind::<Array<SqlUuid>, _>(ids)
-    .bind::<Array<BigInt>, _>(units)
-    .execute(conn)
-    .await
 }

@@ -21,11 +21,12 @@ use super::DomainError;
 use super::holds::{NewHold, same_hold_request};
 use crate::db::DbPool;
 use crate::db::holds::{
-    NewHoldRow, find_hold_by_client_request_id, find_holds_by_client_request_ids, insert_holds,
+    NewHoldRow, find_hold_by_client_request_id, find_holds_by_client_request_ids,
+    insert_holds_and_reserve,
 };
 use crate::db::io_thread::IoThread;
 use crate::db::models::{Hold, Product};
-use crate::db::products::{lock_products, reserve_many};
+use crate::db::products::lock_products;
 
 /// Largest number of calls one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -179,7 +180,7 @@ impl HoldBatcher {
     }
 
     /// Inside the transaction: answers known keys, locks the products, grants stock in
-    /// arrival order, writes the granted holds and the counters.
+    /// arrival order, writes the granted holds and the counters (one statement).
     async fn reserve_in_transaction(
         &self,
         conn: &mut AsyncPgConnection,
@@ -193,11 +194,13 @@ impl HoldBatcher {
         let (products, now) = lock_products(conn, &product_ids).await?;
         let granted = grant_in_arrival_order(requests, &products, &mut answers);
         let rows = hold_rows(requests, &granted);
-        let inserted = insert_holds(conn, &rows, now, now + self.hold_ttl).await?;
-        let mut units: HashMap<Uuid, i64> = HashMap::new();
-        for hold in &inserted {
-            *units.entry(hold.product_id).or_default() += hold.qty;
-        }
+        let Some(inserted) =
+            insert_holds_and_reserve(conn, &rows, now, now + self.hold_ttl).await?
+        else {
+            return Err(DomainError::Internal(
+                "locked products refused a granted reservation".into(),
+            ));
+        };
         let mut inserted: HashMap<Uuid, Hold> =
             inserted.into_iter().map(|hold| (hold.id, hold)).collect();
         for (index, row) in granted.iter().zip(&rows) {
@@ -205,12 +208,6 @@ impl HoldBatcher {
                 Some(hold) => Answer::Done(Ok(hold)),
                 None => Answer::KeyTaken,
             };
-        }
-        let reservations: Vec<(Uuid, i64)> = units.into_iter().collect();
-        if reserve_many(conn, &reservations).await? != reservations.len() {
-            return Err(DomainError::Internal(
-                "locked products refused a granted reservation".into(),
-            ));
         }
         Ok(answers)
     }
