@@ -11,8 +11,8 @@
 //!   domain conversions, and the one `From<DomainError> for Status`.
 //! - [`domain`]: the checkout rules, transport-neutral: holds, orders, payments, products,
 //!   the reaper and live availability; every operation returns `Result<_, DomainError>`.
-//! - [`db`]: PostgreSQL: pool, embedded migrations, generated schema, rows, and one module
-//!   of query functions per table.
+//! - [`db`]: PostgreSQL: pool, embedded migrations, generated schema, rows, one module
+//!   of query functions per table, and the i/o thread that drives the connections.
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.
