@@ -68,6 +68,7 @@ diesel::table! {
 
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(orders -> products (product_id));
+diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
