@@ -1,6 +1,8 @@
 DROP TRIGGER products_notify_updates ON products;
 DROP TRIGGER products_notify_inserts ON products;
 DROP FUNCTION products_notify_changes();
+DROP FUNCTION products_announce(json[]);
+DROP FUNCTION product_stock_state(products);
 
 CREATE FUNCTION products_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
