@@ -31,19 +31,13 @@ const KEEP_CAPACITY: usize = 16 * 1024;
 pub fn coalescing_incoming(
     listener: TcpListener,
 ) -> impl Stream<Item = io::Result<CoalescingStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(CoalescingStream::new(stream))
-    })
+    TcpListenerStream::new(listener).map(|accepted| CoalescingStream::new(accepted?))
 }
 
 /// Connects to `addr` with `TCP_NODELAY` set and coalesced writes; for a client's
 /// connector.
 pub async fn coalescing_connect(addr: impl ToSocketAddrs) -> io::Result<CoalescingStream> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(CoalescingStream::new(stream))
+    CoalescingStream::new(TcpStream::connect(addr).await?)
 }
 
 /// A TCP stream that gathers writes and sends them on the second flush of a burst.
@@ -57,13 +51,15 @@ pub struct CoalescingStream {
 }
 
 impl CoalescingStream {
-    /// Wraps a connection.
-    pub fn new(inner: TcpStream) -> Self {
-        CoalescingStream {
+    /// Wraps a connection and sets `TCP_NODELAY` on it (writes are coalesced here, so
+    /// Nagle's algorithm would only add delay).
+    pub fn new(inner: TcpStream) -> io::Result<Self> {
+        inner.set_nodelay(true)?;
+        Ok(CoalescingStream {
             inner,
             pending: BytesMut::new(),
             flush_deferred: false,
-        }
+        })
     }
 
     /// Sends every pending byte.

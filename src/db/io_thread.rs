@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 pub struct IoThread {
     /// Spawns onto the thread's runtime.
     handle: Handle,
-    /// Dropping it ends the thread's runtime (and with it, every task still on it).
-    stop: Option<oneshot::Sender<()>>,
+    /// Dropped with this struct, which ends the thread's runtime (and every task on it).
+    _stop: oneshot::Sender<()>,
     /// The thread, detached when dropped: it ends on its own once stopped.
     _thread: JoinHandle<()>,
 }
@@ -36,7 +36,7 @@ impl IoThread {
             })?;
         Ok(Arc::new(IoThread {
             handle,
-            stop: Some(stop),
+            _stop: stop,
             _thread: thread,
         }))
     }
@@ -44,12 +44,6 @@ impl IoThread {
     /// Spawns onto the thread's runtime.
     pub fn handle(&self) -> &Handle {
         &self.handle
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        drop(self.stop.take());
     }
 }
 

@@ -125,7 +125,6 @@ mod tests {
     #[test]
     fn reads_own_process() {
         assert!(rss_kib(own_pid()).is_ok_and(|kib| kib > 0));
-        assert!(cpu_seconds(own_pid()).is_ok());
         let own = cpu_seconds(own_pid()).expect("own cpu");
         let family = family_cpu_seconds(own_pid()).expect("own family");
         assert!(family >= own);
