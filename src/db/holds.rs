@@ -1,9 +1,9 @@
 //! Queries on `holds`.
 
-use chrono::{DateTime, Utc};
+use chrono::TimeDelta;
 use diesel::dsl::now;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Integer, Interval, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -87,99 +87,113 @@ pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> Query
         .await
 }
 
-/// A hold to insert with [`insert_holds_and_reserve`].
+/// One request of a batch for [`reserve_holds`].
 #[derive(Debug, Clone)]
-pub struct NewHoldRow<'a> {
+pub struct HoldRequestRow<'a> {
+    /// The id the hold gets if granted.
     pub id: Uuid,
     pub product_id: Uuid,
     pub qty: i64,
+    /// At most once per batch.
     pub client_request_id: Option<&'a str>,
 }
 
-/// One statement for any number of rows (arrays, not a VALUES list whose length changes the
-/// SQL), so PostgreSQL plans it once per connection. It inserts the holds and adds the units
-/// of those it inserted to their products' `reserved`, each update guarded like
-/// [`super::products::apply_stock_change`]; one statement saves a round trip while the
-/// products are locked.
-const INSERT_HOLDS_AND_RESERVE_SQL: &str = "
-WITH inserted AS (
-    INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at)
-    SELECT id, product_id, qty, 'active', client_request_id, $5, $6, $6
-    FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[]) AS row(id, product_id, qty, client_request_id)
-    ON CONFLICT DO NOTHING
-    RETURNING id, product_id, qty, status, client_request_id, expires_at, created_at, updated_at
-), units AS (
-    SELECT product_id, sum(qty)::int8 AS total FROM inserted GROUP BY product_id
-), reserved AS (
-    UPDATE products SET reserved = products.reserved + units.total
-    FROM units
-    WHERE products.id = units.product_id
-      AND products.stock_total - products.reserved - products.sold >= units.total
-    RETURNING products.id
-)
-SELECT inserted.*, (SELECT count(*) FROM units) AS products_held,
-       (SELECT count(*) FROM reserved) AS products_reserved
-FROM inserted";
-
-/// A hold inserted by [`insert_holds_and_reserve`], with the statement's product counts.
-#[derive(QueryableByName)]
-struct ReservedHold {
-    #[diesel(embed)]
-    hold: Hold,
-    /// Products the inserted holds name.
-    #[diesel(sql_type = BigInt)]
-    products_held: i64,
-    /// Of those, products whose `reserved` took the units.
-    #[diesel(sql_type = BigInt)]
-    products_reserved: i64,
+/// What [`reserve_holds`] did with one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Its client request id already named this hold; nothing was written.
+    Existing(Hold),
+    /// The new hold.
+    Granted(Hold),
+    /// Refused: its product had only `units_left` when its turn came.
+    Insufficient { units_left: i64 },
+    /// Its product does not exist.
+    NoProduct,
+    /// A concurrent transaction took its client request id: nothing was written for it.
+    KeyTaken,
 }
 
-/// Inserts active holds created at `created_at` and expiring at `expires_at` and reserves
-/// their units, in one statement; a row whose client request id is already taken (by a
-/// concurrent transaction) is skipped, so only the inserted rows come back. `None` when a
-/// product could not take its units (its row was not locked first): roll back then.
-pub async fn insert_holds_and_reserve(
+/// One row of `reserve_holds(...)`.
+#[derive(QueryableByName)]
+struct ReservationRow {
+    /// The request's 1-based position in the call.
+    #[diesel(sql_type = Integer)]
+    ord: i32,
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    units_left: Option<i64>,
+    /// Set for `existing` and `granted`.
+    #[diesel(embed)]
+    hold: Option<Hold>,
+}
+
+/// Calls the `reserve_holds` function (migration 2026-11-23-000003), arrays rather than a
+/// VALUES list so the statement's text does not depend on the batch size.
+const RESERVE_HOLDS_SQL: &str = "
+SELECT r.ord, r.outcome, r.units_left,
+       (r.the_hold).id, (r.the_hold).product_id, (r.the_hold).qty, (r.the_hold).status,
+       (r.the_hold).client_request_id, (r.the_hold).expires_at, (r.the_hold).created_at,
+       (r.the_hold).updated_at
+FROM reserve_holds($1, $2, $3, $4, $5) AS r";
+
+/// Reserves a batch of hold requests in one statement: locks their products, grants stock
+/// in request order as far as it goes, inserts the granted holds expiring after `ttl` and
+/// adds their units to `reserved`. One answer per request, in order. Run outside a
+/// transaction, it is one round trip and one commit.
+pub async fn reserve_holds(
     conn: &mut AsyncPgConnection,
-    rows: &[NewHoldRow<'_>],
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-) -> QueryResult<Option<Vec<Hold>>> {
-    if rows.is_empty() {
-        return Ok(Some(Vec::new()));
+    requests: &[HoldRequestRow<'_>],
+    ttl: TimeDelta,
+) -> QueryResult<Vec<Reservation>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-    let product_ids: Vec<Uuid> = rows.iter().map(|row| row.product_id).collect();
-    let qtys: Vec<i64> = rows.iter().map(|row| row.qty).collect();
-    let keys: Vec<Option<&str>> = rows.iter().map(|row| row.client_request_id).collect();
-    let inserted: Vec<ReservedHold> = diesel::sql_query(INSERT_HOLDS_AND_RESERVE_SQL)
+    let ids: Vec<Uuid> = requests.iter().map(|row| row.id).collect();
+    let product_ids: Vec<Uuid> = requests.iter().map(|row| row.product_id).collect();
+    let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
+    let keys: Vec<Option<&str>> = requests.iter().map(|row| row.client_request_id).collect();
+    let rows: Vec<ReservationRow> = diesel::sql_query(RESERVE_HOLDS_SQL)
         .bind::<Array<SqlUuid>, _>(ids)
         .bind::<Array<SqlUuid>, _>(product_ids)
         .bind::<Array<BigInt>, _>(qtys)
         .bind::<Array<Nullable<Text>>, _>(keys)
-        .bind::<Timestamptz, _>(expires_at)
-        .bind::<Timestamptz, _>(created_at)
+        .bind::<Interval, _>(ttl)
         .load(conn)
         .await?;
-    if inserted
-        .iter()
-        .any(|row| row.products_reserved != row.products_held)
-    {
-        return Ok(None);
+    let mut answers: Vec<Option<Reservation>> = vec![None; requests.len()];
+    for row in rows {
+        let slot = usize::try_from(row.ord - 1)
+            .ok()
+            .and_then(|index| answers.get_mut(index))
+            .ok_or_else(|| unexpected(format!("reserve_holds answered position {}", row.ord)))?;
+        *slot = Some(row.into_reservation()?);
     }
-    Ok(Some(inserted.into_iter().map(|row| row.hold).collect()))
+    answers
+        .into_iter()
+        .map(|answer| answer.ok_or_else(|| unexpected("reserve_holds left a request unanswered")))
+        .collect()
 }
 
-/// The holds created with any of these client request ids.
-pub async fn find_holds_by_client_request_ids(
-    conn: &mut AsyncPgConnection,
-    client_request_ids: &[&str],
-) -> QueryResult<Vec<Hold>> {
-    if client_request_ids.is_empty() {
-        return Ok(Vec::new());
+impl ReservationRow {
+    /// The typed answer.
+    fn into_reservation(self) -> QueryResult<Reservation> {
+        Ok(match (self.outcome.as_str(), self.hold, self.units_left) {
+            ("existing", Some(hold), _) => Reservation::Existing(hold),
+            ("granted", Some(hold), _) => Reservation::Granted(hold),
+            ("insufficient", None, Some(units_left)) => Reservation::Insufficient { units_left },
+            ("no_product", None, _) => Reservation::NoProduct,
+            ("key_taken", None, _) => Reservation::KeyTaken,
+            (outcome, _, _) => {
+                return Err(unexpected(format!(
+                    "reserve_holds answered {outcome:?} with unexpected fields"
+                )));
+            }
+        })
     }
-    holds::table
-        .filter(holds::client_request_id.eq_any(client_request_ids))
-        .select(Hold::as_select())
-        .load(conn)
-        .await
+}
+
+/// A result the database function should never produce.
+fn unexpected(message: impl Into<String>) -> diesel::result::Error {
+    diesel::result::Error::DeserializationError(message.into().into())
 }

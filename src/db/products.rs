@@ -1,10 +1,7 @@
 //! Queries on `products` and `stock_adjustments`. Every change of the stock counters goes
 //! through [`apply_stock_change`], whose guarded `UPDATE` takes the product's row lock.
 
-use chrono::{DateTime, Utc};
-use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::sql_types::Timestamptz;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -127,28 +124,4 @@ pub async fn apply_stock_change(
         .get_result(conn)
         .await
         .optional()
-}
-
-/// Locks these products in id order (so concurrent lockers never deadlock) and returns them
-/// with the transaction's timestamp from the database clock.
-pub async fn lock_products(
-    conn: &mut AsyncPgConnection,
-    ids: &[Uuid],
-) -> QueryResult<(Vec<Product>, DateTime<Utc>)> {
-    let rows: Vec<(Product, DateTime<Utc>)> = products::table
-        .filter(products::id.eq_any(ids))
-        .order(products::id)
-        .select((Product::as_select(), sql::<Timestamptz>("now()")))
-        .for_update()
-        .load(conn)
-        .await?;
-    let now = match <[_]>::first(&rows) {
-        Some((_, now)) => *now,
-        None => {
-            diesel::select(sql::<Timestamptz>("now()"))
-                .get_result(conn)
-                .await?
-        }
-    };
-    Ok((rows.into_iter().map(|(product, _)| product).collect(), now))
 }

@@ -1,8 +1,9 @@
 //! Coalesced holds. Concurrent CreateHold calls in one process are gathered into one
-//! transaction per batch: the batch's products are locked once (in id order), stock is
-//! granted in arrival order as far as it goes, the granted holds are written in one
-//! multi-row insert, the counters in one update, and everything commits once. Each caller
-//! gets its own answer, only after the commit.
+//! statement per batch, the database function `reserve_holds`, run as its own transaction:
+//! the batch's products are locked once (in id order), stock is granted in arrival order as
+//! far as it goes, the granted holds are written in one multi-row insert, the counters in
+//! one update per product, and everything commits once, in one round trip. Each caller gets
+//! its own answer, only after the commit.
 //!
 //! Calls are spread over a few lanes by product; each lane runs at most one batch at a
 //! time and gathers whatever arrived while the previous batch was in flight, so a lone
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_async::AsyncPgConnection;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -21,12 +22,10 @@ use super::DomainError;
 use super::holds::{NewHold, same_hold_request};
 use crate::db::DbPool;
 use crate::db::holds::{
-    NewHoldRow, find_hold_by_client_request_id, find_holds_by_client_request_ids,
-    insert_holds_and_reserve,
+    HoldRequestRow, Reservation, find_hold_by_client_request_id, reserve_holds,
 };
 use crate::db::io_thread::IoThread;
-use crate::db::models::{Hold, Product};
-use crate::db::products::lock_products;
+use crate::db::models::Hold;
 
 /// Largest number of calls one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -58,18 +57,6 @@ pub struct HoldBatcher {
     lanes: Vec<Mutex<Lane>>,
     /// Where the batches run.
     io: Arc<IoThread>,
-}
-
-/// What one request of a batch comes to inside the transaction.
-enum Answer {
-    /// Not decided yet: the grant step decides.
-    Undecided,
-    /// Settled: a hold (new or existing) or a refusal.
-    Done(Result<Hold, DomainError>),
-    /// Same client request id as an earlier request of this batch: answered like it.
-    SameKeyAs(usize),
-    /// Its client request id was taken by a concurrent transaction: look it up after commit.
-    KeyTaken,
 }
 
 impl HoldBatcher {
@@ -153,80 +140,87 @@ impl HoldBatcher {
         }
     }
 
-    /// Reserves a batch in one transaction; one answer per request, in order.
+    /// Reserves a batch in one statement (one round trip, one commit); one answer per
+    /// request, in order. A repeated client request id is sent once and its repeats answered
+    /// like its first.
     async fn reserve(
         &self,
         requests: &[NewHold],
     ) -> Result<Vec<Result<Hold, DomainError>>, DomainError> {
         let mut conn = self.pool.get().await?;
-        let answers = conn
-            .transaction(async |conn| self.reserve_in_transaction(conn, requests).await)
-            .await?;
-        let mut resolved: Vec<Result<Hold, DomainError>> = Vec::with_capacity(requests.len());
-        for (request, answer) in requests.iter().zip(answers) {
-            let result = match answer {
-                Answer::Done(result) => result,
-                Answer::SameKeyAs(first) => resolved[first]
+        let first_with_same_key = first_with_same_key(requests);
+        let rows: Vec<HoldRequestRow<'_>> = requests
+            .iter()
+            .zip(&first_with_same_key)
+            .filter(|(_, first)| first.is_none())
+            .map(|(request, _)| hold_request_row(request))
+            .collect();
+        let mut reservations = reserve_holds(&mut conn, &rows, self.hold_ttl)
+            .await?
+            .into_iter();
+        let mut answers: Vec<Result<Hold, DomainError>> = Vec::with_capacity(requests.len());
+        for (request, first) in requests.iter().zip(first_with_same_key) {
+            let answer = match first {
+                Some(first) => answers[first]
                     .clone()
                     .and_then(|hold| same_hold_request(hold, request)),
-                Answer::KeyTaken => taken_key_hold(&mut conn, request).await,
-                Answer::Undecided => {
-                    Err(DomainError::Internal("hold request left undecided".into()))
-                }
+                None => match reservations.next() {
+                    Some(reservation) => answer(&mut conn, request, reservation).await,
+                    None => Err(DomainError::Internal("hold request left unanswered".into())),
+                },
             };
-            resolved.push(result);
-        }
-        Ok(resolved)
-    }
-
-    /// Inside the transaction: answers known keys, locks the products, grants stock in
-    /// arrival order, writes the granted holds and the counters (one statement).
-    async fn reserve_in_transaction(
-        &self,
-        conn: &mut AsyncPgConnection,
-        requests: &[NewHold],
-    ) -> Result<Vec<Answer>, DomainError> {
-        let mut answers = answer_known_keys(conn, requests).await?;
-        let mut product_ids: Vec<Uuid> =
-            requests.iter().map(|request| request.product_id).collect();
-        product_ids.sort_unstable();
-        product_ids.dedup();
-        let (products, now) = lock_products(conn, &product_ids).await?;
-        let granted = grant_in_arrival_order(requests, &products, &mut answers);
-        let rows = hold_rows(requests, &granted);
-        let Some(inserted) =
-            insert_holds_and_reserve(conn, &rows, now, now + self.hold_ttl).await?
-        else {
-            return Err(DomainError::Internal(
-                "locked products refused a granted reservation".into(),
-            ));
-        };
-        let mut inserted: HashMap<Uuid, Hold> =
-            inserted.into_iter().map(|hold| (hold.id, hold)).collect();
-        for (index, row) in granted.iter().zip(&rows) {
-            answers[*index] = match inserted.remove(&row.id) {
-                Some(hold) => Answer::Done(Ok(hold)),
-                None => Answer::KeyTaken,
-            };
+            answers.push(answer);
         }
         Ok(answers)
     }
 }
 
-/// The rows of the granted requests.
-fn hold_rows<'a>(requests: &'a [NewHold], granted: &[usize]) -> Vec<NewHoldRow<'a>> {
-    granted
+/// For each request, the earlier request of the batch with the same client request id, if any.
+fn first_with_same_key(requests: &[NewHold]) -> Vec<Option<usize>> {
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    requests
         .iter()
-        .map(|&index| {
-            let request = &requests[index];
-            NewHoldRow {
-                id: Uuid::now_v7(),
-                product_id: request.product_id,
-                qty: request.qty,
-                client_request_id: request.client_request_id.as_deref(),
+        .enumerate()
+        .map(|(index, request)| {
+            let key = request.client_request_id.as_deref()?;
+            match first_with_key.get(key) {
+                Some(&first) => Some(first),
+                None => {
+                    first_with_key.insert(key, index);
+                    None
+                }
             }
         })
         .collect()
+}
+
+/// A request as the database function takes it.
+fn hold_request_row(request: &NewHold) -> HoldRequestRow<'_> {
+    HoldRequestRow {
+        id: Uuid::now_v7(),
+        product_id: request.product_id,
+        qty: request.qty,
+        client_request_id: request.client_request_id.as_deref(),
+    }
+}
+
+/// The caller's answer for what the database did with its request.
+async fn answer(
+    conn: &mut AsyncPgConnection,
+    request: &NewHold,
+    reservation: Reservation,
+) -> Result<Hold, DomainError> {
+    match reservation {
+        Reservation::Granted(hold) => Ok(hold),
+        Reservation::Existing(hold) => same_hold_request(hold, request),
+        Reservation::Insufficient { units_left } => Err(DomainError::InsufficientStock {
+            product_id: request.product_id,
+            requested: request.qty,
+            available: units_left,
+        }),
+        Reservation::NoProduct => Err(DomainError::not_found("product", request.product_id)),
+        Reservation::KeyTaken => taken_key_hold(conn, request).await,
+    }
 }
 
 /// Resets a lane's `draining` flag if its task dies mid-batch (a panic), so the next call
@@ -248,78 +242,7 @@ impl Drop for DrainGuard<'_> {
     }
 }
 
-/// Answers requests whose client request id already has a hold, and marks repeats of a key
-/// within the batch; everything else is left for the grant step.
-async fn answer_known_keys(
-    conn: &mut AsyncPgConnection,
-    requests: &[NewHold],
-) -> Result<Vec<Answer>, DomainError> {
-    let keys: Vec<&str> = requests
-        .iter()
-        .filter_map(|r| r.client_request_id.as_deref())
-        .collect();
-    let existing: HashMap<String, Hold> = find_holds_by_client_request_ids(conn, &keys)
-        .await?
-        .into_iter()
-        .filter_map(|hold| Some((hold.client_request_id.clone()?, hold)))
-        .collect();
-    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
-    let answers = requests
-        .iter()
-        .enumerate()
-        .map(
-            |(index, request)| match request.client_request_id.as_deref() {
-                Some(key) if existing.contains_key(key) => {
-                    Answer::Done(same_hold_request(existing[key].clone(), request))
-                }
-                Some(key) => match first_with_key.get(key) {
-                    Some(&first) => Answer::SameKeyAs(first),
-                    None => {
-                        first_with_key.insert(key, index);
-                        Answer::Undecided
-                    }
-                },
-                None => Answer::Undecided,
-            },
-        )
-        .collect();
-    Ok(answers)
-}
-
-/// Grants the still unanswered requests in arrival order while stock lasts; refusals are
-/// answered in place. Returns the indexes of the granted requests.
-fn grant_in_arrival_order(
-    requests: &[NewHold],
-    products: &[Product],
-    answers: &mut [Answer],
-) -> Vec<usize> {
-    let mut available: HashMap<Uuid, i64> =
-        products.iter().map(|p| (p.id, p.available())).collect();
-    let mut granted = Vec::new();
-    for (index, request) in requests.iter().enumerate() {
-        if !matches!(answers[index], Answer::Undecided) {
-            continue;
-        }
-        let Some(left) = available.get_mut(&request.product_id) else {
-            answers[index] =
-                Answer::Done(Err(DomainError::not_found("product", request.product_id)));
-            continue;
-        };
-        if *left >= request.qty {
-            *left -= request.qty;
-            granted.push(index);
-        } else {
-            answers[index] = Answer::Done(Err(DomainError::InsufficientStock {
-                product_id: request.product_id,
-                requested: request.qty,
-                available: *left,
-            }));
-        }
-    }
-    granted
-}
-
-/// After commit: the hold a concurrent transaction created with this request's key.
+/// The hold a concurrent transaction created with this request's key.
 async fn taken_key_hold(
     conn: &mut AsyncPgConnection,
     request: &NewHold,

@@ -1,0 +1,1 @@
+DROP FUNCTION reserve_holds(uuid[], uuid[], int8[], text[], interval);
