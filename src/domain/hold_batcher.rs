@@ -10,7 +10,7 @@
 //! call goes straight through (a batch of one) and a crowd on one product shares commits.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::TimeDelta;
@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::DomainError;
+use super::coalesce::Lanes;
 use super::holds::{NewHold, same_hold_request};
 use crate::db::DbPool;
 use crate::db::holds::{
@@ -38,15 +39,6 @@ struct PendingHold {
     reply: oneshot::Sender<Result<Hold, DomainError>>,
 }
 
-/// One lane's queue.
-#[derive(Default)]
-struct Lane {
-    /// Calls that arrived while a batch was in flight.
-    pending: Vec<PendingHold>,
-    /// Whether a task is draining this lane.
-    draining: bool,
-}
-
 /// Gathers concurrent hold requests into shared transactions.
 pub struct HoldBatcher {
     /// Connections the batches run on.
@@ -54,7 +46,7 @@ pub struct HoldBatcher {
     /// How long a hold reserves its units.
     hold_ttl: TimeDelta,
     /// Independent queues; a product always maps to the same lane.
-    lanes: Vec<Mutex<Lane>>,
+    queue: Lanes<PendingHold>,
     /// Where the batches run.
     io: Arc<IoThread>,
 }
@@ -65,55 +57,27 @@ impl HoldBatcher {
         Arc::new(HoldBatcher {
             pool,
             hold_ttl: TimeDelta::from_std(hold_ttl).unwrap_or(TimeDelta::MAX),
-            lanes: (0..lanes.max(1)).map(|_| Mutex::default()).collect(),
+            queue: Lanes::new(lanes, MAX_BATCH),
             io,
         })
     }
 
     /// Queues a (validated) request and waits for its answer.
     pub async fn submit(self: &Arc<Self>, request: NewHold) -> Result<Hold, DomainError> {
-        let lane = (request.product_id.as_u128() % self.lanes.len() as u128) as usize;
+        let lane = self.queue.lane_for(request.product_id.as_u128());
         let (reply, answer) = oneshot::channel();
-        let start_draining = {
-            let mut state = self.lane(lane);
-            state.pending.push(PendingHold { request, reply });
-            !std::mem::replace(&mut state.draining, true)
-        };
-        if start_draining {
-            self.io.handle().spawn(self.clone().drain(lane));
+        if self.queue.push(lane, PendingHold { request, reply }) {
+            let batcher = self.clone();
+            self.io.handle().spawn(async move {
+                batcher
+                    .queue
+                    .drain(lane, |batch| batcher.run_batch(batch))
+                    .await
+            });
         }
         answer
             .await
             .map_err(|_| DomainError::Internal("hold batch ended without an answer".into()))?
-    }
-
-    /// Locks one lane's queue.
-    fn lane(&self, lane: usize) -> std::sync::MutexGuard<'_, Lane> {
-        self.lanes[lane]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs batches for one lane until its queue is empty.
-    async fn drain(self: Arc<Self>, lane: usize) {
-        let mut guard = DrainGuard {
-            batcher: &self,
-            lane,
-            armed: true,
-        };
-        loop {
-            let batch: Vec<PendingHold> = {
-                let mut state = self.lane(lane);
-                if state.pending.is_empty() {
-                    state.draining = false;
-                    guard.armed = false;
-                    return;
-                }
-                let take = state.pending.len().min(MAX_BATCH);
-                state.pending.drain(..take).collect()
-            };
-            self.run_batch(batch).await;
-        }
     }
 
     /// Runs one batch and answers every caller in it.
@@ -141,8 +105,8 @@ impl HoldBatcher {
     }
 
     /// Reserves a batch in one statement (one round trip, one commit); one answer per
-    /// request, in order. A repeated client request id is sent once and its repeats answered
-    /// like its first.
+    /// request, in order. A client request id repeated within the batch is sent once; each
+    /// repeat is checked against the hold its first request got or found.
     async fn reserve(
         &self,
         requests: &[NewHold],
@@ -158,18 +122,24 @@ impl HoldBatcher {
         let mut reservations = reserve_holds(&mut conn, &rows, self.hold_ttl)
             .await?
             .into_iter();
-        let mut answers: Vec<Result<Hold, DomainError>> = Vec::with_capacity(requests.len());
+        // Per request: the hold its key names (or why there is none); repeats of a key are
+        // checked against the hold of its first request.
+        let mut keyed_holds: Vec<Result<Hold, DomainError>> = Vec::with_capacity(requests.len());
+        let mut answers = Vec::with_capacity(requests.len());
         for (request, first) in requests.iter().zip(first_with_same_key) {
-            let answer = match first {
-                Some(first) => answers[first]
-                    .clone()
-                    .and_then(|hold| same_hold_request(hold, request)),
+            let keyed_hold = match first {
+                Some(first) => keyed_holds[first].clone(),
                 None => match reservations.next() {
-                    Some(reservation) => answer(&mut conn, request, reservation).await,
+                    Some(reservation) => resolve(&mut conn, request, reservation).await,
                     None => Err(DomainError::Internal("hold request left unanswered".into())),
                 },
             };
-            answers.push(answer);
+            answers.push(
+                keyed_hold
+                    .clone()
+                    .and_then(|hold| same_hold_request(hold, request)),
+            );
+            keyed_holds.push(keyed_hold);
         }
         Ok(answers)
     }
@@ -204,15 +174,15 @@ fn hold_request_row(request: &NewHold) -> HoldRequestRow<'_> {
     }
 }
 
-/// The caller's answer for what the database did with its request.
-async fn answer(
+/// The hold the database granted or found for a request, or why there is none. The caller
+/// still checks that a found hold matches its request.
+async fn resolve(
     conn: &mut AsyncPgConnection,
     request: &NewHold,
     reservation: Reservation,
 ) -> Result<Hold, DomainError> {
     match reservation {
-        Reservation::Granted(hold) => Ok(hold),
-        Reservation::Existing(hold) => same_hold_request(hold, request),
+        Reservation::Granted(hold) | Reservation::Existing(hold) => Ok(hold),
         Reservation::Insufficient { units_left } => Err(DomainError::InsufficientStock {
             product_id: request.product_id,
             requested: request.qty,
@@ -223,33 +193,13 @@ async fn answer(
     }
 }
 
-/// Resets a lane's `draining` flag if its task dies mid-batch (a panic), so the next call
-/// starts a new drain instead of waiting forever.
-struct DrainGuard<'a> {
-    /// The batcher owning the lane.
-    batcher: &'a HoldBatcher,
-    /// The lane being drained.
-    lane: usize,
-    /// Cleared when the drain ends normally (it reset the flag itself).
-    armed: bool,
-}
-
-impl Drop for DrainGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.batcher.lane(self.lane).draining = false;
-        }
-    }
-}
-
 /// The hold a concurrent transaction created with this request's key.
 async fn taken_key_hold(
     conn: &mut AsyncPgConnection,
     request: &NewHold,
 ) -> Result<Hold, DomainError> {
     let key = request.client_request_id.as_deref().unwrap_or_default();
-    let existing = find_hold_by_client_request_id(conn, key)
+    find_hold_by_client_request_id(conn, key)
         .await?
-        .ok_or_else(|| DomainError::Conflict(format!("client_request_id {key:?} raced; retry")))?;
-    same_hold_request(existing, request)
+        .ok_or_else(|| DomainError::Conflict(format!("client_request_id {key:?} raced; retry")))
 }

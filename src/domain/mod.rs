@@ -4,6 +4,7 @@
 //! operations serialize on the rows they share and never deadlock each other.
 
 pub mod availability;
+pub mod coalesce;
 pub mod error;
 pub mod hold_batcher;
 pub mod holds;
