@@ -5,7 +5,8 @@ use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-/// One product's stored and recomputed counters.
+/// One product's stored and recomputed counters. The stored `reserved` and `sold` include
+/// the counter movements of settled orders not yet folded into the product's row.
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
 pub struct AuditRow {
     #[diesel(sql_type = SqlUuid)]
@@ -29,7 +30,9 @@ pub struct AuditRow {
 
 /// One statement, so one snapshot: counters and rows are read as of the same instant.
 const AUDIT_SQL: &str = "
-SELECT p.id AS product_id, p.stock_total, p.reserved, p.sold,
+SELECT p.id AS product_id, p.stock_total,
+    (p.reserved + COALESCE(m.reserved_delta, 0))::int8 AS reserved,
+    (p.sold + COALESCE(m.sold_delta, 0))::int8 AS sold,
     COALESCE((SELECT sum(a.delta) FROM stock_adjustments a WHERE a.product_id = p.id), 0)::int8
         AS recomputed_stock_total,
     (COALESCE((SELECT sum(h.qty) FROM holds h WHERE h.product_id = p.id AND h.status = 'active'), 0)
@@ -38,6 +41,10 @@ SELECT p.id AS product_id, p.stock_total, p.reserved, p.sold,
     COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'paid'), 0)::int8
         AS recomputed_sold
 FROM products p
+LEFT JOIN (
+    SELECT product_id, sum(reserved_delta) AS reserved_delta, sum(sold_delta) AS sold_delta
+    FROM stock_movements GROUP BY product_id
+) m ON m.product_id = p.id
 WHERE cardinality($1::uuid[]) = 0 OR p.id = ANY($1::uuid[])
 ORDER BY p.id";
 

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod holds;
 pub mod io_thread;
 pub mod models;
+pub mod movements;
 pub mod orders;
 pub mod payments;
 pub mod products;

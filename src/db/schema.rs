@@ -66,10 +66,22 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    stock_movements (id) {
+        id -> Int8,
+        product_id -> Uuid,
+        order_id -> Uuid,
+        reserved_delta -> Int8,
+        sold_delta -> Int8,
+        created_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(orders -> products (product_id));
 diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
+diesel::joinable!(stock_movements -> orders (order_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     holds,
@@ -77,4 +89,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     payment_events,
     products,
     stock_adjustments,
+    stock_movements,
 );

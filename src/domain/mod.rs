@@ -12,6 +12,7 @@ pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod reaper;
+pub mod stock_folder;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ use crate::db::DbPool;
 use crate::db::io_thread::IoThread;
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
+use stock_folder::StockFolder;
+use uuid::Uuid;
 
 /// Business limits that shape holds.
 #[derive(Debug, Clone)]
@@ -43,6 +46,8 @@ pub struct Checkout {
     settings: CheckoutSettings,
     /// Gathers concurrent CreateHold calls into shared transactions.
     hold_batcher: Arc<HoldBatcher>,
+    /// Folds settled orders' counter movements into their products, many per statement.
+    stock_folder: Arc<StockFolder>,
 }
 
 /// How many times an operation that lost a deadlock or key race is retried.
@@ -55,13 +60,33 @@ impl Checkout {
             pool.clone(),
             settings.hold_ttl,
             settings.hold_batch_lanes,
-            io,
+            io.clone(),
         );
+        let stock_folder = StockFolder::new(pool.clone(), io);
         Checkout {
             pool,
             settings,
             hold_batcher,
+            stock_folder,
         }
+    }
+
+    /// After a settlement committed: folds its product's counter movement, so the caller's
+    /// next read sees the counters it changed. A failed fold is only logged: the movement is
+    /// committed and the reaper's next sweep folds it.
+    async fn fold_settled(&self, product_id: Option<Uuid>) {
+        let Some(product_id) = product_id else {
+            return;
+        };
+        if let Err(error) = self.stock_folder.fold(product_id).await {
+            tracing::warn!(%error, %product_id, "stock fold failed; the reaper's sweep retries it");
+        }
+    }
+
+    /// Folds counter movements nobody folded (a failed fold, a process that died after its
+    /// settlement committed); returns how many.
+    pub async fn fold_stranded_movements(&self) -> Result<i64, DomainError> {
+        self.stock_folder.sweep().await
     }
 
     /// Borrows a pooled connection; an unreachable database is `Unavailable`.

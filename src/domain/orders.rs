@@ -8,8 +8,9 @@ use super::payments::apply_deferred_events;
 use super::{Checkout, DomainError};
 use crate::db::holds::{lock_hold, set_hold_status};
 use crate::db::models::{Hold, HoldStatus, Order, OrderStatus, PaymentResult};
+use crate::db::movements::insert_movement;
 use crate::db::orders as queries;
-use crate::db::products::{StockChange, apply_stock_change, find_product};
+use crate::db::products::{StockChange, find_product};
 
 impl Checkout {
     /// Turns an active hold into a pending order; calling it again for the same hold returns
@@ -19,13 +20,13 @@ impl Checkout {
         let mut conn = self.conn().await?;
         // The transaction commits an on-the-spot expiry even though the call is refused, so the
         // inner result carries the refusal past the commit.
-        let converted: Result<Order, DomainError> = conn
+        let converted: Result<(Order, Option<Uuid>), DomainError> = conn
             .transaction(async |conn| {
                 let (hold, past_ttl) = lock_hold(conn, hold_id)
                     .await?
                     .ok_or_else(|| DomainError::not_found("hold", hold_id))?;
                 match hold.status {
-                    HoldStatus::Converted => Ok(Ok(existing_order(conn, &hold).await?)),
+                    HoldStatus::Converted => Ok(Ok((existing_order(conn, &hold).await?, None))),
                     HoldStatus::Expired => Ok(Err(DomainError::HoldExpired { hold_id })),
                     HoldStatus::Released => Ok(Err(DomainError::HoldReleased { hold_id })),
                     HoldStatus::Active if past_ttl => {
@@ -36,7 +37,10 @@ impl Checkout {
                 }
             })
             .await?;
-        converted
+        drop(conn);
+        let (order, settled_product) = converted?;
+        self.fold_settled(settled_product).await;
+        Ok(order)
     }
 
     /// One order by id.
@@ -49,8 +53,12 @@ impl Checkout {
 }
 
 /// Writes the order for a locked active hold and marks the hold converted; its units stay
-/// reserved, now on behalf of the order.
-async fn convert_hold(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Order, DomainError> {
+/// reserved, now on behalf of the order. Also returns the product to fold when a deferred
+/// payment settled the order on the spot.
+async fn convert_hold(
+    conn: &mut AsyncPgConnection,
+    hold: &Hold,
+) -> Result<(Order, Option<Uuid>), DomainError> {
     let total_cents = hold_total_cents(conn, hold).await?;
     let order = queries::insert_order(conn, hold, total_cents).await?;
     set_hold_status(conn, hold.id, HoldStatus::Converted).await?;
@@ -78,10 +86,9 @@ async fn existing_order(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Ord
         .ok_or_else(|| DomainError::Internal(format!("converted hold {} has no order", hold.id)))
 }
 
-/// A settlement's stock change, applied as its transaction's last write: the product's row
-/// is the one every buyer of a hot product waits for, so its lock is held only from this
-/// write to the commit.
-#[must_use = "the settlement's units move only when the change is applied"]
+/// A settlement's stock change, to be recorded as a counter movement (no product lock) and
+/// folded into the product's counters after the commit.
+#[must_use = "the settlement's units move only when the change is recorded"]
 pub(super) struct PendingStock {
     /// The order whose units move.
     order_id: Uuid,
@@ -92,7 +99,7 @@ pub(super) struct PendingStock {
 }
 
 /// Settles a locked pending order: success will sell its units, failure give them back.
-/// Writes the order now; the returned stock change must be applied before commit.
+/// Writes the order now; the returned stock change must be recorded before commit.
 pub(super) async fn settle(
     conn: &mut AsyncPgConnection,
     order: &Order,
@@ -127,18 +134,12 @@ pub(super) async fn settle(
     Ok((settled, pending))
 }
 
-/// Moves a settled order's units (takes the product's row lock until commit).
-pub(super) async fn apply_pending_stock(
+/// Records a settled order's counter movement without locking its product's row; returns
+/// the product, whose movements the caller folds after the commit.
+pub(super) async fn record_pending_stock(
     conn: &mut AsyncPgConnection,
     pending: PendingStock,
-) -> Result<(), DomainError> {
-    apply_stock_change(conn, pending.product_id, pending.change)
-        .await?
-        .ok_or_else(|| {
-            DomainError::Internal(format!(
-                "settling order {} broke the stock counters",
-                pending.order_id
-            ))
-        })?;
-    Ok(())
+) -> Result<Uuid, DomainError> {
+    insert_movement(conn, pending.order_id, pending.product_id, pending.change).await?;
+    Ok(pending.product_id)
 }

@@ -4,7 +4,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::orders::{PendingStock, apply_pending_stock, hold_total_cents, settle};
+use super::orders::{PendingStock, hold_total_cents, record_pending_stock, settle};
 use super::{Checkout, DomainError, check_text_len, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
@@ -69,15 +69,18 @@ impl Checkout {
         validate_webhook(&webhook)?;
         let mut conn = self.conn().await?;
         let mut attempt = 1;
-        loop {
+        let (receipt, settled_product) = loop {
             let outcome = conn
                 .transaction(async |conn| process_webhook(conn, &webhook).await)
                 .await;
             if !retryable(&outcome, attempt) {
-                return outcome;
+                break outcome?;
             }
             attempt += 1;
-        }
+        };
+        drop(conn);
+        self.fold_settled(settled_product).await;
+        Ok(receipt)
     }
 }
 
@@ -95,13 +98,14 @@ fn validate_webhook(webhook: &PaymentWebhook) -> Result<(), DomainError> {
 }
 
 /// One delivery, in one transaction: a known key answers from the stored event; a new key
-/// locks its target, decides, applies and is stored.
+/// locks its target, decides, applies and is stored. Also returns the product whose counter
+/// movement it recorded, to fold after the commit.
 async fn process_webhook(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
-) -> Result<WebhookReceipt, DomainError> {
+) -> Result<(WebhookReceipt, Option<Uuid>), DomainError> {
     if let Some(event) = find_event(conn, &webhook.idempotency_key).await? {
-        return duplicate_receipt(event, webhook);
+        return Ok((duplicate_receipt(event, webhook)?, None));
     }
     let Decision {
         outcome,
@@ -127,15 +131,17 @@ async fn process_webhook(
             "idempotency key stored concurrently".into(),
         ));
     }
-    if let Some(stock) = stock {
-        apply_pending_stock(conn, stock).await?;
-    }
-    Ok(WebhookReceipt {
+    let settled_product = match stock {
+        Some(stock) => Some(record_pending_stock(conn, stock).await?),
+        None => None,
+    };
+    let receipt = WebhookReceipt {
         idempotency_key: webhook.idempotency_key.clone(),
         order_id,
         order_status,
         outcome: outcome.into(),
-    })
+    };
+    Ok((receipt, settled_product))
 }
 
 /// What a new delivery does.
@@ -144,7 +150,7 @@ struct Decision {
     outcome: EventOutcome,
     /// The order it concerns, as it ends up; `None` while deferred or when its hold died.
     order: Option<Order>,
-    /// The units to move, as the transaction's last write.
+    /// The units to move, recorded as a counter movement.
     stock: Option<PendingStock>,
 }
 
@@ -211,11 +217,12 @@ async fn apply_to_hold(
 }
 
 /// Applies the payments deferred on a hold to the order it just became: the first settles
-/// it, later ones find it final and are ignored. Returns the order as it ends up.
+/// it, later ones find it final and are ignored. Returns the order as it ends up, and the
+/// product to fold if it settled.
 pub(super) async fn apply_deferred_events(
     conn: &mut AsyncPgConnection,
     mut order: Order,
-) -> Result<Order, DomainError> {
+) -> Result<(Order, Option<Uuid>), DomainError> {
     let mut stock = None;
     for event in lock_deferred_events(conn, order.hold_id).await? {
         let outcome = if order.status.is_final() {
@@ -236,11 +243,11 @@ pub(super) async fn apply_deferred_events(
         )
         .await?;
     }
-    // The product's row lock last: held only until the commit.
-    if let Some(stock) = stock {
-        apply_pending_stock(conn, stock).await?;
-    }
-    Ok(order)
+    let settled_product = match stock {
+        Some(stock) => Some(record_pending_stock(conn, stock).await?),
+        None => None,
+    };
+    Ok((order, settled_product))
 }
 
 /// A non-zero reported amount must equal what the order costs.

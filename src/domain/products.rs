@@ -6,6 +6,7 @@ use uuid::Uuid;
 use super::{Checkout, DomainError, check_text_len};
 use crate::db::audit::{AuditRow, audit_products};
 use crate::db::models::Product;
+use crate::db::movements::fold_movements;
 use crate::db::products::{self as queries, StockChange};
 
 /// Largest page ListProducts returns.
@@ -131,6 +132,8 @@ impl Checkout {
         }
         let mut conn = self.conn().await?;
         conn.transaction(async |conn| {
+            // Settled units still pending as movements count as free for a withdrawal.
+            fold_movements(conn, &[product_id]).await?;
             let change = StockChange {
                 total: delta,
                 ..StockChange::default()

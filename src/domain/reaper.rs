@@ -1,5 +1,6 @@
 //! The reaper: expires holds nobody converted in time, in batches, exactly once, safely
-//! alongside other server processes doing the same.
+//! alongside other server processes doing the same; and folds settled orders' counter
+//! movements nobody folded (see `stock_folder`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -74,8 +75,19 @@ pub async fn run_reaper(
     tracing::info!("reaper stopped");
 }
 
-/// Expires batches until one comes back short (or shutdown begins).
+/// Expires batches until one comes back short (or shutdown begins), then folds stranded
+/// counter movements.
 async fn sweep(checkout: &Checkout, batch_size: i64, shutdown: &CancellationToken) {
+    expire_holds(checkout, batch_size, shutdown).await;
+    match checkout.fold_stranded_movements().await {
+        Ok(0) => {}
+        Ok(folded) => tracing::info!(folded, "reaper folded stranded stock movements"),
+        Err(error) => tracing::warn!(%error, "folding stranded stock movements failed"),
+    }
+}
+
+/// Expires batches until one comes back short (or shutdown begins).
+async fn expire_holds(checkout: &Checkout, batch_size: i64, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {
         match checkout.expire_due_holds(batch_size).await {
             Ok(expired) => {

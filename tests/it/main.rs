@@ -11,6 +11,7 @@ mod products;
 mod reaper;
 mod scaling;
 mod service;
+mod settlements;
 mod smoke;
 mod stream;
 mod validation;

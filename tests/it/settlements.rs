@@ -1,0 +1,183 @@
+//! Coalesced settlements: a payment commits without waiting for its product's row, its
+//! counter movement is folded into the product together with the others that arrived
+//! meanwhile, and it answers only once its counters show it. Movements nobody folded are
+//! folded by the reaper; the audit and withdrawals count them while they wait.
+
+use std::time::Duration;
+
+use diesel::sql_types::Uuid as SqlUuid;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use flashsale::grpc::pb::{AdjustStockRequest, OrderStatus, WebhookOutcome};
+use uuid::Uuid;
+
+use crate::orders::{
+    counters, deliver, failure, get_order, get_product, hold, on_order, order, success,
+};
+use crate::support::TestServer;
+
+/// Takes the product's row lock in a transaction of its own, as a long hold batch would;
+/// the lock is held until the connection commits.
+async fn lock_product_row(server: &TestServer, product_id: &str) -> AsyncPgConnection {
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
+    diesel::sql_query("SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE")
+        .bind::<SqlUuid, _>(Uuid::parse_str(product_id).unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
+/// Polls `done` every 20 ms until it holds; panics after 10 s.
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn payments_settle_without_the_product_row_and_move_its_counters_in_one_fold() {
+    let server = TestServer::start().await;
+    let product = server.product("console", 500, 50).await;
+    let mut checkout = server.checkout().await;
+    let mut orders = Vec::new();
+    for _ in 0..20 {
+        let held = hold(&mut checkout, &product.id, 1).await;
+        orders.push(order(&mut checkout, &held.hold_id).await);
+    }
+    let before = get_product(&mut checkout, &product.id).await;
+    assert_eq!(counters(&before), (50, 20, 0, 30));
+
+    let mut row_lock = lock_product_row(&server, &product.id).await;
+    let mut deliveries = Vec::new();
+    for (index, pending) in orders.iter().enumerate() {
+        let mut checkout = server.checkout().await;
+        let webhook = if index % 2 == 0 {
+            success(&format!("evt-{index}"), on_order(&pending.order_id))
+        } else {
+            failure(
+                &format!("evt-{index}"),
+                on_order(&pending.order_id),
+                "declined",
+            )
+        };
+        deliveries.push(tokio::spawn(async move {
+            deliver(&mut checkout, webhook).await
+        }));
+    }
+    // Every order settles while the product's row stays locked...
+    for pending in &orders {
+        eventually("the order settles while its product is locked", || {
+            let (mut checkout, id) = (checkout.clone(), pending.order_id.clone());
+            async move { get_order(&mut checkout, &id).await.status != OrderStatus::Pending as i32 }
+        })
+        .await;
+    }
+    // ...the audit already counts the settled units, though the row has not moved...
+    let audit = server.assert_consistent().await;
+    let stored = audit.products[0].stored.expect("stored counters");
+    assert_eq!((stored.reserved, stored.sold), (0, 10), "audit: {audit:?}");
+    // ...and no payment answers before its product's counters show it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        deliveries.iter().all(|delivery| !delivery.is_finished()),
+        "a payment answered before its units moved"
+    );
+
+    diesel::sql_query("COMMIT")
+        .execute(&mut row_lock)
+        .await
+        .unwrap();
+    for delivery in deliveries {
+        let receipt = delivery.await.unwrap();
+        assert_eq!(receipt.outcome, WebhookOutcome::Applied as i32);
+    }
+    let after = get_product(&mut checkout, &product.id).await;
+    assert_eq!(counters(&after), (50, 0, 10, 40));
+    assert_eq!(
+        after.version,
+        before.version + 1,
+        "the 20 settlements moved the counters in one fold"
+    );
+    server.assert_consistent().await;
+}
+
+/// Settles an order the way a server that died right after its settlement's commit leaves
+/// it: order cancelled (payment failed), counter movement recorded, nothing folded.
+async fn settle_without_folding(server: &TestServer, order_id: &str, product_id: &str, qty: i64) {
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    let (order_id, product_id) = (
+        Uuid::parse_str(order_id).unwrap(),
+        Uuid::parse_str(product_id).unwrap(),
+    );
+    conn.transaction(async |conn| {
+        diesel::sql_query("UPDATE orders SET status = 'cancelled' WHERE id = $1")
+            .bind::<SqlUuid, _>(order_id)
+            .execute(conn)
+            .await?;
+        diesel::sql_query(format!(
+            "INSERT INTO stock_movements (product_id, order_id, reserved_delta, sold_delta) \
+             VALUES ($1, $2, {}, 0)",
+            -qty
+        ))
+        .bind::<SqlUuid, _>(product_id)
+        .bind::<SqlUuid, _>(order_id)
+        .execute(conn)
+        .await?;
+        diesel::QueryResult::Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_reaper_folds_movements_a_dead_server_left() {
+    let server = TestServer::start().await;
+    let product = server.product("lamp", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 4).await;
+    let pending = order(&mut checkout, &held.hold_id).await;
+    settle_without_folding(&server, &pending.order_id, &product.id, 4).await;
+    server.assert_consistent().await;
+
+    eventually("the reaper folds the stranded movement", || {
+        let (mut checkout, id) = (checkout.clone(), product.id.clone());
+        async move { get_product(&mut checkout, &id).await.reserved == 0 }
+    })
+    .await;
+    let folded = get_product(&mut checkout, &product.id).await;
+    assert_eq!(counters(&folded), (10, 0, 0, 10));
+    server.assert_consistent().await;
+}
+
+#[tokio::test]
+async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
+    // No reaper sweep during the test: only the withdrawal can fold the movement.
+    let server =
+        TestServer::start_with(|config| config.reaper_interval = Duration::from_secs(3600)).await;
+    let product = server.product("kettle", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 10).await;
+    let pending = order(&mut checkout, &held.hold_id).await;
+    settle_without_folding(&server, &pending.order_id, &product.id, 10).await;
+    assert_eq!(get_product(&mut checkout, &product.id).await.available, 0);
+
+    let withdrawn = server
+        .admin()
+        .await
+        .adjust_stock(AdjustStockRequest {
+            product_id: product.id.clone(),
+            delta: -10,
+        })
+        .await
+        .expect("the freed units can be withdrawn")
+        .into_inner();
+    assert_eq!(counters(&withdrawn), (0, 0, 0, 0));
+    server.assert_consistent().await;
+}
