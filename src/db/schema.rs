@@ -78,7 +78,6 @@ diesel::table! {
 }
 
 diesel::joinable!(orders -> holds (hold_id));
-diesel::joinable!(orders -> products (product_id));
 diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
 diesel::joinable!(stock_movements -> orders (order_id));

@@ -526,3 +526,55 @@ async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
         .await;
     assert_eq!(accepted.unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_keeps_every_order_on_its_holds_product() {
+    let server = TestServer::start().await;
+    let product = server.product("ordered", 100, 10).await;
+    let other = server.product("other", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    let second = hold(&mut checkout, &product.id, 1, "").await.unwrap();
+    let order = crate::orders::order(&mut checkout, &held.hold_id).await;
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+
+    // Written behind the server's back, each would leave an order on another product than
+    // its hold's (or on none); the database refuses them as it would a foreign key.
+    let missing = uuid::Uuid::now_v7().to_string();
+    for product_id in [&other.id, &missing] {
+        for statement in [
+            format!(
+                "INSERT INTO orders (id, hold_id, product_id, qty, total_cents)
+                 VALUES (gen_random_uuid(), '{}', '{product_id}', 1, 100)",
+                second.hold_id
+            ),
+            format!(
+                "UPDATE orders SET product_id = '{product_id}' WHERE id = '{}'",
+                order.order_id
+            ),
+        ] {
+            let refused = diesel::sql_query(&statement).execute(&mut conn).await;
+            let Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+                info,
+            )) = refused
+            else {
+                panic!("{statement}: {refused:?}");
+            };
+            assert_eq!(
+                info.constraint_name(),
+                Some("orders_product_id_fkey"),
+                "{statement}"
+            );
+        }
+    }
+    // The order of the second hold, on that hold's product, is accepted.
+    let accepted = diesel::sql_query(format!(
+        "INSERT INTO orders (id, hold_id, product_id, qty, total_cents)
+         VALUES (gen_random_uuid(), '{}', '{}', 1, 100)",
+        second.hold_id, product.id
+    ))
+    .execute(&mut conn)
+    .await;
+    assert_eq!(accepted.unwrap(), 1);
+}
