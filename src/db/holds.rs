@@ -7,6 +7,7 @@ use diesel::sql_types::{Array, BigInt, Integer, Interval, Nullable, Text, Uuid a
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached_sql::CachedSql;
 use super::models::{Hold, HoldStatus};
 use super::schema::holds;
 
@@ -48,15 +49,17 @@ pub async fn find_hold_by_client_request_id(
         .optional()
 }
 
-/// Moves a hold to `status`.
+/// Moves a hold to `status` (a statement that stays prepared: see [`CachedSql`]).
 pub async fn set_hold_status(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     status: HoldStatus,
 ) -> QueryResult<Hold> {
-    diesel::update(holds::table.find(id))
-        .set((holds::status.eq(status), holds::updated_at.eq(now)))
-        .returning(Hold::as_returning())
+    CachedSql::new("UPDATE holds SET status = ")
+        .bind::<Text, _>(status)
+        .sql(", updated_at = now() WHERE id = ")
+        .bind::<SqlUuid, _>(id)
+        .sql(" RETURNING *")
         .get_result(conn)
         .await
 }
@@ -128,14 +131,13 @@ struct ReservationRow {
     hold: Option<Hold>,
 }
 
-/// Calls the `reserve_holds` function (migration 2026-11-23-000003), arrays rather than a
-/// VALUES list so the statement's text does not depend on the batch size.
-const RESERVE_HOLDS_SQL: &str = "
+/// The columns of a `reserve_holds(...) AS r` row (migration 2026-11-23-000003).
+const RESERVATION_COLUMNS: &str = "
 SELECT r.ord, r.outcome, r.units_left,
        (r.the_hold).id, (r.the_hold).product_id, (r.the_hold).qty, (r.the_hold).status,
        (r.the_hold).client_request_id, (r.the_hold).expires_at, (r.the_hold).created_at,
        (r.the_hold).updated_at
-FROM reserve_holds($1, $2, $3, $4, $5) AS r";
+FROM reserve_holds(";
 
 /// Reserves a batch of hold requests in one statement: locks their products, grants stock
 /// in request order as far as it goes, inserts the granted holds expiring after `ttl` and
@@ -153,12 +155,19 @@ pub async fn reserve_holds(
     let product_ids: Vec<Uuid> = requests.iter().map(|row| row.product_id).collect();
     let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
     let keys: Vec<Option<&str>> = requests.iter().map(|row| row.client_request_id).collect();
-    let rows: Vec<ReservationRow> = diesel::sql_query(RESERVE_HOLDS_SQL)
+    // Arrays rather than a VALUES list, so the statement's text does not depend on the
+    // batch size and stays prepared.
+    let rows: Vec<ReservationRow> = CachedSql::new(RESERVATION_COLUMNS)
         .bind::<Array<SqlUuid>, _>(ids)
+        .sql(", ")
         .bind::<Array<SqlUuid>, _>(product_ids)
+        .sql(", ")
         .bind::<Array<BigInt>, _>(qtys)
+        .sql(", ")
         .bind::<Array<Nullable<Text>>, _>(keys)
+        .sql(", ")
         .bind::<Interval, _>(ttl)
+        .sql(") AS r")
         .load(conn)
         .await?;
     let mut answers: Vec<Option<Reservation>> = vec![None; requests.len()];

@@ -3,6 +3,7 @@
 //! `QueryResult`; the domain decides what runs in which transaction.
 
 pub mod audit;
+pub mod cached_sql;
 pub mod holds;
 pub mod io_thread;
 pub mod models;

@@ -6,6 +6,7 @@ use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached_sql::CachedSql;
 use super::products::StockChange;
 use super::schema::stock_movements;
 
@@ -42,8 +43,9 @@ pub async fn fold_movements(
     conn: &mut AsyncPgConnection,
     product_ids: &[Uuid],
 ) -> QueryResult<i64> {
-    diesel::sql_query("SELECT fold_stock_movements($1) AS folded")
+    CachedSql::new("SELECT fold_stock_movements(")
         .bind::<Array<SqlUuid>, _>(product_ids)
+        .sql(") AS folded")
         .get_result::<Folded>(conn)
         .await
         .map(|row| row.folded)

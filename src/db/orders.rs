@@ -1,10 +1,11 @@
 //! Queries on `orders`.
 
-use diesel::dsl::now;
 use diesel::prelude::*;
+use diesel::sql_types::{Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached_sql::CachedSql;
 use super::models::{Hold, Order, OrderStatus};
 use super::schema::orders;
 
@@ -62,20 +63,20 @@ pub async fn lock_order(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<O
         .optional()
 }
 
-/// Moves an order to a final status.
+/// Moves an order to a final status (a statement that stays prepared: see [`CachedSql`]).
 pub async fn settle_order(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     status: OrderStatus,
     failure_reason: &str,
 ) -> QueryResult<Order> {
-    diesel::update(orders::table.find(id))
-        .set((
-            orders::status.eq(status),
-            orders::failure_reason.eq(failure_reason),
-            orders::updated_at.eq(now),
-        ))
-        .returning(Order::as_returning())
+    CachedSql::new("UPDATE orders SET status = ")
+        .bind::<Text, _>(status)
+        .sql(", failure_reason = ")
+        .bind::<Text, _>(failure_reason)
+        .sql(", updated_at = now() WHERE id = ")
+        .bind::<SqlUuid, _>(id)
+        .sql(" RETURNING *")
         .get_result(conn)
         .await
 }

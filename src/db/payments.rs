@@ -9,8 +9,7 @@ use super::models::{EventOutcome, OrderStatus, PaymentEvent, PaymentResult};
 use super::schema::payment_events;
 
 /// A payment event as first recorded.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = payment_events)]
+#[derive(Debug, Clone)]
 pub struct NewPaymentEvent<'a> {
     pub idempotency_key: &'a str,
     pub target_order_id: Option<Uuid>,
@@ -42,8 +41,21 @@ pub async fn insert_event(
     conn: &mut AsyncPgConnection,
     event: &NewPaymentEvent<'_>,
 ) -> QueryResult<bool> {
+    // Columns as a tuple: from the struct, diesel would write `DEFAULT` for each `None`,
+    // and such inserts are never kept prepared.
     let inserted = diesel::insert_into(payment_events::table)
-        .values(event)
+        .values((
+            payment_events::idempotency_key.eq(event.idempotency_key),
+            payment_events::target_order_id.eq(event.target_order_id),
+            payment_events::target_hold_id.eq(event.target_hold_id),
+            payment_events::result.eq(event.result),
+            payment_events::failure_reason.eq(event.failure_reason),
+            payment_events::amount_cents.eq(event.amount_cents),
+            payment_events::outcome.eq(event.outcome),
+            payment_events::order_id.eq(event.order_id),
+            payment_events::order_status.eq(event.order_status),
+            payment_events::processed_at.eq(event.processed_at),
+        ))
         .on_conflict_do_nothing()
         .execute(conn)
         .await?;

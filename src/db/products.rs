@@ -2,9 +2,11 @@
 //! through [`apply_stock_change`], whose guarded `UPDATE` takes the product's row lock.
 
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached_sql::CachedSql;
 use super::models::Product;
 use super::schema::{products, stock_adjustments};
 
@@ -104,23 +106,24 @@ pub async fn list_products(
 }
 
 /// Applies `change` if the product would keep `available >= 0`; `None` if it would not (or
-/// the product does not exist). Takes the product's row lock until the transaction ends.
+/// the product does not exist). Takes the product's row lock until the transaction ends. A
+/// statement that stays prepared (see [`CachedSql`]).
 pub async fn apply_stock_change(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     change: StockChange,
 ) -> QueryResult<Option<Product>> {
-    diesel::update(products::table)
-        .filter(products::id.eq(id))
-        .filter(
-            (products::stock_total - products::reserved - products::sold).ge(change.units_needed()),
-        )
-        .set((
-            products::stock_total.eq(products::stock_total + change.total),
-            products::reserved.eq(products::reserved + change.reserved),
-            products::sold.eq(products::sold + change.sold),
-        ))
-        .returning(Product::as_returning())
+    CachedSql::new("UPDATE products SET stock_total = stock_total + ")
+        .bind::<BigInt, _>(change.total)
+        .sql(", reserved = reserved + ")
+        .bind::<BigInt, _>(change.reserved)
+        .sql(", sold = sold + ")
+        .bind::<BigInt, _>(change.sold)
+        .sql(" WHERE id = ")
+        .bind::<SqlUuid, _>(id)
+        .sql(" AND stock_total - reserved - sold >= ")
+        .bind::<BigInt, _>(change.units_needed())
+        .sql(" RETURNING *")
         .get_result(conn)
         .await
         .optional()
