@@ -1,19 +1,20 @@
--- Settlements off the hot row. A settling order used to update its product's counters in
--- its own transaction, so every payment of a hot product queued on that row's lock for one
--- commit each. Now a settlement records its counter movement here (no product lock) and
--- movements are folded into the product's counters many at a time (fold_stock_movements).
+-- Settlements and releases off the hot row. A settling order (or a released hold) used to
+-- update its product's counters in its own transaction, so every payment of a hot product
+-- queued on that row's lock for one commit each. Now it records its counter movement here
+-- (no product lock) and movements are folded into the product's counters many at a time
+-- (fold_stock_movements).
 --
--- A movement only ever lowers `reserved` (paid: the units move on to `sold`; failed: they
--- become available again), so while movements wait to be folded the product's row
--- overstates what is held and understates what is available: no hold can oversell. The
--- audit counts pending movements with the row.
+-- A movement only ever lowers `reserved` (paid: the units move on to `sold`; failed,
+-- released or expired: they become available again), so while movements wait to be folded
+-- the product's row overstates what is held and understates what is available: no hold
+-- can oversell. The audit counts pending movements with the row.
 CREATE TABLE stock_movements (
     id             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- no foreign key: its check would lock the product's row, which is what this table
-    -- avoids; the order names the product, and a product with holds cannot be deleted
+    -- avoids; the hold names the product, and a product with holds cannot be deleted
     product_id     UUID NOT NULL,
-    -- the settled order the units come from
-    order_id       UUID NOT NULL REFERENCES orders (id),
+    -- the hold whose units move: a settled order's hold, or a hold released or expired
+    hold_id        UUID NOT NULL REFERENCES holds (id),
     reserved_delta BIGINT NOT NULL CHECK (reserved_delta < 0),
     sold_delta     BIGINT NOT NULL CHECK (sold_delta >= 0 AND sold_delta <= -reserved_delta),
     created_at     TIMESTAMPTZ NOT NULL DEFAULT now()

@@ -1,5 +1,5 @@
-//! Queries on `stock_movements`: settled orders' counter movements, waiting to be folded
-//! into their products' counters (migration 2026-11-23-000004).
+//! Queries on `stock_movements`: counter movements of settled orders and released holds,
+//! waiting to be folded into their products' counters (migration 2026-11-23-000004).
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
@@ -10,17 +10,17 @@ use super::cached_sql::CachedSql;
 use super::products::StockChange;
 use super::schema::stock_movements;
 
-/// Records a settled order's counter movement without touching its product's row.
+/// Records the counter movement of a hold's units without touching its product's row.
 pub async fn insert_movement(
     conn: &mut AsyncPgConnection,
-    order_id: Uuid,
+    hold_id: Uuid,
     product_id: Uuid,
     change: StockChange,
 ) -> QueryResult<()> {
     diesel::insert_into(stock_movements::table)
         .values((
             stock_movements::product_id.eq(product_id),
-            stock_movements::order_id.eq(order_id),
+            stock_movements::hold_id.eq(hold_id),
             stock_movements::reserved_delta.eq(change.reserved),
             stock_movements::sold_delta.eq(change.sold),
         ))

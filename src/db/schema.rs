@@ -70,7 +70,7 @@ diesel::table! {
     stock_movements (id) {
         id -> Int8,
         product_id -> Uuid,
-        order_id -> Uuid,
+        hold_id -> Uuid,
         reserved_delta -> Int8,
         sold_delta -> Int8,
         created_at -> Timestamptz,
@@ -80,7 +80,7 @@ diesel::table! {
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
-diesel::joinable!(stock_movements -> orders (order_id));
+diesel::joinable!(stock_movements -> holds (hold_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     holds,

@@ -6,8 +6,9 @@ use uuid::Uuid;
 use super::{Checkout, DomainError, check_text_len};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
+use crate::db::movements::insert_movement;
 use crate::db::payments::ignore_deferred_events;
-use crate::db::products::{StockChange, apply_stock_change};
+use crate::db::products::StockChange;
 
 /// A hold to create.
 #[derive(Debug, Clone)]
@@ -53,22 +54,30 @@ impl Checkout {
     /// nothing and answers with it; a converted hold is refused.
     pub async fn release_hold(&self, id: Uuid) -> Result<Hold, DomainError> {
         let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            let (hold, _) = queries::lock_hold(conn, id)
-                .await?
-                .ok_or_else(|| DomainError::not_found("hold", id))?;
-            match hold.status {
-                HoldStatus::Active => close_hold(conn, &hold, HoldStatus::Released).await,
-                HoldStatus::Released | HoldStatus::Expired => Ok(hold),
-                HoldStatus::Converted => Err(DomainError::HoldConverted { hold_id: id }),
-            }
-        })
-        .await
+        let (hold, moved_product) = conn
+            .transaction(async |conn| {
+                let (hold, _) = queries::lock_hold(conn, id)
+                    .await?
+                    .ok_or_else(|| DomainError::not_found("hold", id))?;
+                match hold.status {
+                    HoldStatus::Active => {
+                        let released = close_hold(conn, &hold, HoldStatus::Released).await?;
+                        Ok((released, Some(hold.product_id)))
+                    }
+                    HoldStatus::Released | HoldStatus::Expired => Ok((hold, None)),
+                    HoldStatus::Converted => Err(DomainError::HoldConverted { hold_id: id }),
+                }
+            })
+            .await?;
+        drop(conn);
+        self.fold_after_commit(moved_product).await;
+        Ok(hold)
     }
 }
 
 /// Ends a locked active hold without an order (`Released` or `Expired`): payments deferred
-/// on it are closed as ignored and its units go back to the product, as the last write.
+/// on it are closed as ignored and its units go back to the product as a counter movement
+/// (no product lock), which the caller folds after the commit.
 pub(super) async fn close_hold(
     conn: &mut AsyncPgConnection,
     hold: &Hold,
@@ -76,19 +85,11 @@ pub(super) async fn close_hold(
 ) -> Result<Hold, DomainError> {
     ignore_deferred_events(conn, &[hold.id]).await?;
     let closed = queries::set_hold_status(conn, hold.id, status).await?;
-    // The product's row lock last: held only until the commit.
     let change = StockChange {
         reserved: -hold.qty,
         ..StockChange::default()
     };
-    apply_stock_change(conn, hold.product_id, change)
-        .await?
-        .ok_or_else(|| {
-            DomainError::Internal(format!(
-                "product {} vanished under hold {}",
-                hold.product_id, hold.id
-            ))
-        })?;
+    insert_movement(conn, hold.id, hold.product_id, change).await?;
     Ok(closed)
 }
 

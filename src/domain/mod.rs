@@ -46,7 +46,7 @@ pub struct Checkout {
     settings: CheckoutSettings,
     /// Gathers concurrent CreateHold calls into shared transactions.
     hold_batcher: Arc<HoldBatcher>,
-    /// Folds settled orders' counter movements into their products, many per statement.
+    /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
 }
 
@@ -71,10 +71,11 @@ impl Checkout {
         }
     }
 
-    /// After a settlement committed: folds its product's counter movement, so the caller's
-    /// next read sees the counters it changed. A failed fold is only logged: the movement is
-    /// committed and the reaper's next sweep folds it.
-    async fn fold_settled(&self, product_id: Option<Uuid>) {
+    /// After a transaction that recorded a counter movement (a settlement, a release)
+    /// committed: folds its product's movements, so the caller's next read sees the counters
+    /// it changed. A failed fold is only logged: the movement is committed and the reaper's
+    /// next sweep folds it.
+    async fn fold_after_commit(&self, product_id: Option<Uuid>) {
         let Some(product_id) = product_id else {
             return;
         };

@@ -19,28 +19,31 @@ impl Checkout {
     pub async fn create_order(&self, hold_id: Uuid) -> Result<Order, DomainError> {
         let mut conn = self.conn().await?;
         // The transaction commits an on-the-spot expiry even though the call is refused, so the
-        // inner result carries the refusal past the commit.
-        let converted: Result<(Order, Option<Uuid>), DomainError> = conn
-            .transaction(async |conn| {
+        // inner result carries the refusal past the commit, with the product whose units moved.
+        let (converted, moved_product): (Result<Order, DomainError>, Option<Uuid>) = conn
+            .transaction::<_, DomainError, _>(async |conn| {
                 let (hold, past_ttl) = lock_hold(conn, hold_id)
                     .await?
                     .ok_or_else(|| DomainError::not_found("hold", hold_id))?;
                 match hold.status {
-                    HoldStatus::Converted => Ok(Ok((existing_order(conn, &hold).await?, None))),
-                    HoldStatus::Expired => Ok(Err(DomainError::HoldExpired { hold_id })),
-                    HoldStatus::Released => Ok(Err(DomainError::HoldReleased { hold_id })),
+                    HoldStatus::Converted => Ok((Ok(existing_order(conn, &hold).await?), None)),
+                    HoldStatus::Expired => Ok((Err(DomainError::HoldExpired { hold_id }), None)),
+                    HoldStatus::Released => Ok((Err(DomainError::HoldReleased { hold_id }), None)),
                     HoldStatus::Active if past_ttl => {
                         close_hold(conn, &hold, HoldStatus::Expired).await?;
-                        Ok(Err(DomainError::HoldExpired { hold_id }))
+                        let expired = Err(DomainError::HoldExpired { hold_id });
+                        Ok((expired, Some(hold.product_id)))
                     }
-                    HoldStatus::Active => convert_hold(conn, &hold).await.map(Ok),
+                    HoldStatus::Active => {
+                        let (order, moved_product) = convert_hold(conn, &hold).await?;
+                        Ok((Ok(order), moved_product))
+                    }
                 }
             })
             .await?;
         drop(conn);
-        let (order, settled_product) = converted?;
-        self.fold_settled(settled_product).await;
-        Ok(order)
+        self.fold_after_commit(moved_product).await;
+        converted
     }
 
     /// One order by id.
@@ -90,8 +93,8 @@ async fn existing_order(conn: &mut AsyncPgConnection, hold: &Hold) -> Result<Ord
 /// folded into the product's counters after the commit.
 #[must_use = "the settlement's units move only when the change is recorded"]
 pub(super) struct PendingStock {
-    /// The order whose units move.
-    order_id: Uuid,
+    /// The hold of the order whose units move.
+    hold_id: Uuid,
     /// Its product.
     product_id: Uuid,
     /// Paid: reserved to sold; failed: reserved back to available.
@@ -127,7 +130,7 @@ pub(super) async fn settle(
     };
     let settled = queries::settle_order(conn, order.id, status, reason).await?;
     let pending = PendingStock {
-        order_id: order.id,
+        hold_id: order.hold_id,
         product_id: order.product_id,
         change,
     };
@@ -140,6 +143,6 @@ pub(super) async fn record_pending_stock(
     conn: &mut AsyncPgConnection,
     pending: PendingStock,
 ) -> Result<Uuid, DomainError> {
-    insert_movement(conn, pending.order_id, pending.product_id, pending.change).await?;
+    insert_movement(conn, pending.hold_id, pending.product_id, pending.change).await?;
     Ok(pending.product_id)
 }

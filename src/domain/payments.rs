@@ -79,7 +79,7 @@ impl Checkout {
             attempt += 1;
         };
         drop(conn);
-        self.fold_settled(settled_product).await;
+        self.fold_after_commit(settled_product).await;
         Ok(receipt)
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use flashsale::grpc::pb::{AdjustStockRequest, OrderStatus, WebhookOutcome};
+use flashsale::grpc::pb::{
+    self as pb, AdjustStockRequest, HoldStatus, OrderStatus, ReleaseHoldRequest, WebhookOutcome,
+};
 use uuid::Uuid;
 
 use crate::orders::{
-    counters, deliver, failure, get_order, get_product, hold, on_order, order, success,
+    counters, deliver, failure, get_hold, get_order, get_product, hold, on_order, order, success,
 };
 use crate::support::TestServer;
 
@@ -108,26 +110,70 @@ async fn payments_settle_without_the_product_row_and_move_its_counters_in_one_fo
     server.assert_consistent().await;
 }
 
+#[tokio::test]
+async fn a_release_commits_without_the_product_row_and_answers_once_its_units_are_back() {
+    let server = TestServer::start().await;
+    let product = server.product("drone", 900, 5).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 3).await;
+
+    let mut row_lock = lock_product_row(&server, &product.id).await;
+    let release = {
+        let mut checkout = checkout.clone();
+        let hold_id = held.hold_id.clone();
+        tokio::spawn(async move {
+            checkout
+                .release_hold(ReleaseHoldRequest { hold_id })
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    };
+    eventually("the hold is released while its product is locked", || {
+        let (mut checkout, id) = (checkout.clone(), held.hold_id.clone());
+        async move { get_hold(&mut checkout, &id).await.status == HoldStatus::Released as i32 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !release.is_finished(),
+        "the release answered before its units were back"
+    );
+
+    diesel::sql_query("COMMIT")
+        .execute(&mut row_lock)
+        .await
+        .unwrap();
+    let released = release.await.unwrap().expect("release");
+    assert_eq!(released.status, HoldStatus::Released as i32);
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (5, 0, 0, 5)
+    );
+    server.assert_consistent().await;
+}
+
 /// Settles an order the way a server that died right after its settlement's commit leaves
 /// it: order cancelled (payment failed), counter movement recorded, nothing folded.
-async fn settle_without_folding(server: &TestServer, order_id: &str, product_id: &str, qty: i64) {
+async fn settle_without_folding(server: &TestServer, order: &pb::Order) {
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
-    let (order_id, product_id) = (
-        Uuid::parse_str(order_id).unwrap(),
-        Uuid::parse_str(product_id).unwrap(),
+    let (order_id, hold_id, product_id) = (
+        Uuid::parse_str(&order.order_id).unwrap(),
+        Uuid::parse_str(&order.hold_id).unwrap(),
+        Uuid::parse_str(&order.product_id).unwrap(),
     );
+    let qty = order.qty;
     conn.transaction(async |conn| {
         diesel::sql_query("UPDATE orders SET status = 'cancelled' WHERE id = $1")
             .bind::<SqlUuid, _>(order_id)
             .execute(conn)
             .await?;
         diesel::sql_query(format!(
-            "INSERT INTO stock_movements (product_id, order_id, reserved_delta, sold_delta) \
+            "INSERT INTO stock_movements (product_id, hold_id, reserved_delta, sold_delta) \
              VALUES ($1, $2, {}, 0)",
             -qty
         ))
         .bind::<SqlUuid, _>(product_id)
-        .bind::<SqlUuid, _>(order_id)
+        .bind::<SqlUuid, _>(hold_id)
         .execute(conn)
         .await?;
         diesel::QueryResult::Ok(())
@@ -143,7 +189,7 @@ async fn the_reaper_folds_movements_a_dead_server_left() {
     let mut checkout = server.checkout().await;
     let held = hold(&mut checkout, &product.id, 4).await;
     let pending = order(&mut checkout, &held.hold_id).await;
-    settle_without_folding(&server, &pending.order_id, &product.id, 4).await;
+    settle_without_folding(&server, &pending).await;
     server.assert_consistent().await;
 
     eventually("the reaper folds the stranded movement", || {
@@ -165,7 +211,7 @@ async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
     let mut checkout = server.checkout().await;
     let held = hold(&mut checkout, &product.id, 10).await;
     let pending = order(&mut checkout, &held.hold_id).await;
-    settle_without_folding(&server, &pending.order_id, &product.id, 10).await;
+    settle_without_folding(&server, &pending).await;
     assert_eq!(get_product(&mut checkout, &product.id).await.available, 0);
 
     let withdrawn = server
