@@ -35,12 +35,17 @@ SELECT p.id AS product_id, p.stock_total,
     (p.sold + COALESCE(m.sold_delta, 0))::int8 AS sold,
     COALESCE((SELECT sum(a.delta) FROM stock_adjustments a WHERE a.product_id = p.id), 0)::int8
         AS recomputed_stock_total,
-    (COALESCE((SELECT sum(h.qty) FROM holds h WHERE h.product_id = p.id AND h.status = 'active'), 0)
+    (COALESCE(active.qty, 0)
      + COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'pending'), 0))::int8
         AS recomputed_reserved,
     COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'paid'), 0)::int8
         AS recomputed_sold
 FROM products p
+LEFT JOIN (
+    -- all active holds in one pass (holds are not indexed by product; see migration
+    -- 2026-11-23-000006)
+    SELECT product_id, sum(qty) AS qty FROM holds WHERE status = 'active' GROUP BY product_id
+) active ON active.product_id = p.id
 LEFT JOIN (
     SELECT product_id, sum(reserved_delta) AS reserved_delta, sum(sold_delta) AS sold_delta
     FROM stock_movements GROUP BY product_id
