@@ -87,7 +87,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FLASHSALE_MAX_QTY_PER_HOLD", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_qty_per_hold: i64,
     /// Independent queues of coalesced CreateHold calls (each runs one transaction at a time).
-    #[arg(long, env = "FLASHSALE_HOLD_BATCH_LANES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, env = "FLASHSALE_HOLD_BATCH_LANES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub hold_batch_lanes: u16,
     /// Database connections in the pool.
     #[arg(long, env = "FLASHSALE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]

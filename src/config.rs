@@ -34,7 +34,7 @@ impl ServerConfig {
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,
             max_qty_per_hold: 10,
-            hold_batch_lanes: 2,
+            hold_batch_lanes: 1,
             pool_size: 16,
             db_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),

@@ -10,9 +10,11 @@
 //! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
 //!   domain conversions, and the one `From<DomainError> for Status`.
 //! - [`domain`]: the checkout rules, transport-neutral: holds, orders, payments, products,
-//!   the reaper and live availability; every operation returns `Result<_, DomainError>`.
+//!   the reaper and live availability, and the coalesced paths (hold batches, stock folds)
+//!   on shared lanes; every operation returns `Result<_, DomainError>`.
 //! - [`db`]: PostgreSQL: pool, embedded migrations, generated schema, rows, one module
-//!   of query functions per table, and the i/o thread that drives the connections.
+//!   of query functions per table, statements that stay prepared, and the i/o thread that
+//!   drives the connections.
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.

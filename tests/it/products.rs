@@ -476,6 +476,28 @@ async fn audit_flags_stored_counters_that_drift_from_the_rows() {
     assert!(only_healthy.consistent, "{only_healthy:#?}");
 }
 
+/// Runs `statement` and asserts the database refused it as a violation of `constraint`.
+async fn assert_refused_as_foreign_key(
+    conn: &mut AsyncPgConnection,
+    statement: &str,
+    constraint: &str,
+) {
+    let refused = diesel::sql_query(statement).execute(conn).await;
+    let Err(diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+        info,
+    )) = refused
+    else {
+        panic!("{statement}: {refused:?}");
+    };
+    assert_eq!(
+        info.constraint_name(),
+        Some(constraint),
+        "{statement}: {}",
+        info.message()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
     let server = TestServer::start().await;
@@ -505,20 +527,7 @@ async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
         format!("UPDATE products SET id = gen_random_uuid() WHERE id = '{}'", product.id),
         format!("UPDATE holds SET product_id = '{}' WHERE id = '{}'", other.id, held.hold_id),
     ] {
-        let refused = diesel::sql_query(&statement).execute(&mut conn).await;
-        let Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
-            info,
-        )) = refused
-        else {
-            panic!("{statement}: {refused:?}");
-        };
-        assert_eq!(
-            info.constraint_name(),
-            Some("holds_product_id_fkey"),
-            "{statement}: {}",
-            info.message()
-        );
+        assert_refused_as_foreign_key(&mut conn, &statement, "holds_product_id_fkey").await;
     }
     // A hold for an existing product is accepted.
     let accepted = diesel::sql_query(insert_for(&other.id))
@@ -553,19 +562,7 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
                 order.order_id
             ),
         ] {
-            let refused = diesel::sql_query(&statement).execute(&mut conn).await;
-            let Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::ForeignKeyViolation,
-                info,
-            )) = refused
-            else {
-                panic!("{statement}: {refused:?}");
-            };
-            assert_eq!(
-                info.constraint_name(),
-                Some("orders_product_id_fkey"),
-                "{statement}"
-            );
+            assert_refused_as_foreign_key(&mut conn, &statement, "orders_product_id_fkey").await;
         }
     }
     // The order of the second hold, on that hold's product, is accepted.
