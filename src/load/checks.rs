@@ -1,7 +1,7 @@
 //! The checks at the end of a scenario: each prints `check: <what>: PASS|FAIL`; any
 //! failure makes the run return an error, so `flashsale load` exits non-zero.
 
-use tonic::transport::Channel;
+use super::conn::Connection;
 
 use super::LoadError;
 use crate::grpc::pb::{
@@ -31,7 +31,7 @@ impl Checks {
     /// Returns the products as read, for the scenario's own checks.
     pub async fn books(
         &mut self,
-        channel: &Channel,
+        channel: &Connection,
         product_ids: &[String],
     ) -> Result<Vec<pb::Product>, LoadError> {
         let products = read_products(channel, product_ids).await?;
@@ -79,7 +79,7 @@ fn adds_up(product: &pb::Product) -> bool {
 
 /// Reads each product with GetProduct.
 pub async fn read_products(
-    channel: &Channel,
+    channel: &Connection,
     product_ids: &[String],
 ) -> Result<Vec<pb::Product>, LoadError> {
     let mut checkout = CheckoutServiceClient::new(channel.clone());
@@ -99,7 +99,7 @@ pub async fn read_products(
 
 /// Runs AuditInventory on `product_ids`.
 async fn audit(
-    channel: &Channel,
+    channel: &Connection,
     product_ids: &[String],
 ) -> Result<pb::AuditInventoryResponse, LoadError> {
     let mut admin = InventoryAdminServiceClient::new(channel.clone());

@@ -1,13 +1,19 @@
-//! Connections and fixtures: N HTTP/2 channels to the server (one TCP connection each) and
-//! the products a scenario works on, created through the admin API.
+//! Connections and fixtures: N HTTP/2 connections to the server (one TCP connection each)
+//! and the products a scenario works on, created through the admin API.
 
 use std::io;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use futures::future::try_join_all;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tower::service_fn;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response, Uri, uri};
 
 use super::LoadError;
 use crate::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
@@ -22,34 +28,92 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Price of the products the scenarios create.
 pub const PRICE_CENTS: i64 = 1_000;
 
+/// One HTTP/2 connection to the server, which the generated stubs call directly. tonic's
+/// `Channel` queues every call through a buffer task (and keeps reconnection machinery),
+/// which costs the load generator CPU that the server then cannot use on a shared machine.
+#[derive(Clone)]
+pub struct Connection {
+    /// Sends requests over the connection.
+    sender: SendRequest<Body>,
+    /// `http` or `https` and host:port, set on every request's URI.
+    scheme: uri::Scheme,
+    authority: uri::Authority,
+}
+
 /// Opens `count` separate HTTP/2 connections to `server`.
 ///
 /// Writes are coalesced (`transport::CoalescingStream`, Nagle off): the calls a crowd of
 /// clients starts in one scheduler turn leave in one write instead of one each. The
 /// flow-control windows are fixed and large instead of adaptive: the messages are tiny, so
 /// BDP probing would only add pings.
-pub async fn connect(server: &str, count: usize) -> Result<Vec<Channel>, LoadError> {
-    let endpoint = Endpoint::from_shared(server.to_owned())
-        .map_err(|error| format!("invalid server address {server:?}: {error}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_adaptive_window(false)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .initial_stream_window_size(STREAM_WINDOW);
-    let connector = service_fn(|uri: Uri| async move {
-        let host = uri
-            .host()
-            .ok_or_else(|| io::Error::other("server address has no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
-        Ok::<_, io::Error>(TokioIo::new(coalescing_connect((host, port)).await?))
-    });
-    let channels = try_join_all((0..count).map(|_| endpoint.connect_with_connector(connector)))
+pub async fn connect(server: &str, count: usize) -> Result<Vec<Connection>, LoadError> {
+    let target: Uri = server
+        .parse()
+        .map_err(|error| format!("invalid server address {server:?}: {error}"))?;
+    let (Some(scheme), Some(authority)) = (target.scheme().cloned(), target.authority().cloned())
+    else {
+        return Err(format!("invalid server address {server:?}: needs a scheme and a host").into());
+    };
+    let connections = try_join_all((0..count).map(|_| Connection::open(&scheme, &authority)))
         .await
         .map_err(|error| {
-            let error = with_causes(&error);
+            let error = with_causes(error.as_ref());
             format!("cannot reach {server}: {error} (is `flashsale serve` running?)")
         })?;
-    Ok(channels)
+    Ok(connections)
+}
+
+impl Connection {
+    /// One TCP connection and HTTP/2 handshake; the connection's task runs on the runtime.
+    async fn open(
+        scheme: &uri::Scheme,
+        authority: &uri::Authority,
+    ) -> Result<Connection, Box<dyn std::error::Error + Send + Sync>> {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, coalescing_connect((host, port)))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .adaptive_window(false)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "load connection ended");
+            }
+        });
+        Ok(Connection {
+            sender,
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+        })
+    }
+}
+
+impl tower::Service<Request<Body>> for Connection {
+    type Response = Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.sender.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        Box::pin(self.sender.send_request(request))
+    }
 }
 
 /// An error and its causes, `outer: inner: innermost`.
@@ -66,7 +130,7 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 
 /// Creates `count` products with `stock` units each, named after the scenario and run.
 pub async fn create_products(
-    channel: &Channel,
+    channel: &Connection,
     label: &str,
     count: usize,
     stock: i64,

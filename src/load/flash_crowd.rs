@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::conn::Connection;
 use clap::{Args, ValueEnum};
 use rand::RngExt;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::checks::{Checks, read_products};
 use super::conn::{connect, create_products, expires_at};
@@ -148,7 +148,7 @@ impl Tally {
 /// One client: serves buyers one after another.
 struct CrowdClient {
     /// Its stub, on one of the shared channels.
-    checkout: CheckoutServiceClient<Channel>,
+    checkout: CheckoutServiceClient<Connection>,
     /// What all clients share.
     plan: Arc<CrowdPlan>,
     /// This client's latency and status counts.
@@ -297,7 +297,7 @@ struct CrowdOutcome {
 }
 
 /// Runs the clients until every buyer is served and merges their figures.
-async fn crowd(plan: &Arc<CrowdPlan>, channels: &[Channel]) -> Result<CrowdOutcome, LoadError> {
+async fn crowd(plan: &Arc<CrowdPlan>, channels: &[Connection]) -> Result<CrowdOutcome, LoadError> {
     let progress = Arc::new(Progress::default());
     let _ticker = Ticker::start("flash-crowd", progress.clone());
     let started = Instant::now();
@@ -368,7 +368,7 @@ fn print_summary(args: &FlashCrowdArgs, product_id: &str, outcome: &CrowdOutcome
 /// expire, again once the reaper has expired them.
 async fn check(
     args: &FlashCrowdArgs,
-    channel: &Channel,
+    channel: &Connection,
     product_id: &str,
     outcome: &CrowdOutcome,
 ) -> Result<(), LoadError> {
@@ -420,7 +420,7 @@ fn check_units(checks: &mut Checks, stock: i64, product: &pb::Product, tally: &T
 /// a grace), then checks that their units are back and the books still add up.
 async fn check_expiry(
     checks: &mut Checks,
-    channel: &Channel,
+    channel: &Connection,
     product_id: &str,
     tally: &Tally,
 ) -> Result<(), LoadError> {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::conn::Connection;
 use clap::Args;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::checks::Checks;
 use super::conn::{connect, create_products, hold_ttl};
@@ -155,7 +155,7 @@ impl Limit {
 /// One client of the race: calls CreateHold until the limit says stop.
 struct HoldClient {
     /// Its stub, on one of the shared channels.
-    checkout: CheckoutServiceClient<Channel>,
+    checkout: CheckoutServiceClient<Connection>,
     /// The product ids to hold from.
     products: Arc<Vec<String>>,
     /// Chooses the next product.
@@ -209,7 +209,7 @@ impl HoldClient {
 /// Runs the clients until the budget is spent and merges their figures.
 async fn race(
     plan: &HoldsPlan,
-    channels: &[Channel],
+    channels: &[Connection],
     products: Arc<Vec<String>>,
     seed: u64,
 ) -> Result<RaceOutcome, LoadError> {
@@ -301,7 +301,7 @@ fn print_summary(plan: &HoldsPlan, ids: &[String], outcome: &RaceOutcome) {
 /// and reserved units matching them on every product.
 async fn check(
     plan: &HoldsPlan,
-    channel: &Channel,
+    channel: &Connection,
     ids: &[String],
     outcome: &RaceOutcome,
 ) -> Result<(), LoadError> {

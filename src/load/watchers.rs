@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::conn::Connection;
 use clap::Args;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -18,7 +19,6 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use super::checks::Checks;
@@ -182,7 +182,7 @@ struct WatcherReport {
 /// Opens the streams and waits until each has its initial state (or failed).
 async fn open(
     args: &WatchersArgs,
-    channels: &[Channel],
+    channels: &[Connection],
     product_id: &str,
 ) -> Result<WatcherCrowd, LoadError> {
     let progress = Arc::new(Progress::default());
@@ -250,7 +250,7 @@ async fn wait_for_opens(
 /// One watcher: opens its stream, then records every update until the final version.
 struct Watcher {
     /// Its stub, on one of the shared channels.
-    checkout: CheckoutServiceClient<Channel>,
+    checkout: CheckoutServiceClient<Connection>,
     /// The watched product.
     product_id: String,
     /// Shared with the coordinator.
@@ -393,7 +393,7 @@ struct Drive {
 /// Sends the stock changes at the configured rate and announces the final version.
 async fn drive(
     args: &WatchersArgs,
-    control: &Channel,
+    control: &Connection,
     product_id: &str,
     crowd: &WatcherCrowd,
 ) -> Result<Drive, LoadError> {
@@ -581,7 +581,7 @@ fn delivery(changes: &[(i64, Instant)], reports: &[WatcherReport]) -> Delivery {
 /// Prints the figures and runs the checks.
 async fn report(
     args: &WatchersArgs,
-    control: &Channel,
+    control: &Connection,
     product: &pb::Product,
     drive: &Drive,
     settled: &Settled,
@@ -641,7 +641,7 @@ fn print_cpu(drive: &Drive, settled: &Settled) {
 /// Every stream opened and ended on the final version; stock as driven; books and audit.
 async fn check(
     args: &WatchersArgs,
-    control: &Channel,
+    control: &Connection,
     product: &pb::Product,
     drive: &Drive,
     settled: &Settled,
