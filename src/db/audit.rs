@@ -6,7 +6,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 /// One product's stored and recomputed counters. The stored `reserved` and `sold` include
-/// the counter movements of settled orders not yet folded into the product's row.
+/// the counter movements (settled orders, released holds) not yet folded into the row.
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
 pub struct AuditRow {
     #[diesel(sql_type = SqlUuid)]

@@ -1,5 +1,7 @@
-//! Queries on `products` and `stock_adjustments`. Every change of the stock counters goes
-//! through [`apply_stock_change`], whose guarded `UPDATE` takes the product's row lock.
+//! Queries on `products` and `stock_adjustments`. The stock counters change in three
+//! places, each under the product's row lock: [`apply_stock_change`] (a guarded `UPDATE`:
+//! restocks, withdrawals, the reaper), hold batches (`super::holds::reserve_holds`) and
+//! folds of counter movements (`super::movements::fold_movements`).
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};

@@ -227,3 +227,58 @@ async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
     assert_eq!(counters(&withdrawn), (0, 0, 0, 0));
     server.assert_consistent().await;
 }
+
+#[tokio::test]
+async fn concurrent_folds_apply_each_movement_once() {
+    // No reaper sweep: only the two folds below move the counters.
+    let server =
+        TestServer::start_with(|config| config.reaper_interval = Duration::from_secs(3600)).await;
+    let product = server.product("speaker", 100, 12).await;
+    let mut checkout = server.checkout().await;
+    for _ in 0..3 {
+        let held = hold(&mut checkout, &product.id, 4).await;
+        let pending = order(&mut checkout, &held.hold_id).await;
+        settle_without_folding(&server, &pending).await;
+    }
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (12, 12, 0, 0)
+    );
+
+    // Both folds queue behind the row lock and then race for the same three movements.
+    let mut row_lock = lock_product_row(&server, &product.id).await;
+    let folds: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, id) = (server.db.url.clone(), Uuid::parse_str(&product.id).unwrap());
+            tokio::spawn(async move {
+                #[derive(diesel::QueryableByName)]
+                struct Folded {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    folded: i64,
+                }
+                let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+                diesel::sql_query("SELECT fold_stock_movements(ARRAY[$1]) AS folded")
+                    .bind::<SqlUuid, _>(id)
+                    .get_result::<Folded>(&mut conn)
+                    .await
+                    .unwrap()
+                    .folded
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    diesel::sql_query("COMMIT")
+        .execute(&mut row_lock)
+        .await
+        .unwrap();
+    let mut folded = 0;
+    for fold in folds {
+        folded += fold.await.unwrap();
+    }
+    assert_eq!(folded, 3, "each movement folded by exactly one of the two");
+    assert_eq!(
+        counters(&get_product(&mut checkout, &product.id).await),
+        (12, 0, 0, 12)
+    );
+    server.assert_consistent().await;
+}
