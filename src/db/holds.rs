@@ -3,7 +3,8 @@
 use chrono::TimeDelta;
 use diesel::dsl::now;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Integer, Interval, Nullable, Text, Uuid as SqlUuid};
+use diesel::result::DatabaseErrorKind;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -131,7 +132,7 @@ struct ReservationRow {
     hold: Option<Hold>,
 }
 
-/// The columns of a `reserve_holds(...) AS r` row (migration 2026-11-23-000003).
+/// The columns of a `reserve_holds(...) AS r` row (migrations 2026-11-23-000003 and 000007).
 const RESERVATION_COLUMNS: &str = "
 SELECT r.ord, r.outcome, r.units_left,
        (r.the_hold).id, (r.the_hold).product_id, (r.the_hold).qty, (r.the_hold).status,
@@ -143,6 +144,11 @@ FROM reserve_holds(";
 /// in request order as far as it goes, inserts the granted holds expiring after `ttl` and
 /// adds their units to `reserved`. One answer per request, in order. Run outside a
 /// transaction, it is one round trip and one commit.
+///
+/// The batch is inserted plainly first; if a concurrent transaction took one of its client
+/// request ids after the function looked them up, the whole call fails and is undone, and
+/// runs once more skipping taken keys (ON CONFLICT, which costs every row a speculative
+/// insertion, so it is kept for this rare case).
 pub async fn reserve_holds(
     conn: &mut AsyncPgConnection,
     requests: &[HoldRequestRow<'_>],
@@ -151,6 +157,22 @@ pub async fn reserve_holds(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
+    match reserve_holds_once(conn, requests, ttl, false).await {
+        Err(diesel::result::Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+            reserve_holds_once(conn, requests, ttl, true).await
+        }
+        reserved => reserved,
+    }
+}
+
+/// One call of `reserve_holds`; `skip_taken_keys` chooses ON CONFLICT DO NOTHING over a
+/// plain insert that fails on a taken key.
+async fn reserve_holds_once(
+    conn: &mut AsyncPgConnection,
+    requests: &[HoldRequestRow<'_>],
+    ttl: TimeDelta,
+    skip_taken_keys: bool,
+) -> QueryResult<Vec<Reservation>> {
     let ids: Vec<Uuid> = requests.iter().map(|row| row.id).collect();
     let product_ids: Vec<Uuid> = requests.iter().map(|row| row.product_id).collect();
     let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
@@ -167,6 +189,8 @@ pub async fn reserve_holds(
         .bind::<Array<Nullable<Text>>, _>(keys)
         .sql(", ")
         .bind::<Interval, _>(ttl)
+        .sql(", ")
+        .bind::<Bool, _>(skip_taken_keys)
         .sql(") AS r")
         .load(conn)
         .await?;

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{CreateHoldRequest, GetProductRequest, Hold};
 use tonic::Code;
 use tonic_types::StatusExt;
+use uuid::Uuid;
 
-use crate::support::{Checkout, TestServer, reason};
+use crate::support::{Checkout, TestServer, eventually, reason};
 
 /// Fires all `requests` at once over `connections` connections; answers in request order.
 async fn crowd(
@@ -227,4 +228,69 @@ async fn commits(database_url: &str) -> i64 {
     .await
     .unwrap();
     row.xact_commit
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
+    let server = TestServer::start().await;
+    let product = server.product("hot", 100, 10).await;
+    let product_id = Uuid::parse_str(&product.id).unwrap();
+    // Another server process's batch takes the key "race" and holds the product's row,
+    // uncommitted.
+    let mut other = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query("BEGIN")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let other_hold_id = Uuid::now_v7();
+    diesel::sql_query(
+        "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[2::int8], ARRAY['race'], \
+         '1 minute', false)",
+    )
+    .bind::<SqlUuid, _>(other_hold_id)
+    .bind::<SqlUuid, _>(product_id)
+    .execute(&mut other)
+    .await
+    .unwrap();
+
+    // This server's batch looks the key up (nobody has it yet), then waits for the row.
+    let mut checkout = server.checkout().await;
+    let call = tokio::spawn(async move {
+        let request = CreateHoldRequest {
+            client_request_id: "race".into(),
+            ..request(&product.id, 2)
+        };
+        checkout.create_hold(request).await
+    });
+    eventually("the batch waits for the product's row", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    diesel::sql_query("COMMIT")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let hold = call.await.unwrap().expect("the key's hold").into_inner();
+    assert_eq!(hold.hold_id, other_hold_id.to_string());
+    assert_eq!(available(&server, &hold.product_id).await, 8);
+    server.assert_consistent().await;
+}
+
+/// Whether some session of this database waits for a lock.
+async fn waiting_on_locks(database_url: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = BigInt)]
+        waiting: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url).await.unwrap();
+    let row: Waiting = diesel::sql_query(
+        "SELECT count(*) AS waiting FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    row.waiting > 0
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::orders::{
     counters, deliver, failure, get_hold, get_order, get_product, hold, on_order, order, success,
 };
-use crate::support::TestServer;
+use crate::support::{TestServer, eventually};
 
 /// Takes the product's row lock in a transaction of its own, as a long hold batch would;
 /// the lock is held until the connection commits.
@@ -28,19 +28,6 @@ async fn lock_product_row(server: &TestServer, product_id: &str) -> AsyncPgConne
         .await
         .unwrap();
     conn
-}
-
-/// Polls `done` every 20 ms until it holds; panics after 10 s.
-async fn eventually<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
