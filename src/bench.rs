@@ -2,8 +2,10 @@
 //! fresh, durable PostgreSQL it measures (1) PostgreSQL's own one-hold-per-commit ceiling
 //! with pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
 //! INSERT per transaction, at each client count, keeping the best), then (2) the full gRPC
-//! server (`flashsale serve` as a child process) under `flashsale load hot-holds` and
-//! `many-products`, and prints the figures and their ratios.
+//! server (`flashsale serve` as a child process) under `flashsale load hot-holds`, (3) the
+//! pgbench ceiling again at its best client count (the hot-holds ratio uses the mean of the
+//! two readings) and (4) `many-products` (a server and database of its own, like (2)), and
+//! prints the figures and their ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -77,39 +79,70 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     postgres.stop().await?;
     let _ = std::fs::remove_dir_all(&workdir);
     let (baseline, hot, many) = outcome?;
-    print_comparison(&args, baseline, hot, many);
+    print_comparison(&args, &baseline, hot, many);
     Ok(())
 }
 
-/// The three measurements, in order.
+/// pgbench's one-hold-per-commit rate at its best client count, measured before the
+/// hot-holds run and again right after it: the shared machine's speed drifts by tens of
+/// percent within minutes, so the ratio uses the mean and both readings are printed.
+struct Baseline {
+    /// The best of the client counts tried.
+    clients: u32,
+    /// Holds per second before hot-holds.
+    before: f64,
+    /// Holds per second right after hot-holds.
+    after: f64,
+}
+
+impl Baseline {
+    /// The mean of the two readings.
+    fn holds_per_second(&self) -> f64 {
+        (self.before + self.after) / 2.0
+    }
+}
+
+/// The measurements: baseline, hot-holds, baseline again, many-products.
 async fn measure(
     args: &BenchArgs,
     postgres: &LocalPostgres,
     workdir: &Path,
-) -> Result<((u32, f64), HoldsFigures, HoldsFigures), BenchError> {
-    let baseline = pgbench_baseline(args, postgres, workdir).await?;
-    db::create_database_if_missing(&postgres.url("postgres"), "flashsale").await?;
-    let server = ServerProcess::start(&postgres.url("flashsale"), &args.serve_flags).await?;
+) -> Result<(Baseline, HoldsFigures, HoldsFigures), BenchError> {
+    let (clients, before) = pgbench_baseline(args, postgres, workdir).await?;
+    let hot = server_run(args, postgres, "hot-holds", 1).await?;
+    let after = rerun_pgbench(args, postgres, workdir, clients).await?;
+    let many = server_run(args, postgres, "many-products", args.products).await?;
+    let baseline = Baseline {
+        clients,
+        before,
+        after,
+    };
+    Ok((baseline, hot, many))
+}
+
+/// One holds scenario against `flashsale serve` on a fresh database of its own, started
+/// after a CHECKPOINT: neither scenario inherits the other's rows, autovacuum work or
+/// checkpoint.
+async fn server_run(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    scenario: &'static str,
+    products: usize,
+) -> Result<HoldsFigures, BenchError> {
+    let database = format!("flashsale_{}", scenario.replace('-', "_"));
+    db::create_database_if_missing(&postgres.url("postgres"), &database).await?;
+    let server = ServerProcess::start(&postgres.url(&database), &args.serve_flags).await?;
+    AsyncPgConnection::establish(&postgres.url("postgres"))
+        .await?
+        .batch_execute("CHECKPOINT")
+        .await?;
     let processes = Processes {
         server: server.child.id().unwrap_or_default(),
         postgres: postgres.pid().unwrap_or_default(),
     };
-    let hot = holds_run(args, &server.url, "hot-holds", 1, &processes).await;
-    let many = match hot {
-        Ok(_) => {
-            holds_run(
-                args,
-                &server.url,
-                "many-products",
-                args.products,
-                &processes,
-            )
-            .await
-        }
-        Err(_) => Err("skipped".into()),
-    };
+    let figures = holds_run(args, &server.url, scenario, products, &processes).await;
     server.stop().await?;
-    Ok((baseline, hot?, many?))
+    figures
 }
 
 /// pgbench's best one-hold-per-commit rate: `(clients, holds per second)`.
@@ -133,6 +166,20 @@ async fn pgbench_baseline(
         }
     }
     Ok(best)
+}
+
+/// The baseline again at `clients`, on the database and script `pgbench_baseline` made.
+async fn rerun_pgbench(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    workdir: &Path,
+    clients: u32,
+) -> Result<f64, BenchError> {
+    let pgbench = find_postgres_bin()?.join("pgbench");
+    let script = workdir.join("atomic.sql");
+    let tps = run_pgbench(&pgbench, postgres.port(), clients, args.duration, &script).await?;
+    println!("baseline pgbench atomic again: {clients} clients: {tps:.0} holds/s");
+    Ok(tps)
 }
 
 /// One pgbench run; its transactions per second (one hold each).
@@ -246,16 +293,17 @@ async fn holds_run(
 }
 
 /// Prints the side-by-side figures and ratios.
-fn print_comparison(
-    args: &BenchArgs,
-    (clients, baseline): (u32, f64),
-    hot: HoldsFigures,
-    many: HoldsFigures,
-) {
+fn print_comparison(args: &BenchArgs, baseline: &Baseline, hot: HoldsFigures, many: HoldsFigures) {
     let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
     println!();
     println!("== hot product: one-hold-per-commit ceiling vs. the server ==");
-    println!("pgbench atomic (best, {clients} clients):     {baseline:>9.0} holds/s");
+    println!(
+        "pgbench atomic (best, {} clients):     {:>9.0} holds/s  (before {:.0}, after {:.0})",
+        baseline.clients,
+        baseline.holds_per_second(),
+        baseline.before,
+        baseline.after
+    );
     println!(
         "flashsale hot-holds ({} clients):      {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
         args.clients,
@@ -265,7 +313,7 @@ fn print_comparison(
     );
     println!(
         "ratio hot-holds / pgbench:              {:>9.1}x",
-        hot.holds_per_second / baseline
+        hot.holds_per_second / baseline.holds_per_second()
     );
     println!(
         "flashsale many-products ({} products): {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
