@@ -193,9 +193,26 @@ async fn seed(args: SeedArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Checks a configured PostgreSQL URL (or key=value connection string) at startup: a
+/// mistyped one would otherwise only show as connection attempts failing forever. The
+/// message leaves the value out, since it may hold a password.
+fn check_database_url(url: &str) -> Result<(), String> {
+    if url.trim().is_empty() {
+        return Err(
+            "--database-url (DATABASE_URL) is empty: unset it to use a private PostgreSQL".into(),
+        );
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|error| {
+            format!("--database-url (DATABASE_URL) is not a PostgreSQL connection string: {error}")
+        })
+}
+
 /// The database URL to use, starting the private PostgreSQL when none is configured.
 async fn open_database(args: &DatabaseArgs) -> Result<(String, Option<LocalPostgres>), CliError> {
     if let Some(url) = &args.database_url {
+        check_database_url(url)?;
         return Ok((url.clone(), None));
     }
     let local = LocalPostgres::start(LocalPostgresOptions {
@@ -226,5 +243,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt.recv() => tracing::info!("received sigint"),
         _ = terminate.recv() => tracing::info!("received sigterm"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_database_url;
+
+    #[test]
+    fn a_malformed_or_empty_database_url_is_refused_naming_the_setting_not_the_value() {
+        for url in [
+            "",
+            "  ",
+            "postgres://app:s3cret@db.internal:notaport/flashsale",
+        ] {
+            let error = check_database_url(url).expect_err(url);
+            assert!(
+                error.contains("--database-url (DATABASE_URL)"),
+                "{url:?}: {error}"
+            );
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        assert_eq!(
+            check_database_url("postgres://postgres@127.0.0.1:5432/flashsale"),
+            Ok(())
+        );
+        assert_eq!(check_database_url("host=127.0.0.1 user=postgres"), Ok(()));
     }
 }
