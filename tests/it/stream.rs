@@ -1,5 +1,5 @@
 //! WatchAvailability: the current state first, then every committed change (holds, reaper
-//! expiry, products created later), versions strictly increasing, slow readers ending on the
+//! expiry, payments, products created later), versions strictly increasing, slow readers ending on the
 //! latest state, ids checked before anything streams, changes heard across servers, and
 //! statements that change many products at once.
 
@@ -10,7 +10,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
 use tonic::{Code, Streaming};
 
-use crate::orders::{counters, get_product, hold};
+use crate::orders::{counters, deliver, get_product, hold, on_order, order, success};
 use crate::support::{Checkout, TestServer, assert_invalid, assert_status};
 
 /// Opens a WatchAvailability stream on these products (all of them when empty).
@@ -74,6 +74,30 @@ async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry(
     assert_eq!(update_counters(&expired), (10, 0, 0, 10));
     assert!(expired.version > held.version, "{held:?} then {expired:?}");
     assert_shows(&expired, &get_product(&mut checkout, &product.id).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_moving_units_to_sold_reaches_watchers() {
+    let server = TestServer::start().await;
+    let product = server.product("console", 49_900, 10).await;
+    let mut checkout = server.checkout().await;
+    let mut watcher = server.checkout().await;
+    let mut stream = watch(&mut watcher, &[&product.id]).await;
+    assert_eq!(update_counters(&next(&mut stream).await), (10, 0, 0, 10));
+
+    let held = hold(&mut checkout, &product.id, 2).await;
+    assert_eq!(update_counters(&next(&mut stream).await), (10, 2, 0, 8));
+    let pending = order(&mut checkout, &held.hold_id).await;
+    deliver(
+        &mut checkout,
+        success("evt-paid", on_order(&pending.order_id)),
+    )
+    .await;
+
+    // The settlement's units are folded into the product after its commit, and announced.
+    let paid = next(&mut stream).await;
+    assert_eq!(update_counters(&paid), (10, 0, 2, 8));
+    assert_shows(&paid, &get_product(&mut checkout, &product.id).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
