@@ -42,7 +42,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One state of a product's stock.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StockSnapshot {
     pub product_id: Uuid,
     pub stock_total: i64,
@@ -71,6 +71,41 @@ impl From<&Product> for StockSnapshot {
             version: product.version,
             changed_at: product.updated_at,
         }
+    }
+}
+
+/// One notification on [`CHANGES_CHANNEL`] (migration `2026-11-23-000011`): the states of
+/// products one statement changed.
+#[derive(Debug, Deserialize)]
+struct ChangeNotification {
+    /// The changing transaction's time: every state in it is as of that change.
+    changed_at: DateTime<Utc>,
+    /// Up to 24 products' counters.
+    products: Vec<ChangedProduct>,
+}
+
+/// One product's part of a [`ChangeNotification`].
+#[derive(Debug, Deserialize)]
+struct ChangedProduct {
+    product_id: Uuid,
+    stock_total: i64,
+    reserved: i64,
+    sold: i64,
+    version: i64,
+}
+
+impl ChangeNotification {
+    /// The states it announces.
+    fn into_snapshots(self) -> impl Iterator<Item = StockSnapshot> {
+        let changed_at = self.changed_at;
+        self.products.into_iter().map(move |product| StockSnapshot {
+            product_id: product.product_id,
+            stock_total: product.stock_total,
+            reserved: product.reserved,
+            sold: product.sold,
+            version: product.version,
+            changed_at,
+        })
     }
 }
 
@@ -462,10 +497,10 @@ async fn relay_until_ping(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(DomainError::Unavailable("notification stream ended".into())),
         };
-        // One notification per statement: the states of the products it changed.
-        match serde_json::from_str::<Vec<StockSnapshot>>(&payload) {
-            Ok(snapshots) => {
-                for snapshot in snapshots {
+        // One notification per statement (and 24 products): the states it changed.
+        match serde_json::from_str::<ChangeNotification>(&payload) {
+            Ok(notification) => {
+                for snapshot in notification.into_snapshots() {
                     hub.publish(snapshot);
                 }
             }

@@ -4,7 +4,7 @@
 //! statements that change many products at once.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
@@ -43,6 +43,13 @@ fn update_counters(update: &AvailabilityUpdate) -> (i64, i64, i64, i64) {
     )
 }
 
+/// Microseconds since the epoch: PostgreSQL's precision.
+fn unix_micros(time: SystemTime) -> u128 {
+    time.duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros()
+}
+
 /// Asserts an update shows exactly this product state.
 #[track_caller]
 fn assert_shows(update: &AvailabilityUpdate, product: &pb::Product) {
@@ -64,10 +71,18 @@ async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry(
     let initial = next(&mut stream).await;
     assert_shows(&initial, &get_product(&mut checkout, &product.id).await);
 
+    let before_hold = unix_micros(SystemTime::now());
     hold(&mut checkout, &product.id, 3).await;
+    let after_hold = unix_micros(SystemTime::now());
     let held = next(&mut stream).await;
     assert_eq!(update_counters(&held), (10, 3, 0, 7));
     assert!(held.version > initial.version, "{initial:?} then {held:?}");
+    let changed_at = held.changed_at.clone().expect("changed_at");
+    let changed_at = unix_micros(SystemTime::try_from(changed_at).expect("a valid time"));
+    assert!(
+        (before_hold..=after_hold).contains(&changed_at),
+        "the hold's change time {changed_at} lies within its call ({before_hold}..={after_hold})"
+    );
 
     // Nobody converts the hold: the reaper's expiry is announced too.
     let expired = next(&mut stream).await;
