@@ -77,7 +77,7 @@ async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry(
     let held = next(&mut stream).await;
     assert_eq!(update_counters(&held), (10, 3, 0, 7));
     assert!(held.version > initial.version, "{initial:?} then {held:?}");
-    let changed_at = held.changed_at.clone().expect("changed_at");
+    let changed_at = held.changed_at.expect("changed_at");
     let changed_at = unix_micros(SystemTime::try_from(changed_at).expect("a valid time"));
     assert!(
         (before_hold..=after_hold).contains(&changed_at),
