@@ -132,7 +132,8 @@ struct ReservationRow {
     hold: Option<Hold>,
 }
 
-/// The columns of a `reserve_holds(...) AS r` row (migrations 2026-11-23-000003 and 000007).
+/// The columns of a `reserve_holds(...) AS r` row (migrations 2026-11-23-000003, 000007 and
+/// 000012).
 const RESERVATION_COLUMNS: &str = "
 SELECT r.ord, r.outcome, r.units_left,
        (r.the_hold).id, (r.the_hold).product_id, (r.the_hold).qty, (r.the_hold).status,
@@ -174,7 +175,7 @@ async fn reserve_holds_once(
     skip_taken_keys: bool,
 ) -> QueryResult<Vec<Reservation>> {
     let ids: Vec<Uuid> = requests.iter().map(|row| row.id).collect();
-    let product_ids: Vec<Uuid> = requests.iter().map(|row| row.product_id).collect();
+    let (product_ids, request_products) = index_products(requests);
     let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
     let keys: Vec<Option<&str>> = requests.iter().map(|row| row.client_request_id).collect();
     // Arrays rather than a VALUES list, so the statement's text does not depend on the
@@ -183,6 +184,8 @@ async fn reserve_holds_once(
         .bind::<Array<SqlUuid>, _>(ids)
         .sql(", ")
         .bind::<Array<SqlUuid>, _>(product_ids)
+        .sql(", ")
+        .bind::<Array<Integer>, _>(request_products)
         .sql(", ")
         .bind::<Array<BigInt>, _>(qtys)
         .sql(", ")
@@ -208,6 +211,25 @@ async fn reserve_holds_once(
         .collect()
 }
 
+/// The batch's distinct products in ascending order (the order `reserve_holds` locks them
+/// in), and for each request the 1-based index of its product among them.
+fn index_products(requests: &[HoldRequestRow<'_>]) -> (Vec<Uuid>, Vec<i32>) {
+    let mut product_ids: Vec<Uuid> = requests.iter().map(|row| row.product_id).collect();
+    product_ids.sort_unstable();
+    product_ids.dedup();
+    let request_products = requests
+        .iter()
+        .map(|row| {
+            // Always found; 0 (like any index outside the array) would answer no_product.
+            let index = product_ids
+                .binary_search(&row.product_id)
+                .map_or(0, |at| at + 1);
+            i32::try_from(index).unwrap_or(0)
+        })
+        .collect();
+    (product_ids, request_products)
+}
+
 impl ReservationRow {
     /// The typed answer.
     fn into_reservation(self) -> QueryResult<Reservation> {
@@ -229,4 +251,30 @@ impl ReservationRow {
 /// A result the database function should never produce.
 fn unexpected(message: impl Into<String>) -> diesel::result::Error {
     diesel::result::Error::DeserializationError(message.into().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(product_id: Uuid) -> HoldRequestRow<'static> {
+        HoldRequestRow {
+            id: Uuid::now_v7(),
+            product_id,
+            qty: 1,
+            client_request_id: None,
+        }
+    }
+
+    #[test]
+    fn products_are_listed_once_in_ascending_order_and_each_request_points_at_its_own() {
+        let low = Uuid::from_u128(1);
+        let high = Uuid::from_u128(2);
+        let requests = [request(high), request(low), request(high)];
+
+        let (product_ids, request_products) = index_products(&requests);
+
+        assert_eq!(product_ids, vec![low, high]);
+        assert_eq!(request_products, vec![2, 1, 2]);
+    }
 }

@@ -244,7 +244,7 @@ async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
         .unwrap();
     let other_hold_id = Uuid::now_v7();
     diesel::sql_query(
-        "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[2::int8], ARRAY['race'], \
+        "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[1], ARRAY[2::int8], ARRAY['race'], \
          '1 minute', false)",
     )
     .bind::<SqlUuid, _>(other_hold_id)
