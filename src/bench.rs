@@ -1,11 +1,13 @@
 //! `flashsale bench`: the hot-product throughput benchmark, side by side in one run. On one
-//! fresh, durable PostgreSQL it measures (1) PostgreSQL's own one-hold-per-commit ceiling
-//! with pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
-//! INSERT per transaction, at each client count, keeping the best), then (2) the full gRPC
-//! server (`flashsale serve` as a child process) under `flashsale load hot-holds`, (3) the
-//! pgbench ceiling again at its best client count (the hot-holds ratio uses the mean of the
-//! two readings) and (4) `many-products` (a server and database of its own, like (2)), and
-//! prints the figures and their ratios.
+//! fresh, durable PostgreSQL it measures PostgreSQL's own one-hold-per-commit ceiling with
+//! pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
+//! INSERT per transaction, at each client count, keeping the best), then runs rounds of:
+//! the full gRPC server (`flashsale serve` as a child process) under `flashsale load
+//! hot-holds`, then under `many-products` (each with a server and database of its own),
+//! then pgbench again at its best client count. A round's ratio to the ceiling uses the mean
+//! of the pgbench readings on either side of it. It prints each round's figures and the
+//! median ratios: the shared machine's speed drifts by tens of percent within minutes, so
+//! one round alone says little.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -60,6 +62,10 @@ pub struct BenchArgs {
     /// Products of the many-products run.
     #[arg(long, default_value_t = 64)]
     pub products: usize,
+    /// Rounds of hot-holds, many-products and pgbench; the medians of their ratios are
+    /// the result.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Extra flags for `flashsale serve` (e.g. "--pool-size 32").
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     pub serve_flags: String,
@@ -78,20 +84,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let outcome = measure(&args, &postgres, &workdir).await;
     postgres.stop().await?;
     let _ = std::fs::remove_dir_all(&workdir);
-    let (baseline, hot, many) = outcome?;
-    print_comparison(&args, &baseline, hot, many);
+    print_comparison(&args, &outcome?);
     Ok(())
 }
 
-/// pgbench's one-hold-per-commit rate at its best client count, measured before the
-/// hot-holds run and again right after it: the shared machine's speed drifts by tens of
-/// percent within minutes, so the ratio uses the mean and both readings are printed.
+/// pgbench's one-hold-per-commit rate at its best client count, measured before a round
+/// and again right after it: the shared machine's speed drifts by tens of percent within
+/// minutes, so the round's ratio uses the mean and both readings are printed.
 struct Baseline {
     /// The best of the client counts tried.
     clients: u32,
-    /// Holds per second before hot-holds.
+    /// Holds per second before the round.
     before: f64,
-    /// Holds per second right after hot-holds.
+    /// Holds per second right after the round.
     after: f64,
 }
 
@@ -102,34 +107,66 @@ impl Baseline {
     }
 }
 
-/// The measurements: baseline, hot-holds, baseline again, many-products.
+/// One round's figures.
+struct Round {
+    /// The ceiling on either side of the round.
+    baseline: Baseline,
+    /// `hot-holds`: one product.
+    hot: HoldsFigures,
+    /// `many-products`.
+    many: HoldsFigures,
+}
+
+impl Round {
+    /// hot-holds over the one-hold-per-commit ceiling.
+    fn hot_over_baseline(&self) -> f64 {
+        self.hot.holds_per_second / self.baseline.holds_per_second()
+    }
+
+    /// many-products over hot-holds.
+    fn many_over_hot(&self) -> f64 {
+        self.many.holds_per_second / self.hot.holds_per_second
+    }
+}
+
+/// The measurements: the baseline's best client count, then the rounds.
 async fn measure(
     args: &BenchArgs,
     postgres: &LocalPostgres,
     workdir: &Path,
-) -> Result<(Baseline, HoldsFigures, HoldsFigures), BenchError> {
-    let (clients, before) = pgbench_baseline(args, postgres, workdir).await?;
-    let hot = server_run(args, postgres, "hot-holds", 1).await?;
-    let after = rerun_pgbench(args, postgres, workdir, clients).await?;
-    let many = server_run(args, postgres, "many-products", args.products).await?;
-    let baseline = Baseline {
-        clients,
-        before,
-        after,
-    };
-    Ok((baseline, hot, many))
+) -> Result<Vec<Round>, BenchError> {
+    let (clients, mut before) = pgbench_baseline(args, postgres, workdir).await?;
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        println!("\n== round {round} of {} ==", args.rounds);
+        let hot = server_run(args, postgres, "hot-holds", 1, round).await?;
+        let many = server_run(args, postgres, "many-products", args.products, round).await?;
+        let after = rerun_pgbench(args, postgres, workdir, clients).await?;
+        let baseline = Baseline {
+            clients,
+            before,
+            after,
+        };
+        rounds.push(Round {
+            baseline,
+            hot,
+            many,
+        });
+        before = after;
+    }
+    Ok(rounds)
 }
 
 /// One holds scenario against `flashsale serve` on a fresh database of its own, started
-/// after a CHECKPOINT: neither scenario inherits the other's rows, autovacuum work or
-/// checkpoint.
+/// after a CHECKPOINT: no run inherits another's rows, autovacuum work or checkpoint.
 async fn server_run(
     args: &BenchArgs,
     postgres: &LocalPostgres,
     scenario: &'static str,
     products: usize,
+    round: u32,
 ) -> Result<HoldsFigures, BenchError> {
-    let database = format!("flashsale_{}", scenario.replace('-', "_"));
+    let database = format!("flashsale_{}_{round}", scenario.replace('-', "_"));
     db::create_database_if_missing(&postgres.url("postgres"), &database).await?;
     let server = ServerProcess::start(&postgres.url(&database), &args.serve_flags).await?;
     AsyncPgConnection::establish(&postgres.url("postgres"))
@@ -292,40 +329,61 @@ async fn holds_run(
     Ok(figures)
 }
 
-/// Prints the side-by-side figures and ratios.
-fn print_comparison(args: &BenchArgs, baseline: &Baseline, hot: HoldsFigures, many: HoldsFigures) {
+/// Prints each round's figures side by side, and the median ratios.
+fn print_comparison(args: &BenchArgs, rounds: &[Round]) {
     let ms = |duration: Duration| duration.as_secs_f64() * 1000.0;
+    let Some(first) = rounds.first() else {
+        return;
+    };
     println!();
-    println!("== hot product: one-hold-per-commit ceiling vs. the server ==");
     println!(
-        "pgbench atomic (best, {} clients):     {:>9.0} holds/s  (before {:.0}, after {:.0})",
-        baseline.clients,
-        baseline.holds_per_second(),
-        baseline.before,
-        baseline.after
+        "== hot product: one-hold-per-commit ceiling vs. the server ({} clients; \
+         many-products: {} products) ==",
+        args.clients, args.products
     );
     println!(
-        "flashsale hot-holds ({} clients):      {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
-        args.clients,
-        hot.holds_per_second,
-        ms(hot.p50),
-        ms(hot.p99)
+        "round  pgbench ({} clients; before / after)  hot-holds  p50 / p99 ms   ratio  \
+         many-products  p50 / p99 ms   many/hot",
+        first.baseline.clients
     );
+    for (number, round) in rounds.iter().enumerate() {
+        println!(
+            "{:<5}  {:>7.0} ({:.0} / {:.0}){:>13}  {:>9.0}  {:>5.1} / {:<5.1}  {:>5.1}x  \
+             {:>13.0}  {:>5.1} / {:<5.1}  {:>7.2}x",
+            number + 1,
+            round.baseline.holds_per_second(),
+            round.baseline.before,
+            round.baseline.after,
+            "",
+            round.hot.holds_per_second,
+            ms(round.hot.p50),
+            ms(round.hot.p99),
+            round.hot_over_baseline(),
+            round.many.holds_per_second,
+            ms(round.many.p50),
+            ms(round.many.p99),
+            round.many_over_hot(),
+        );
+    }
+    let hot_ratios: Vec<f64> = rounds.iter().map(Round::hot_over_baseline).collect();
+    let many_ratios: Vec<f64> = rounds.iter().map(Round::many_over_hot).collect();
     println!(
-        "ratio hot-holds / pgbench:              {:>9.1}x",
-        hot.holds_per_second / baseline.holds_per_second()
+        "median of {} rounds: hot-holds / pgbench {:.1}x, many-products / hot-holds {:.2}x",
+        rounds.len(),
+        median(hot_ratios),
+        median(many_ratios)
     );
-    println!(
-        "flashsale many-products ({} products): {:>9.0} holds/s  p50 {:.2} ms  p99 {:.2} ms",
-        args.products,
-        many.holds_per_second,
-        ms(many.p50),
-        ms(many.p99)
-    );
-    println!(
-        "ratio many-products / hot-holds:        {:>9.2}x",
-        many.holds_per_second / hot.holds_per_second
-    );
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[middle],
+        _ => (values[middle - 1] + values[middle]) / 2.0,
+    }
 }
 
 /// `flashsale serve` as a child process on a database, killed if dropped.
@@ -388,5 +446,17 @@ impl ServerProcess {
         }
         self.child.wait().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
     }
 }
