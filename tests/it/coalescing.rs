@@ -294,3 +294,49 @@ async fn waiting_on_locks(database_url: &str) -> bool {
     .unwrap();
     row.waiting > 0
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_naming_a_missing_product_still_serves_the_others_in_arrival_order() {
+    use flashsale::db::holds::{HoldRequestRow, Reservation, reserve_holds};
+
+    let server = TestServer::start().await;
+    let scarce = server.product("scarce", 100, 1).await;
+    let ample = server.product("ample", 100, 5).await;
+    let scarce = Uuid::parse_str(&scarce.id).unwrap();
+    let ample = Uuid::parse_str(&ample.id).unwrap();
+    // Sorts before both: the server's index of each product is one past its lock's.
+    let missing = Uuid::from_u128(1);
+    let row = |product_id, qty| HoldRequestRow {
+        id: Uuid::now_v7(),
+        product_id,
+        qty,
+        client_request_id: None,
+    };
+    // One call, as one batch: the missing product makes the function look each request's
+    // product up instead of going by the index the server passes.
+    let requests = [
+        row(ample, 2),
+        row(scarce, 1),
+        row(missing, 1),
+        row(scarce, 1),
+        row(ample, 3),
+    ];
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+
+    let answers = reserve_holds(&mut conn, &requests, chrono::TimeDelta::minutes(1))
+        .await
+        .unwrap();
+
+    let product_of = |answer: &Reservation| match answer {
+        Reservation::Granted(hold) => Some((hold.product_id, hold.qty)),
+        _ => None,
+    };
+    assert_eq!(product_of(&answers[0]), Some((ample, 2)), "{answers:?}");
+    assert_eq!(product_of(&answers[1]), Some((scarce, 1)), "{answers:?}");
+    assert_eq!(answers[2], Reservation::NoProduct);
+    assert_eq!(answers[3], Reservation::Insufficient { units_left: 0 });
+    assert_eq!(product_of(&answers[4]), Some((ample, 3)), "{answers:?}");
+    assert_eq!(available(&server, &scarce.to_string()).await, 0);
+    assert_eq!(available(&server, &ample.to_string()).await, 0);
+    server.assert_consistent().await;
+}
