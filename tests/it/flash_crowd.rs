@@ -11,7 +11,7 @@ use flashsale::grpc::pb::{
 use tokio::sync::Barrier;
 use tonic::Code;
 
-use crate::orders::{counters, failure, get_product, on_order, success, try_deliver, try_order};
+use crate::calls::{counters, failure, get_product, on_order, success, try_deliver, try_order};
 use crate::support::{Checkout, TestServer, reason};
 
 /// `count` checkout clients, each on its own HTTP/2 connection.

@@ -544,7 +544,7 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
     let mut checkout = server.checkout().await;
     let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
     let second = hold(&mut checkout, &product.id, 1, "").await.unwrap();
-    let order = crate::orders::order(&mut checkout, &held.hold_id).await;
+    let order = crate::calls::order(&mut checkout, &held.hold_id).await;
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
 
     // Written behind the server's back, each would leave an order on another product than

@@ -9,10 +9,10 @@ use flashsale::grpc::pb::{self, HoldStatus, OrderStatus, WebhookOutcome};
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::holds::release;
-use crate::orders::{
+use crate::calls::{
     counters, deliver, get_hold, get_order, get_product, hold, on_hold, order, success, try_order,
 };
+use crate::holds::release;
 use crate::support::{Checkout, TestServer, assert_status, reason};
 
 /// Polls `probe` until it yields a value; fails the test after 30 s.

@@ -12,7 +12,7 @@ use flashsale::grpc::pb::{
 };
 use uuid::Uuid;
 
-use crate::orders::{
+use crate::calls::{
     counters, deliver, failure, get_hold, get_order, get_product, hold, on_order, order, success,
 };
 use crate::support::{TestServer, eventually};

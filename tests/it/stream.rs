@@ -10,7 +10,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
 use tonic::{Code, Streaming};
 
-use crate::orders::{counters, deliver, get_product, hold, on_order, order, success};
+use crate::calls::{counters, deliver, get_product, hold, on_order, order, success};
 use crate::support::{Checkout, TestServer, assert_invalid, assert_status};
 
 /// Opens a WatchAvailability stream on these products (all of them when empty).

@@ -9,7 +9,7 @@ use flashsale::grpc::pb::{
 };
 use tonic::Code;
 
-use crate::orders::{
+use crate::calls::{
     counters, deliver, failure, get_order, get_product, hold, on_hold, on_order, order, sleep_past,
     success, try_deliver, try_order,
 };
