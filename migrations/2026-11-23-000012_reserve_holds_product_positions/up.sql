@@ -8,7 +8,8 @@
 -- The products are locked in the same order, so when every one of them exists the locked
 -- array is product_ids and a request's index is also its lock's; otherwise (a product that
 -- does not exist, or a caller that did not sort) each request falls back to the search.
--- An index outside product_ids answers 'no_product'.
+-- An index outside product_ids answers 'no_product'. Requests without a key no longer probe
+-- the key index (about 1,000 instructions per such hold).
 DROP FUNCTION reserve_holds(uuid[], uuid[], int8[], text[], interval, bool);
 
 CREATE FUNCTION reserve_holds(
@@ -32,6 +33,7 @@ BEGIN
         SELECT r.at::int4 AS at, h AS hold
           FROM unnest(request_keys) WITH ORDINALITY AS r(key, at)
           JOIN holds h ON h.client_request_id = r.key
+         WHERE r.key IS NOT NULL
     LOOP
         decided[known.at] := true;
         RETURN QUERY SELECT known.at, 'existing'::text, NULL::int8, known.hold;
