@@ -8,14 +8,22 @@
 -- The products are locked in the same order, so when every one of them exists the locked
 -- array is product_ids and a request's index is also its lock's; otherwise (a product that
 -- does not exist, or a caller that did not sort) each request falls back to the search.
--- An index outside product_ids answers 'no_product'. Requests without a key no longer probe
--- the key index (about 1,000 instructions per such hold).
+-- An index outside product_ids answers 'no_product'.
+--
+-- Two more savings per hold: requests without a key no longer probe the key index (about
+-- 1,000 instructions each), and the hold comes back as columns of the result (hold_id,
+-- hold_product_id, ...) instead of a `holds` composite whose fields the caller then
+-- selected one by one (about 3,700 instructions per hold less, callgrind, the caller's
+-- select included).
 DROP FUNCTION reserve_holds(uuid[], uuid[], int8[], text[], interval, bool);
 
 CREATE FUNCTION reserve_holds(
     request_ids uuid[], product_ids uuid[], request_products int4[], request_qtys int8[],
     request_keys text[], ttl interval, skip_taken_keys bool
-) RETURNS TABLE (ord int4, outcome text, units_left int8, the_hold holds)
+) RETURNS TABLE (ord int4, outcome text, units_left int8, hold_id uuid,
+                hold_product_id uuid, hold_qty int8, hold_status text,
+                hold_client_request_id text, hold_expires_at timestamptz,
+                hold_created_at timestamptz, hold_updated_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     decided     bool[] := array_fill(false, ARRAY[cardinality(request_ids)]);
@@ -30,13 +38,16 @@ DECLARE
 BEGIN
     -- Known keys answer with their hold and take no stock.
     FOR known IN
-        SELECT r.at::int4 AS at, h AS hold
+        SELECT r.at::int4 AS at, h.id, h.product_id, h.qty, h.status, h.client_request_id,
+               h.expires_at, h.created_at, h.updated_at
           FROM unnest(request_keys) WITH ORDINALITY AS r(key, at)
           JOIN holds h ON h.client_request_id = r.key
          WHERE r.key IS NOT NULL
     LOOP
         decided[known.at] := true;
-        RETURN QUERY SELECT known.at, 'existing'::text, NULL::int8, known.hold;
+        RETURN QUERY SELECT known.at, 'existing'::text, NULL::int8, known.id, known.product_id,
+                            known.qty, known.status, known.client_request_id,
+                            known.expires_at, known.created_at, known.updated_at;
     END LOOP;
 
     -- Row locks in id order, so concurrent batches never deadlock. NO KEY UPDATE, like an
@@ -55,12 +66,16 @@ BEGIN
             at := array_position(locked_ids, product_ids[at]);
         END IF;
         IF lefts[at] IS NULL THEN
-            RETURN QUERY SELECT i, 'no_product'::text, NULL::int8, NULL::holds;
+            RETURN QUERY SELECT i, 'no_product'::text, NULL::int8, NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz;
         ELSIF request_qtys[i] <= lefts[at] THEN
             lefts[at] := lefts[at] - request_qtys[i];
             granted := granted || i;
         ELSE
-            RETURN QUERY SELECT i, 'insufficient'::text, lefts[at], NULL::holds;
+            RETURN QUERY SELECT i, 'insufficient'::text, lefts[at], NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz;
         END IF;
     END LOOP;
 
@@ -86,7 +101,8 @@ BEGIN
              WHERE p.id = units.product_id
         )
         SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
-               CASE WHEN rows.id IS NULL THEN NULL::holds ELSE rows::holds END
+               rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
+               rows.expires_at, rows.created_at, rows.updated_at
           FROM unnest(granted) AS g
           LEFT JOIN rows ON rows.id = request_ids[g];
     ELSE
@@ -110,7 +126,8 @@ BEGIN
              WHERE p.id = units.product_id
         )
         SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
-               CASE WHEN rows.id IS NULL THEN NULL::holds ELSE rows::holds END
+               rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
+               rows.expires_at, rows.created_at, rows.updated_at
           FROM unnest(granted) AS g
           LEFT JOIN rows ON rows.id = request_ids[g];
     END IF;

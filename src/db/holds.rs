@@ -136,9 +136,10 @@ struct ReservationRow {
 /// 000012).
 const RESERVATION_COLUMNS: &str = "
 SELECT r.ord, r.outcome, r.units_left,
-       (r.the_hold).id, (r.the_hold).product_id, (r.the_hold).qty, (r.the_hold).status,
-       (r.the_hold).client_request_id, (r.the_hold).expires_at, (r.the_hold).created_at,
-       (r.the_hold).updated_at
+       r.hold_id AS id, r.hold_product_id AS product_id, r.hold_qty AS qty,
+       r.hold_status AS status, r.hold_client_request_id AS client_request_id,
+       r.hold_expires_at AS expires_at, r.hold_created_at AS created_at,
+       r.hold_updated_at AS updated_at
 FROM reserve_holds(";
 
 /// Reserves a batch of hold requests in one statement: locks their products, grants stock
