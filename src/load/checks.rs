@@ -31,10 +31,10 @@ impl Checks {
     /// Returns the products as read, for the scenario's own checks.
     pub async fn books(
         &mut self,
-        channel: &Connection,
+        connection: &Connection,
         product_ids: &[String],
     ) -> Result<Vec<pb::Product>, LoadError> {
-        let products = read_products(channel, product_ids).await?;
+        let products = read_products(connection, product_ids).await?;
         let oversold: Vec<&pb::Product> = products.iter().filter(|p| !adds_up(p)).collect();
         for product in &oversold {
             println!(
@@ -42,7 +42,7 @@ impl Checks {
                 product.id, product.stock_total, product.available, product.reserved, product.sold
             );
         }
-        let audit = audit(channel, product_ids).await?;
+        let audit = audit(connection, product_ids).await?;
         for entry in audit.products.iter().filter(|entry| !entry.consistent) {
             println!(
                 "  audit {}: stored {:?} recomputed {:?}",
@@ -79,10 +79,10 @@ fn adds_up(product: &pb::Product) -> bool {
 
 /// Reads each product with GetProduct.
 pub async fn read_products(
-    channel: &Connection,
+    connection: &Connection,
     product_ids: &[String],
 ) -> Result<Vec<pb::Product>, LoadError> {
-    let mut checkout = CheckoutServiceClient::new(channel.clone());
+    let mut checkout = CheckoutServiceClient::new(connection.clone());
     let mut products = Vec::with_capacity(product_ids.len());
     for id in product_ids {
         let request = pb::GetProductRequest {
@@ -99,10 +99,10 @@ pub async fn read_products(
 
 /// Runs AuditInventory on `product_ids`.
 async fn audit(
-    channel: &Connection,
+    connection: &Connection,
     product_ids: &[String],
 ) -> Result<pb::AuditInventoryResponse, LoadError> {
-    let mut admin = InventoryAdminServiceClient::new(channel.clone());
+    let mut admin = InventoryAdminServiceClient::new(connection.clone());
     let request = pb::AuditInventoryRequest {
         product_ids: product_ids.to_vec(),
     };

@@ -130,12 +130,12 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 
 /// Creates `count` products with `stock` units each, named after the scenario and run.
 pub async fn create_products(
-    channel: &Connection,
+    connection: &Connection,
     label: &str,
     count: usize,
     stock: i64,
 ) -> Result<Vec<pb::Product>, LoadError> {
-    let mut admin = InventoryAdminServiceClient::new(channel.clone());
+    let mut admin = InventoryAdminServiceClient::new(connection.clone());
     let mut products = Vec::with_capacity(count);
     for index in 0..count {
         let request = pb::CreateProductRequest {

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::conn::Connection;
 use clap::{Args, ValueEnum};
 use rand::RngExt;
 use tokio::task::JoinSet;
 
 use super::checks::{Checks, read_products};
-use super::conn::{connect, create_products, expires_at};
+use super::conn::{Connection, connect, create_products, expires_at};
 use super::hot_holds::INSUFFICIENT_STOCK;
 use super::stats::{Progress, Recorder, Rpc, Ticker, has_reason, option_name, per_second};
 use super::{Crowd, LoadError, actor_rng, positive, ratio, run_id};
@@ -61,10 +60,10 @@ pub enum Abandon {
 
 /// `flashsale load flash-crowd`.
 pub async fn run(server: &str, args: FlashCrowdArgs) -> Result<(), LoadError> {
-    let channels = connect(server, args.crowd.connections).await?;
+    let connections = connect(server, args.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("flash-crowd {run}");
-    let products = create_products(&channels[0], &label, 1, args.stock).await?;
+    let products = create_products(&connections[0], &label, 1, args.stock).await?;
     let product_id = products[0].id.clone();
     let plan = Arc::new(CrowdPlan {
         args: args.clone(),
@@ -73,9 +72,9 @@ pub async fn run(server: &str, args: FlashCrowdArgs) -> Result<(), LoadError> {
         seed,
         next_buyer: AtomicU64::new(0),
     });
-    let outcome = crowd(&plan, &channels).await?;
+    let outcome = crowd(&plan, &connections).await?;
     print_summary(&args, &product_id, &outcome);
-    check(&args, &channels[0], &product_id, &outcome).await
+    check(&args, &connections[0], &product_id, &outcome).await
 }
 
 /// What every client of the crowd shares.
@@ -147,7 +146,7 @@ impl Tally {
 
 /// One client: serves buyers one after another.
 struct CrowdClient {
-    /// Its stub, on one of the shared channels.
+    /// Its stub, on one of the shared connections.
     checkout: CheckoutServiceClient<Connection>,
     /// What all clients share.
     plan: Arc<CrowdPlan>,
@@ -297,14 +296,17 @@ struct CrowdOutcome {
 }
 
 /// Runs the clients until every buyer is served and merges their figures.
-async fn crowd(plan: &Arc<CrowdPlan>, channels: &[Connection]) -> Result<CrowdOutcome, LoadError> {
+async fn crowd(
+    plan: &Arc<CrowdPlan>,
+    connections: &[Connection],
+) -> Result<CrowdOutcome, LoadError> {
     let progress = Arc::new(Progress::default());
     let _ticker = Ticker::start("flash-crowd", progress.clone());
     let started = Instant::now();
     let mut clients = JoinSet::new();
     for index in 0..plan.args.crowd.clients.min(plan.args.buyers) {
         let client = CrowdClient {
-            checkout: CheckoutServiceClient::new(channels[index % channels.len()].clone()),
+            checkout: CheckoutServiceClient::new(connections[index % connections.len()].clone()),
             plan: plan.clone(),
             recorder: Recorder::new(progress.clone()),
             tally: Tally::default(),
@@ -368,14 +370,14 @@ fn print_summary(args: &FlashCrowdArgs, product_id: &str, outcome: &CrowdOutcome
 /// expire, again once the reaper has expired them.
 async fn check(
     args: &FlashCrowdArgs,
-    channel: &Connection,
+    connection: &Connection,
     product_id: &str,
     outcome: &CrowdOutcome,
 ) -> Result<(), LoadError> {
     let mut checks = Checks::default();
     let tally = &outcome.tally;
     let product = checks
-        .books(channel, &[product_id.to_owned()])
+        .books(connection, &[product_id.to_owned()])
         .await?
         .remove(0);
     if tally.not_applied > 0 {
@@ -386,7 +388,7 @@ async fn check(
     }
     check_units(&mut checks, args.stock, &product, tally);
     if tally.active > 0 {
-        check_expiry(&mut checks, channel, product_id, tally).await?;
+        check_expiry(&mut checks, connection, product_id, tally).await?;
     }
     checks.finish()
 }
@@ -420,7 +422,7 @@ fn check_units(checks: &mut Checks, stock: i64, product: &pb::Product, tally: &T
 /// a grace), then checks that their units are back and the books still add up.
 async fn check_expiry(
     checks: &mut Checks,
-    channel: &Connection,
+    connection: &Connection,
     product_id: &str,
     tally: &Tally,
 ) -> Result<(), LoadError> {
@@ -437,7 +439,7 @@ async fn check_expiry(
     let expected = i64::try_from(tally.pending()).unwrap_or(i64::MAX);
     let mut reserved = i64::MIN;
     while SystemTime::now() < deadline {
-        reserved = read_products(channel, &ids).await?[0].reserved;
+        reserved = read_products(connection, &ids).await?[0].reserved;
         if reserved == expected {
             break;
         }
@@ -447,6 +449,6 @@ async fn check_expiry(
         reserved == expected,
         format!("after expiry: reserved {reserved} == pending orders {expected}"),
     );
-    checks.books(channel, &ids).await?;
+    checks.books(connection, &ids).await?;
     Ok(())
 }

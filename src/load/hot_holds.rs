@@ -1,17 +1,16 @@
 //! `hot-holds`: many clients race `CreateHold` (qty 1) on one product, the worst case of
 //! row contention. The engine here also runs `many-products` (the same race over many
-//! products): clients over channels, a stop rule, per-product tallies, summary and checks.
+//! products): clients over connections, a stop rule, per-product tallies, summary and checks.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::conn::Connection;
 use clap::Args;
 use tokio::task::JoinSet;
 
 use super::checks::Checks;
-use super::conn::{connect, create_products, hold_ttl};
+use super::conn::{Connection, connect, create_products, hold_ttl};
 use super::many_products::{Pick, Picker};
 use super::stats::{OK, Progress, Recorder, Rpc, Ticker, option_name, per_second};
 use super::{Budget, Crowd, DEFAULT_DURATION, LoadError, run_id};
@@ -80,14 +79,14 @@ pub struct HoldsFigures {
 
 /// Runs a holds race: connect, create the products, race, print, check.
 pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<HoldsFigures, LoadError> {
-    let channels = connect(server, plan.crowd.connections).await?;
+    let connections = connect(server, plan.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("{} {run}", plan.scenario);
-    let products = create_products(&channels[0], &label, plan.products, plan.stock).await?;
+    let products = create_products(&connections[0], &label, plan.products, plan.stock).await?;
     let ids: Vec<String> = products.into_iter().map(|product| product.id).collect();
-    let outcome = race(&plan, &channels, Arc::new(ids.clone()), seed).await?;
+    let outcome = race(&plan, &connections, Arc::new(ids.clone()), seed).await?;
     print_summary(&plan, &ids, &outcome);
-    check(&plan, &channels[0], &ids, &outcome).await?;
+    check(&plan, &connections[0], &ids, &outcome).await?;
     let latency = |quantile| {
         outcome
             .recorder
@@ -154,7 +153,7 @@ impl Limit {
 
 /// One client of the race: calls CreateHold until the limit says stop.
 struct HoldClient {
-    /// Its stub, on one of the shared channels.
+    /// Its stub, on one of the shared connections.
     checkout: CheckoutServiceClient<Connection>,
     /// The product ids to hold from.
     products: Arc<Vec<String>>,
@@ -209,7 +208,7 @@ impl HoldClient {
 /// Runs the clients until the budget is spent and merges their figures.
 async fn race(
     plan: &HoldsPlan,
-    channels: &[Connection],
+    connections: &[Connection],
     products: Arc<Vec<String>>,
     seed: u64,
 ) -> Result<RaceOutcome, LoadError> {
@@ -220,7 +219,7 @@ async fn race(
     let mut clients = JoinSet::new();
     for index in 0..plan.crowd.clients {
         let client = HoldClient {
-            checkout: CheckoutServiceClient::new(channels[index % channels.len()].clone()),
+            checkout: CheckoutServiceClient::new(connections[index % connections.len()].clone()),
             products: products.clone(),
             picker: Picker::new(plan.pick, index, seed),
             limit: limit.clone(),
@@ -301,12 +300,12 @@ fn print_summary(plan: &HoldsPlan, ids: &[String], outcome: &RaceOutcome) {
 /// and reserved units matching them on every product.
 async fn check(
     plan: &HoldsPlan,
-    channel: &Connection,
+    connection: &Connection,
     ids: &[String],
     outcome: &RaceOutcome,
 ) -> Result<(), LoadError> {
     let mut checks = Checks::default();
-    let products = checks.books(channel, ids).await?;
+    let products = checks.books(connection, ids).await?;
     let refused = format!("FAILED_PRECONDITION/{INSUFFICIENT_STOCK}");
     let recorder = &outcome.recorder;
     let other_failures = recorder.total(Rpc::CreateHold)

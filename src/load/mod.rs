@@ -9,7 +9,7 @@
 //! - [`watchers`]: thousands of `WatchAvailability` streams and the delivery latency of
 //!   stock changes to all of them.
 //!
-//! Shared pieces: [`conn`] (channels, products), [`stats`] (per-client latency histograms
+//! Shared pieces: [`conn`] (connections, products), [`stats`] (per-client latency histograms
 //! and status counts merged at the end, the progress line), [`checks`] (the final checks
 //! that exit non-zero on failure) and [`procfs`] (server memory and CPU, file limits).
 //!

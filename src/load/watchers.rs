@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::conn::Connection;
 use clap::Args;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
 
 use super::checks::Checks;
-use super::conn::{connect, create_products};
+use super::conn::{Connection, connect, create_products};
 use super::procfs;
 use super::stats::{Progress, Recorder, Rpc, Ticker, histogram, per_second, record_latency};
 use super::{LoadError, positive, run_id};
@@ -100,9 +99,9 @@ pub async fn run(server: &str, args: WatchersArgs) -> Result<(), LoadError> {
         .await?
         .remove(0);
     let rss_before_connecting = server_rss(args.server_pid)?;
-    let channels = connect(server, connections).await?;
+    let crowd_connections = connect(server, connections).await?;
     let rss_before = server_rss(args.server_pid)?;
-    let crowd = open(&args, &channels, &product.id).await?;
+    let crowd = open(&args, &crowd_connections, &product.id).await?;
     let rss_after = server_rss(args.server_pid)?;
     print_memory(&args, rss_before_connecting, rss_before, rss_after);
     let drive = drive(&args, &control, &product.id, &crowd).await?;
@@ -182,7 +181,7 @@ struct WatcherReport {
 /// Opens the streams and waits until each has its initial state (or failed).
 async fn open(
     args: &WatchersArgs,
-    channels: &[Connection],
+    connections: &[Connection],
     product_id: &str,
 ) -> Result<WatcherCrowd, LoadError> {
     let progress = Arc::new(Progress::default());
@@ -198,7 +197,7 @@ async fn open(
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for index in 0..args.streams {
-        let checkout = CheckoutServiceClient::new(channels[index % channels.len()].clone());
+        let checkout = CheckoutServiceClient::new(connections[index % connections.len()].clone());
         let watcher = Watcher {
             checkout,
             product_id: product_id.to_owned(),
@@ -249,7 +248,7 @@ async fn wait_for_opens(
 
 /// One watcher: opens its stream, then records every update until the final version.
 struct Watcher {
-    /// Its stub, on one of the shared channels.
+    /// Its stub, on one of the shared connections.
     checkout: CheckoutServiceClient<Connection>,
     /// The watched product.
     product_id: String,
