@@ -38,10 +38,6 @@ pub enum Command {
     Serve(ServeArgs),
     /// Add demo products through a running server's admin API and print them.
     Seed(SeedArgs),
-    /// Drive a running server with a load scenario and print throughput, latency and checks.
-    Load(crate::load::LoadArgs),
-    /// Measure hot-product hold throughput against PostgreSQL's one-hold-per-commit ceiling.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Where the data lives.
@@ -132,8 +128,6 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Seed(args) => seed(args).await,
-            Command::Load(args) => crate::load::run(args).await,
-            Command::Bench(args) => crate::bench::run(args).await,
         }
     });
     match outcome {

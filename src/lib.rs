@@ -2,7 +2,7 @@
 //!
 //! A map of the crate, from the outside in:
 //!
-//! - [`cli`]: the `flashsale` command line (`serve`, `seed`, `load`, `bench`); `main.rs` only calls it.
+//! - [`cli`]: the `flashsale` command line (`serve`, `seed`); `main.rs` only calls it.
 //! - [`server`]: wiring. [`server::run`] takes a bound listener, a [`config::ServerConfig`]
 //!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
 //! - [`transport`]: accepted connections whose small writes (one HTTP/2 frame per
@@ -18,16 +18,15 @@
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings.
-//! - [`load`]: `flashsale load`, the load generator and benchmark client.
-//! - [`bench`]: `flashsale bench`, the server against PostgreSQL's own ceiling, in one run.
+//!
+//! The load generator and the benchmark are a package of their own, `tools/`
+//! (`flashsale-tools load`, `flashsale-tools bench`).
 
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod grpc;
-pub mod load;
 pub mod local_pg;
 pub mod server;
 pub mod transport;

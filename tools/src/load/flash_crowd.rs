@@ -16,7 +16,7 @@ use super::conn::{Connection, connect, create_products, expires_at};
 use super::hot_holds::INSUFFICIENT_STOCK;
 use super::stats::{Progress, Recorder, Rpc, Ticker, has_reason, option_name, per_second};
 use super::{Crowd, LoadError, actor_rng, positive, ratio, run_id};
-use crate::grpc::pb::{
+use flashsale::grpc::pb::{
     self, checkout_service_client::CheckoutServiceClient, handle_payment_webhook_request::Target,
 };
 
@@ -25,7 +25,7 @@ const REAPER_GRACE: Duration = Duration::from_secs(30);
 /// Pause between reads while waiting for the reaper.
 const EXPIRY_POLL: Duration = Duration::from_millis(500);
 
-/// Options of `flashsale load flash-crowd`.
+/// Options of `flashsale-tools load flash-crowd`.
 #[derive(Debug, Clone, Args)]
 pub struct FlashCrowdArgs {
     /// Clients and connections; each client serves buyers one after another.
@@ -58,7 +58,7 @@ pub enum Abandon {
     Expire,
 }
 
-/// `flashsale load flash-crowd`.
+/// `flashsale-tools load flash-crowd`.
 pub async fn run(server: &str, args: FlashCrowdArgs) -> Result<(), LoadError> {
     let connections = connect(server, args.crowd.connections).await?;
     let (run, seed) = run_id();

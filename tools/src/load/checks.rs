@@ -1,10 +1,10 @@
 //! The checks at the end of a scenario: each prints `check: <what>: PASS|FAIL`; any
-//! failure makes the run return an error, so `flashsale load` exits non-zero.
+//! failure makes the run return an error, so `flashsale-tools load` exits non-zero.
 
 use super::conn::Connection;
 
 use super::LoadError;
-use crate::grpc::pb::{
+use flashsale::grpc::pb::{
     self, checkout_service_client::CheckoutServiceClient,
     inventory_admin_service_client::InventoryAdminServiceClient,
 };

@@ -1,4 +1,4 @@
-//! `flashsale load`: a load generator that drives a running server over gRPC, prints
+//! `flashsale-tools load`: a load generator that drives a running server over gRPC, prints
 //! throughput, latency percentiles and status counts, and checks the books afterwards.
 //!
 //! Scenarios, one module each:
@@ -31,18 +31,18 @@ use clap::{Args, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-pub use flash_crowd::{Abandon, FlashCrowdArgs};
+pub use flash_crowd::FlashCrowdArgs;
 pub use hot_holds::HotHoldsArgs;
-pub use many_products::{ManyProductsArgs, Pick};
+pub use many_products::ManyProductsArgs;
 pub use watchers::WatchersArgs;
 
-/// Any failure of a scenario, including a failed check: `flashsale` reports it and exits 1.
+/// Any failure of a scenario, including a failed check: `flashsale-tools` reports it and exits 1.
 pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a run lasts when neither `--duration` nor `--requests` is given.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
-/// Options of `flashsale load`.
+/// Options of `flashsale-tools load`.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// The server to drive.

@@ -25,7 +25,7 @@ use super::conn::{Connection, connect, create_products};
 use super::procfs;
 use super::stats::{Progress, Recorder, Rpc, Ticker, histogram, per_second, record_latency};
 use super::{LoadError, positive, run_id};
-use crate::grpc::pb::{
+use flashsale::grpc::pb::{
     self, checkout_service_client::CheckoutServiceClient,
     inventory_admin_service_client::InventoryAdminServiceClient,
 };
@@ -39,7 +39,7 @@ const PROGRESS_BATCH: u64 = 64;
 /// How often the coordinator looks at the watchers while waiting for them.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Options of `flashsale load watchers`.
+/// Options of `flashsale-tools load watchers`.
 #[derive(Debug, Clone, Args)]
 pub struct WatchersArgs {
     /// Concurrent WatchAvailability streams on the product.
@@ -82,7 +82,7 @@ fn positive_rate(text: &str) -> Result<f64, String> {
     }
 }
 
-/// `flashsale load watchers`.
+/// `flashsale-tools load watchers`.
 pub async fn run(server: &str, args: WatchersArgs) -> Result<(), LoadError> {
     let limit = procfs::raise_open_file_limit()
         .map_err(|error| format!("cannot raise the open-file limit: {error}"))?;

@@ -14,14 +14,14 @@ use super::conn::{Connection, connect, create_products, hold_ttl};
 use super::many_products::{Pick, Picker};
 use super::stats::{OK, Progress, Recorder, Rpc, Ticker, option_name, per_second};
 use super::{Budget, Crowd, DEFAULT_DURATION, LoadError, run_id};
-use crate::grpc::pb::{self, checkout_service_client::CheckoutServiceClient};
+use flashsale::grpc::pb::{self, checkout_service_client::CheckoutServiceClient};
 
 /// Stock of a product that must not sell out during a run.
 pub const UNLIMITED_STOCK: i64 = 1_000_000_000;
 /// The ErrorInfo reason of a refused hold.
 pub const INSUFFICIENT_STOCK: &str = "INSUFFICIENT_STOCK";
 
-/// Options of `flashsale load hot-holds`.
+/// Options of `flashsale-tools load hot-holds`.
 #[derive(Debug, Clone, Args)]
 pub struct HotHoldsArgs {
     /// Clients and connections.
@@ -35,7 +35,7 @@ pub struct HotHoldsArgs {
     pub stock: i64,
 }
 
-/// `flashsale load hot-holds`.
+/// `flashsale-tools load hot-holds`.
 pub async fn run(server: &str, args: HotHoldsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "hot-holds",
@@ -64,7 +64,7 @@ pub struct HoldsPlan {
     pub budget: Budget,
 }
 
-/// The headline figures of a holds race, for `flashsale bench`.
+/// The headline figures of a holds race, for `flashsale-tools bench`.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldsFigures {
     /// Holds granted over the race.

@@ -8,7 +8,7 @@ use rand::rngs::SmallRng;
 use super::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use super::{Budget, Crowd, LoadError, actor_rng, positive};
 
-/// Options of `flashsale load many-products`.
+/// Options of `flashsale-tools load many-products`.
 #[derive(Debug, Clone, Args)]
 pub struct ManyProductsArgs {
     /// Clients and connections.
@@ -37,7 +37,7 @@ pub enum Pick {
     Random,
 }
 
-/// `flashsale load many-products`.
+/// `flashsale-tools load many-products`.
 pub async fn run(server: &str, args: ManyProductsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "many-products",

@@ -1,8 +1,8 @@
-//! `flashsale bench`: the hot-product throughput benchmark, side by side in one run. On one
+//! `flashsale-tools bench`: the hot-product throughput benchmark, side by side in one run. On one
 //! fresh, durable PostgreSQL it measures PostgreSQL's own one-hold-per-commit ceiling with
 //! pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
 //! INSERT per transaction, at each client count, keeping the best), then runs rounds of:
-//! the full gRPC server (`flashsale serve` as a child process) under `flashsale load
+//! the full gRPC server (`flashsale serve` as a child process) under `flashsale-tools load
 //! hot-holds`, then under `many-products` (each with a server and database of its own),
 //! then pgbench again at its best client count. A round's ratio to the ceiling uses the mean
 //! of the pgbench readings on either side of it. It prints each round's figures and the
@@ -17,11 +17,11 @@ use clap::Args;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use tokio::process::{Child, Command};
 
-use crate::db;
+use flashsale::db;
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
 use crate::load::{Budget, Crowd, procfs};
-use crate::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
+use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
 
 /// Any failure of the benchmark.
 type BenchError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,7 +44,7 @@ INSERT INTO holds (product_id, qty, expires_at) VALUES (1, 1, now() + interval '
 END;
 ";
 
-/// Options of `flashsale bench`.
+/// Options of `flashsale-tools bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// How long each measurement runs.
@@ -69,6 +69,29 @@ pub struct BenchArgs {
     /// Extra flags for `flashsale serve` (e.g. "--pool-size 32").
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     pub serve_flags: String,
+    /// The server binary to measure; by default the `flashsale` next to this binary (both
+    /// are built by `cargo build --release`).
+    #[arg(long)]
+    pub server_binary: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The server binary to run.
+    fn server_binary(&self) -> Result<PathBuf, BenchError> {
+        if let Some(path) = &self.server_binary {
+            return Ok(path.clone());
+        }
+        let here = std::env::current_exe()?;
+        let sibling = here.with_file_name("flashsale");
+        if !sibling.exists() {
+            return Err(format!(
+                "no server binary at {}: build it (cargo build --release) or pass --server-binary",
+                sibling.display()
+            )
+            .into());
+        }
+        Ok(sibling)
+    }
 }
 
 /// Runs the baseline and the server runs on one fresh PostgreSQL and prints the comparison.
@@ -168,7 +191,12 @@ async fn server_run(
 ) -> Result<HoldsFigures, BenchError> {
     let database = format!("flashsale_{}_{round}", scenario.replace('-', "_"));
     db::create_database_if_missing(&postgres.url("postgres"), &database).await?;
-    let server = ServerProcess::start(&postgres.url(&database), &args.serve_flags).await?;
+    let server = ServerProcess::start(
+        &args.server_binary()?,
+        &postgres.url(&database),
+        &args.serve_flags,
+    )
+    .await?;
     AsyncPgConnection::establish(&postgres.url("postgres"))
         .await?
         .batch_execute("CHECKPOINT")
@@ -286,7 +314,7 @@ impl Processes {
     }
 }
 
-/// One `flashsale load` holds race against the server, followed by the CPU time each
+/// One `flashsale-tools load` holds race against the server, followed by the CPU time each
 /// process spent per hold granted.
 async fn holds_run(
     args: &BenchArgs,
@@ -395,12 +423,16 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts this binary's `serve` and waits for it to answer (30 s at most).
-    async fn start(database_url: &str, extra_flags: &str) -> Result<ServerProcess, BenchError> {
+    /// Starts `binary serve` and waits for it to answer (30 s at most).
+    async fn start(
+        binary: &Path,
+        database_url: &str,
+        extra_flags: &str,
+    ) -> Result<ServerProcess, BenchError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(binary)
             .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
             .args(extra_flags.split_whitespace())
             .env("DATABASE_URL", database_url)

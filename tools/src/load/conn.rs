@@ -16,8 +16,8 @@ use tonic::body::Body;
 use tonic::codegen::http::{Request, Response, Uri, uri};
 
 use super::LoadError;
-use crate::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
-use crate::transport::coalescing_connect;
+use flashsale::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
+use flashsale::transport::coalescing_connect;
 
 /// Longest wait for one TCP connection and HTTP/2 handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
