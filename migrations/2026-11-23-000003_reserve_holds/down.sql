@@ -1,1 +1,0 @@
-DROP FUNCTION reserve_holds(uuid[], uuid[], int8[], text[], interval);

@@ -1,0 +1,593 @@
+-- The checkout schema: every table, index, function and trigger, each in its final form.
+--
+-- Stock lives on one row per product (`products`: stock_total, reserved, sold). Every write
+-- of a product's counters holds that row's lock until its transaction ends; code that locks
+-- several products locks them in id order FOR NO KEY UPDATE (reserve_holds,
+-- fold_stock_movements), so such writers never deadlock with each other. References to a
+-- product from the hot paths (holds, orders, stock_movements) are checked without a
+-- per-row foreign key, each for its own reason given below; the checks that stand in for a
+-- foreign key raise foreign_key_violation under the constraint name a foreign key would
+-- have (holds_product_id_fkey, orders_product_id_fkey), so callers handle them alike.
+-- Whatever any code does, products_never_oversold refuses to sell or hold more units than
+-- a product has.
+
+
+-- ===================================================================== tables and indexes
+
+-- One row per product: its stock counters and their version.
+--
+-- Guarantees, whatever the code does:
+-- - available = stock_total - reserved - sold never drops below 0
+--   (products_never_oversold), and no counter is negative: a statement that would break
+--   either fails as a whole.
+-- - Every update that changes stock_total, reserved or sold leaves version = old version + 1
+--   and updated_at = now() (products_bump_version), and is announced to listeners after it
+--   commits (products_notify_changes), as is every inserted product.
+-- - A product cannot be deleted or change its id while a hold (products_keep_held) or a
+--   stock adjustment (foreign key) names it.
+-- `reserved` counts the units of active holds and pending orders, plus units whose release
+-- or settlement is recorded in stock_movements and not folded yet: while movements wait,
+-- the row overstates what is held and understates what is available, never the reverse.
+CREATE TABLE products (
+    id          UUID PRIMARY KEY,
+    name        TEXT NOT NULL CHECK (name <> ''),
+    price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+    stock_total BIGINT NOT NULL CHECK (stock_total >= 0),
+    reserved    BIGINT NOT NULL DEFAULT 0 CHECK (reserved >= 0),
+    sold        BIGINT NOT NULL DEFAULT 0 CHECK (sold >= 0),
+    -- grows by one with every stock change, so watchers and callers can order states
+    version     BIGINT NOT NULL DEFAULT 1,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- the start time of the transaction that made the latest stock change
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- never oversell: available = stock_total - reserved - sold >= 0, whatever the code does
+    CONSTRAINT products_never_oversold CHECK (reserved + sold <= stock_total)
+);
+
+-- Every change of a product's stock_total, its initial stock included, so the audit can
+-- recompute stock_total as the sum of the deltas. The schema does not tie that sum to
+-- products.stock_total; the audit (src/db/audit.rs) compares them. A plain foreign key:
+-- an adjustment's product exists, and a product with adjustments cannot be deleted.
+CREATE TABLE stock_adjustments (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    product_id  UUID NOT NULL REFERENCES products (id),
+    delta       BIGINT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- the audit's sum per product
+CREATE INDEX stock_adjustments_product_id ON stock_adjustments (product_id);
+
+-- One row per hold: units of one product set aside for a buyer until expires_at.
+--
+-- Guarantees:
+-- - qty > 0 and status is one of 'active', 'converted', 'expired', 'released' (the schema
+--   checks the values, not the transitions between them).
+-- - At most one hold per client_request_id (holds_client_request_id_key): the caller's
+--   retry key, so the same key always finds the same hold.
+-- - Its product exists when the hold is inserted, never changes, and cannot be deleted or
+--   re-keyed while the hold exists (deleting at READ COMMITTED: see products_keep_held).
+--   No foreign key enforces this, three triggers do
+--   (holds_check_products, holds_keep_product, products_keep_held) with a foreign key's
+--   errors. Why: holds are inserted in batches, one statement of many rows, and a foreign
+--   key checks and KEY SHARE-locks the product once per row; the statement trigger does it
+--   once per product per statement.
+-- client_request_id has collation "C": keys are opaque and only compared for equality,
+-- which byte order decides exactly as any deterministic collation would, and memcmp is
+-- cheaper than strcoll on every index lookup and insert.
+CREATE TABLE holds (
+    id                UUID PRIMARY KEY,
+    product_id        UUID NOT NULL,
+    qty               BIGINT NOT NULL CHECK (qty > 0),
+    status            TEXT NOT NULL DEFAULT 'active'
+                      CHECK (status IN ('active', 'converted', 'expired', 'released')),
+    -- the caller's retry key: the same id returns the same hold
+    client_request_id TEXT COLLATE "C",
+    expires_at        TIMESTAMPTZ NOT NULL,
+    created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at        TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX holds_client_request_id_key ON holds (client_request_id)
+    WHERE client_request_id IS NOT NULL;
+-- the reaper's queue: active holds by expiry; also the audit's one pass over active holds
+CREATE INDEX holds_active_expires_at ON holds (expires_at) WHERE status = 'active';
+-- Holds are deliberately not indexed by product: every hold of a hot product would carry
+-- the same key, and maintaining it on every hold costs more than its readers need (the
+-- audit sums active holds per product in one pass over holds_active_expires_at; deleting
+-- a product, which products_keep_held checks by scanning holds, is rare).
+
+-- One row per order, made from one hold.
+--
+-- Guarantees:
+-- - A hold becomes at most one order (orders_hold_id_key), and the hold exists
+--   (orders_hold_id_fkey).
+-- - product_id is the hold's product (orders_check_product, raising the error of a foreign
+--   key "orders_product_id_fkey"); since a hold's product never changes and cannot be
+--   deleted while the hold exists, an order's product exists as long as the order does.
+--   Why no foreign key to products: its check would KEY SHARE-lock the product's row for
+--   every order; on a hot product those lockers overlap each other and the hold batches'
+--   updates of the row, and PostgreSQL has to track each such set of lockers in a
+--   MultiXact. The hold's row, which the order's creator has locked already, carries the
+--   same guarantee.
+-- - qty > 0, total_cents >= 0, status is 'pending', 'paid' or 'cancelled'. qty and
+--   total_cents are the caller's: not checked against the hold or the price.
+CREATE TABLE orders (
+    id             UUID PRIMARY KEY,
+    -- one hold, at most one order
+    hold_id        UUID NOT NULL UNIQUE REFERENCES holds (id),
+    product_id     UUID NOT NULL,
+    qty            BIGINT NOT NULL CHECK (qty > 0),
+    total_cents    BIGINT NOT NULL CHECK (total_cents >= 0),
+    status         TEXT NOT NULL DEFAULT 'pending'
+                   CHECK (status IN ('pending', 'paid', 'cancelled')),
+    failure_reason TEXT NOT NULL DEFAULT '',
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- the audit's sums of pending and paid orders per product
+CREATE INDEX orders_product_id ON orders (product_id);
+
+-- One row per payment webhook idempotency key: one key, one effect (a redelivery finds the
+-- row and changes nothing).
+--
+-- Guarantees:
+-- - Exactly one target, an order or a hold that may not be an order yet
+--   (payment_events_one_target), and it exists (foreign keys).
+-- - A 'deferred' event (its hold not an order yet) has no resolved order and no processing
+--   time (payment_events_deferred_unresolved).
+-- idempotency_key has collation "C", for the reason given at holds.client_request_id.
+CREATE TABLE payment_events (
+    idempotency_key  TEXT COLLATE "C" PRIMARY KEY,
+    -- the target exactly as delivered: an order, or a hold that may not be an order yet
+    target_order_id  UUID REFERENCES orders (id),
+    target_hold_id   UUID REFERENCES holds (id),
+    result           TEXT NOT NULL CHECK (result IN ('success', 'failure')),
+    failure_reason   TEXT NOT NULL DEFAULT '',
+    amount_cents     BIGINT NOT NULL DEFAULT 0,
+    outcome          TEXT NOT NULL CHECK (outcome IN ('applied', 'deferred', 'ignored')),
+    -- the order the event resolved to, and its status right after; NULL while deferred
+    -- and when closed as ignored because its hold expired or was released
+    order_id         UUID REFERENCES orders (id),
+    order_status     TEXT CHECK (order_status IN ('pending', 'paid', 'cancelled')),
+    received_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- when the event was applied or ignored; NULL while deferred
+    processed_at     TIMESTAMPTZ,
+    CONSTRAINT payment_events_one_target CHECK ((target_order_id IS NULL) <> (target_hold_id IS NULL)),
+    CONSTRAINT payment_events_deferred_unresolved CHECK (outcome <> 'deferred' OR (order_id IS NULL AND processed_at IS NULL))
+);
+-- a hold's deferred events in arrival order, found when the hold becomes an order
+CREATE INDEX payment_events_deferred_by_hold ON payment_events (target_hold_id, received_at)
+    WHERE outcome = 'deferred';
+
+-- Counter movements of a hold's units, waiting to be folded into their product's counters
+-- (fold_stock_movements). Settlements of orders and releases of holds record a movement
+-- here instead of updating the product's row, so they take no lock on a hot product and do
+-- not queue behind its other writers; folds apply many movements per product at a time.
+--
+-- Guarantees:
+-- - A movement only ever lowers `reserved` (reserved_delta < 0) and moves at most those
+--   units on to `sold` (0 <= sold_delta <= -reserved_delta, stock_movements_check): while it
+--   waits, its product's row overstates what is held, so no hold can oversell. The audit
+--   adds pending movements to the row.
+-- - Its hold exists (stock_movements_hold_id_fkey).
+-- product_id has no foreign key: its check would KEY SHARE-lock the product's row, which is
+-- what this table avoids. The hold names the product, and a product with holds cannot be
+-- deleted. Not checked: that product_id is the hold's product (the writer copies it from
+-- the hold); a movement whose product_id names no product would be deleted by a fold of
+-- that id without changing any counter.
+CREATE TABLE stock_movements (
+    id             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- no foreign key: see above
+    product_id     UUID NOT NULL,
+    -- the hold whose units move: a settled order's hold, or a hold released or expired
+    hold_id        UUID NOT NULL REFERENCES holds (id),
+    reserved_delta BIGINT NOT NULL CHECK (reserved_delta < 0),
+    sold_delta     BIGINT NOT NULL CHECK (sold_delta >= 0 AND sold_delta <= -reserved_delta),
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- the fold's delete per product, and the audit's sums
+CREATE INDEX stock_movements_product_id ON stock_movements (product_id);
+
+
+-- ============================================================ products: version and time
+
+-- products_bump_version: every update of a product row that changes stock_total, reserved
+-- or sold leaves version = old version + 1 and updated_at = now(), so no code path can
+-- forget the bump. Takes no lock beyond the updated row's, which the UPDATE holds already.
+-- The function sets both whenever the counters changed; the trigger's WHEN runs it only
+-- when the update changed the counters without setting (version, updated_at) to exactly
+-- (old version + 1, now()) itself. reserve_holds and fold_stock_movements update many
+-- products per statement and bump them in the statement, so they skip one PL/pgSQL call
+-- per row with the same result.
+CREATE FUNCTION products_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.stock_total, NEW.reserved, NEW.sold) IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold) THEN
+        NEW.version := OLD.version + 1;
+        NEW.updated_at := now();
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- Row-level, before each update of products; skipped by updates that bump themselves.
+CREATE TRIGGER products_bump_version BEFORE UPDATE ON products
+    FOR EACH ROW
+    WHEN ((NEW.stock_total, NEW.reserved, NEW.sold) IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold)
+          AND (NEW.version, NEW.updated_at) IS DISTINCT FROM (OLD.version + 1, now()))
+    EXECUTE FUNCTION products_bump_version();
+
+
+-- ==================================================== products: change notifications
+
+-- products_notify_changes: every committed stock change is announced to every server
+-- process listening on channel flashsale_product_changes. NOTIFY is transactional: a
+-- change is heard only if, and after, its transaction commits, and notifications reach
+-- listeners in commit order. Every transaction that notifies takes PostgreSQL's notify
+-- queue lock at commit, so commits of stock changes serialize for that moment; the
+-- function takes no other lock.
+--
+-- Announced, once per statement: every product the statement inserted, and every product
+-- it updated whose updated_at is now(), that is whose counters this transaction changed
+-- (products_bump_version guarantees a counter change sets it). Each product's state is
+-- its state right after the statement. A product changed by several statements of one
+-- transaction (or updated again after a change in it) may be announced more than once,
+-- each time with the state after that statement; listeners keep a product's state only
+-- when its version grows.
+--
+-- Payload, parsed by the server's change feed (ChangeNotification in
+-- src/domain/availability.rs; change both together):
+--   {"changed_at": <now() as JSON>, "products": [{"product_id": "<uuid>",
+--    "stock_total": n, "reserved": n, "sold": n, "version": n}, ...]}
+-- changed_at is the changing transaction's start time, the time of every state in it.
+-- Products are in no particular order, at most 24 per notification: a product's part is
+-- at most about 180 bytes, so a notification stays well under NOTIFY's 8000-byte payload
+-- limit. A statement that changed nothing sends nothing.
+CREATE FUNCTION products_notify_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    states text[];
+    header text;
+    first  int4 := 1;
+BEGIN
+    states := ARRAY(
+        SELECT '{"product_id":"' || n.id
+               || '","stock_total":' || n.stock_total
+               || ',"reserved":' || n.reserved
+               || ',"sold":' || n.sold
+               || ',"version":' || n.version || '}'
+          FROM new_products n
+         WHERE TG_OP = 'INSERT' OR n.updated_at = now());
+    header := '{"changed_at":' || to_json(now()) || ',"products":[';
+    WHILE first <= cardinality(states) LOOP
+        PERFORM pg_notify('flashsale_product_changes',
+                          header || array_to_string(states[first:first + 23], ',') || ']}');
+        first := first + 24;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+-- Statement-level, after each INSERT into products: announces every inserted product.
+-- (Transition tables exist per event, so inserts and updates have a trigger each.)
+CREATE TRIGGER products_notify_inserts AFTER INSERT ON products
+    REFERENCING NEW TABLE AS new_products
+    FOR EACH STATEMENT EXECUTE FUNCTION products_notify_changes();
+-- Statement-level, after each UPDATE of products: announces the products whose counters
+-- the transaction changed. It keeps no OLD TABLE: updated_at = now() tells a change.
+CREATE TRIGGER products_notify_updates AFTER UPDATE ON products
+    REFERENCING NEW TABLE AS new_products
+    FOR EACH STATEMENT EXECUTE FUNCTION products_notify_changes();
+
+
+-- ============================================== holds -> products: the reference checks
+--
+-- Together, the three triggers below give holds.product_id the guarantees of a foreign key
+-- to products (see the holds table), with a foreign key's SQLSTATE (23503,
+-- foreign_key_violation), constraint name "holds_product_id_fkey" and messages. The
+-- messages are matched word for word as a foreign key's would be: keep them so.
+
+-- holds_check_products: every product an INSERT statement's new holds name exists, and
+-- stays locked FOR KEY SHARE until the inserting transaction ends, so a concurrent DELETE
+-- or id change of it waits for that transaction and then sees its holds
+-- (products_keep_held refuses it). Refuses the whole statement otherwise. KEY SHARE does
+-- not conflict with FOR NO KEY UPDATE or with updates of the counters, so the check never
+-- waits for reserve_holds, folds or other stock changes (reserve_holds has the products
+-- locked already in the same transaction). The named products are collected once per
+-- statement and locked by id, in no particular order: only a DELETE, an id change or a
+-- FOR UPDATE lock of a product conflicts with them.
+CREATE FUNCTION holds_check_products() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    named   uuid[];
+    present bigint;
+BEGIN
+    SELECT array_agg(DISTINCT product_id) INTO named FROM new_holds;
+    SELECT count(*) INTO present FROM (
+        SELECT 1 FROM products WHERE id = ANY (named) FOR KEY SHARE
+    ) locked;
+    IF present < cardinality(named) THEN
+        RAISE EXCEPTION 'insert or update on table "holds" violates foreign key constraint "holds_product_id_fkey"'
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = 'a hold names a product that is not present in table "products"',
+                  TABLE = 'holds', CONSTRAINT = 'holds_product_id_fkey';
+    END IF;
+    RETURN NULL;
+END;
+$$;
+-- Statement-level, after each INSERT into holds, over the statement's new rows.
+CREATE TRIGGER holds_check_products AFTER INSERT ON holds
+    REFERENCING NEW TABLE AS new_holds
+    FOR EACH STATEMENT EXECUTE FUNCTION holds_check_products();
+
+-- holds_keep_product: a hold never moves to another product, so the check made when it was
+-- inserted stays true. Refuses any update that changes product_id (setting it to its
+-- current value passes). Takes no lock.
+CREATE FUNCTION holds_keep_product() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.product_id <> OLD.product_id THEN
+        RAISE EXCEPTION 'a hold cannot move to another product'
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'holds',
+                  CONSTRAINT = 'holds_product_id_fkey';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- Row-level, before each update of holds that sets product_id.
+CREATE TRIGGER holds_keep_product BEFORE UPDATE OF product_id ON holds
+    FOR EACH ROW EXECUTE FUNCTION holds_keep_product();
+
+-- products_keep_held: a product that any hold names cannot be deleted or change its id;
+-- refused with the error a foreign key's check would raise. Runs after the DELETE or
+-- UPDATE has locked the product's row, so it waits for any transaction whose new holds
+-- hold the product FOR KEY SHARE (holds_check_products) and, at READ COMMITTED, then sees
+-- them. At REPEATABLE READ its snapshot misses holds committed while it waited and the
+-- delete goes through (a foreign key would fail it): delete products at READ COMMITTED.
+-- Scans holds, which are not indexed by product: products are rarely deleted.
+CREATE FUNCTION products_keep_held() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (TG_OP = 'DELETE' OR NEW.id <> OLD.id)
+       AND EXISTS (SELECT 1 FROM holds WHERE product_id = OLD.id) THEN
+        RAISE EXCEPTION 'update or delete on table "products" violates foreign key constraint "holds_product_id_fkey" on table "holds"'
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = format('Key (id)=(%s) is still referenced from table "holds".', OLD.id),
+                  TABLE = 'products', CONSTRAINT = 'holds_product_id_fkey';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- Row-level, before each DELETE of a product and each update that sets its id.
+CREATE TRIGGER products_keep_held BEFORE DELETE OR UPDATE OF id ON products
+    FOR EACH ROW EXECUTE FUNCTION products_keep_held();
+
+
+-- ======================================================= orders -> products, via the hold
+
+-- orders_check_product: an order's product_id is its hold's product. Refuses the row
+-- otherwise with the error of a foreign key "orders_product_id_fkey" (SQLSTATE 23503);
+-- an order naming no existing hold is refused here too, under that name, before its
+-- foreign key to holds is checked. Reads the hold's row without locking it and takes no
+-- lock on products (see the orders table for why); the hold's foreign key check locks the
+-- hold FOR KEY SHARE.
+CREATE FUNCTION orders_check_product() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM holds WHERE id = NEW.hold_id AND product_id = NEW.product_id) THEN
+        RAISE EXCEPTION 'insert or update on table "orders" violates foreign key constraint "orders_product_id_fkey"'
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = 'an order names the product of its hold',
+                  TABLE = 'orders', CONSTRAINT = 'orders_product_id_fkey';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- Row-level, before each insert into orders and each update that sets hold_id or product_id.
+CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_id ON orders
+    FOR EACH ROW EXECUTE FUNCTION orders_check_product();
+
+
+-- ========================================================== reserving stock: hold batches
+
+-- reserve_holds: a whole batch of hold requests in one statement. Run outside an explicit
+-- transaction it is one round trip and one transaction: one row lock per product, one
+-- multi-row insert, one counter update per product, one commit.
+--
+-- Arguments, one element per request in request_ids, request_products, request_qtys and
+-- request_keys (parallel arrays): the id the hold gets if granted, the 1-based index of
+-- its product in product_ids, the units asked, and the client request id (NULL for none;
+-- a key appears at most once per call). product_ids: the batch's distinct products, in
+-- ascending order. ttl: granted holds expire at now() + ttl.
+--
+-- Guarantees:
+-- - Locks: the existing products among product_ids are locked FOR NO KEY UPDATE, in id
+--   order, until the transaction ends, so concurrent batches (and fold_stock_movements,
+--   which locks the same way) never deadlock. NO KEY UPDATE is the lock an UPDATE of the
+--   counters takes: it lets the KEY SHARE locks of foreign key checks and of
+--   holds_check_products pass.
+-- - Grants are those sequential calls in request order would give: each request in turn
+--   gets all its units if its product still has them, else none.
+-- - Never oversells: the grants fit the locked counters, so the counter update needs no
+--   guard of its own; were it ever to oversell, products_never_oversold would fail the
+--   whole call. A request for qty <= 0 that no other outcome answers fails the whole
+--   call too (holds_qty_check).
+-- - Exactly one result row per request; ord is its 1-based position. Rows come in no
+--   useful order: callers place them by ord. Outcomes:
+--     'existing'     its key already names a hold: the hold_* columns are that hold, as
+--                    it is, whatever product or quantity the request asked; no stock is
+--                    taken and nothing is written for it.
+--     'granted'      the hold_* columns are the new active hold; its units are added to
+--                    its product's reserved.
+--     'insufficient' units_left is what its product had left when its turn came.
+--     'no_product'   its product does not exist (or its index is outside product_ids).
+--     'key_taken'    only with skip_taken_keys: a concurrent transaction took its key (or
+--                    its hold id) after the lookup; nothing was written for it and its
+--                    units stay available. The caller looks the key up again.
+--   hold_* columns are NULL unless 'existing' or 'granted'; units_left is NULL unless
+--   'insufficient'.
+-- - Retry contract: skip_taken_keys = false inserts plainly; a key taken after the lookup
+--   fails the whole call with unique_violation and, the call being one statement, nothing
+--   of it stays. The caller then runs the same call again with skip_taken_keys = true,
+--   which inserts with ON CONFLICT DO NOTHING and answers 'key_taken' for such requests.
+--   Why two modes: ON CONFLICT makes every row a speculative insertion (an extra lock
+--   token and confirmation record per row) to serve a race that the lookup makes rare; a
+--   PL/pgSQL exception block retrying inside the call would run in a subtransaction, which
+--   makes every locked product's update a MultiXact.
+-- - The counter update sets version and updated_at itself (products_bump_version is
+--   skipped) and is announced by products_notify_updates; the insert is checked by
+--   holds_check_products, whose KEY SHARE locks never wait here (the call holds stronger
+--   locks on the same products).
+-- - A product_ids that is not the sorted list of existing products (a product that does
+--   not exist, a caller that did not sort) is served correctly: each request's product is
+--   then searched among the locked ones instead of taken by index.
+CREATE FUNCTION reserve_holds(
+    request_ids uuid[], product_ids uuid[], request_products int4[], request_qtys int8[],
+    request_keys text[], ttl interval, skip_taken_keys bool
+) RETURNS TABLE (ord int4, outcome text, units_left int8, hold_id uuid,
+                hold_product_id uuid, hold_qty int8, hold_status text,
+                hold_client_request_id text, hold_expires_at timestamptz,
+                hold_created_at timestamptz, hold_updated_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    decided     bool[] := array_fill(false, ARRAY[cardinality(request_ids)]);
+    locked_ids  uuid[];
+    -- whether locked_ids is product_ids, so a request's product index is its lock's
+    in_order    bool;
+    lefts       int8[];
+    granted     int4[] := '{}';
+    known       record;
+    at          int4;
+    i           int4;
+BEGIN
+    -- Known keys answer with their hold and take no stock.
+    FOR known IN
+        SELECT r.at::int4 AS at, h.id, h.product_id, h.qty, h.status, h.client_request_id,
+               h.expires_at, h.created_at, h.updated_at
+          FROM unnest(request_keys) WITH ORDINALITY AS r(key, at)
+          JOIN holds h ON h.client_request_id = r.key
+         WHERE r.key IS NOT NULL
+    LOOP
+        decided[known.at] := true;
+        RETURN QUERY SELECT known.at, 'existing'::text, NULL::int8, known.id, known.product_id,
+                            known.qty, known.status, known.client_request_id,
+                            known.expires_at, known.created_at, known.updated_at;
+    END LOOP;
+
+    -- Row locks in id order, so concurrent batches never deadlock. NO KEY UPDATE, like an
+    -- UPDATE of the counters: foreign key checks (an order naming the product) pass.
+    SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}'),
+           coalesce(array_agg(p.stock_total - p.reserved - p.sold ORDER BY p.id), '{}')
+      INTO locked_ids, lefts
+      FROM (SELECT id, stock_total, reserved, sold FROM products
+             WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE) p;
+    in_order := locked_ids = product_ids;
+
+    FOR i IN 1 .. coalesce(cardinality(request_ids), 0) LOOP
+        CONTINUE WHEN decided[i];
+        at := request_products[i];
+        IF NOT in_order THEN
+            at := array_position(locked_ids, product_ids[at]);
+        END IF;
+        IF lefts[at] IS NULL THEN
+            RETURN QUERY SELECT i, 'no_product'::text, NULL::int8, NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz;
+        ELSIF request_qtys[i] <= lefts[at] THEN
+            lefts[at] := lefts[at] - request_qtys[i];
+            granted := granted || i;
+        ELSE
+            RETURN QUERY SELECT i, 'insufficient'::text, lefts[at], NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz;
+        END IF;
+    END LOOP;
+
+    -- The granted holds in one insert and their units in one update per product, in one
+    -- statement. The products are locked and the grants fit, so the update needs no guard of
+    -- its own: were it ever to oversell, products_never_oversold would fail the whole call.
+    IF NOT skip_taken_keys THEN
+        RETURN QUERY
+        WITH rows AS (
+            INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at,
+                               created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.key, now() + ttl, now(), now()
+              FROM unnest(request_ids, request_products, request_qtys, request_keys)
+                   WITH ORDINALITY AS r(id, product, qty, key, at)
+              JOIN unnest(granted) AS g ON g = r.at
+            RETURNING *
+        ), units AS (
+            SELECT rows.product_id, sum(rows.qty)::int8 AS total FROM rows GROUP BY rows.product_id
+        ), reserved AS (
+            UPDATE products p SET reserved = p.reserved + units.total,
+                                  version = p.version + 1, updated_at = now()
+              FROM units
+             WHERE p.id = units.product_id
+        )
+        SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
+               rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
+               rows.expires_at, rows.created_at, rows.updated_at
+          FROM unnest(granted) AS g
+          LEFT JOIN rows ON rows.id = request_ids[g];
+    ELSE
+        -- A key a concurrent transaction took is skipped, and its units with it.
+        RETURN QUERY
+        WITH rows AS (
+            INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at,
+                               created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.key, now() + ttl, now(), now()
+              FROM unnest(request_ids, request_products, request_qtys, request_keys)
+                   WITH ORDINALITY AS r(id, product, qty, key, at)
+              JOIN unnest(granted) AS g ON g = r.at
+            ON CONFLICT DO NOTHING
+            RETURNING *
+        ), units AS (
+            SELECT rows.product_id, sum(rows.qty)::int8 AS total FROM rows GROUP BY rows.product_id
+        ), reserved AS (
+            UPDATE products p SET reserved = p.reserved + units.total,
+                                  version = p.version + 1, updated_at = now()
+              FROM units
+             WHERE p.id = units.product_id
+        )
+        SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
+               rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
+               rows.expires_at, rows.created_at, rows.updated_at
+          FROM unnest(granted) AS g
+          LEFT JOIN rows ON rows.id = request_ids[g];
+    END IF;
+END;
+$$;
+
+
+-- ================================================ settling stock: folding movements
+
+-- fold_stock_movements: folds the pending movements of these products into their counters
+-- and returns how many movements it folded. One statement: run alone it is one
+-- transaction and one round trip.
+--
+-- Guarantees:
+-- - Locks: the products are locked FOR NO KEY UPDATE first, in id order like
+--   reserve_holds, so folds and hold batches never deadlock; held until the transaction
+--   ends.
+-- - The movements are read with a snapshot taken after the locks (a new statement of a
+--   volatile SQL function, at READ COMMITTED), so every movement committed before the
+--   locks were granted is folded.
+-- - Each movement is folded exactly once: it is deleted as it is folded, and concurrent
+--   folds of one product serialize on its lock.
+-- - Each folded product's counters change by its movements' sums in one update that sets
+--   version and updated_at itself (products_bump_version is skipped) and is announced by
+--   products_notify_updates. Products without pending movements are locked but left
+--   unchanged (no new version, no announcement).
+CREATE FUNCTION fold_stock_movements(product_ids uuid[]) RETURNS int8
+LANGUAGE sql AS $$
+    SELECT count(*) FROM (
+        SELECT 1 FROM products WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE
+    ) locked;
+    WITH moved AS (
+        DELETE FROM stock_movements WHERE product_id = ANY (product_ids)
+        RETURNING product_id, reserved_delta, sold_delta
+    ), sums AS (
+        SELECT product_id, sum(reserved_delta)::int8 AS reserved, sum(sold_delta)::int8 AS sold,
+               count(*) AS movements
+          FROM moved GROUP BY product_id
+    ), folded AS (
+        UPDATE products p SET reserved = p.reserved + sums.reserved, sold = p.sold + sums.sold,
+                              version = p.version + 1, updated_at = now()
+          FROM sums WHERE p.id = sums.product_id
+    )
+    SELECT coalesce(sum(movements), 0)::int8 FROM sums;
+$$;
