@@ -1,12 +1,83 @@
-//! The server's settings, independent of where they came from (flags, environment, tests).
+//! The server's settings, parsed once into types, independent of where they came from
+//! (flags, environment, tests).
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
+
+/// Where the server keeps its state: a PostgreSQL connection string (a `postgres://` URL or
+/// `key=value` pairs), parsed once at startup. Its `Debug` leaves the password out.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// The parsed connection settings; edited through the methods below, never as text.
+    inner: tokio_postgres::Config,
+}
+
+/// Why a connection string was refused. The message names the setting, never the value
+/// (it may hold a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatabaseConfigError {
+    #[error("--database-url (DATABASE_URL) is empty: unset it to use a private PostgreSQL")]
+    Empty,
+    #[error("--database-url (DATABASE_URL) is not a PostgreSQL connection string: {0}")]
+    Malformed(String),
+}
+
+impl FromStr for DatabaseConfig {
+    type Err = DatabaseConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().is_empty() {
+            return Err(DatabaseConfigError::Empty);
+        }
+        let inner = text
+            .parse::<tokio_postgres::Config>()
+            .map_err(|error| DatabaseConfigError::Malformed(error.to_string()))?;
+        Ok(DatabaseConfig { inner })
+    }
+}
+
+impl DatabaseConfig {
+    /// The same server, another database (e.g. `postgres` to create databases from).
+    pub fn with_database(&self, name: &str) -> DatabaseConfig {
+        let mut inner = self.inner.clone();
+        inner.dbname(name);
+        DatabaseConfig { inner }
+    }
+
+    /// With an `application_name`, so `pg_stat_activity` tells the server's connections
+    /// apart (pool vs. change listener); a name set by the operator is kept.
+    pub fn with_application_name(&self, name: &str) -> DatabaseConfig {
+        let mut inner = self.inner.clone();
+        if inner.get_application_name().is_none() {
+            inner.application_name(name);
+        }
+        DatabaseConfig { inner }
+    }
+
+    /// The database's name, if the connection string gave one.
+    pub fn database(&self) -> Option<&str> {
+        self.inner.get_dbname()
+    }
+
+    /// The parsed settings, to connect with.
+    pub fn postgres(&self) -> &tokio_postgres::Config {
+        &self.inner
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio_postgres redacts the password.
+        self.inner.fmt(f)
+    }
+}
 
 /// Everything [`crate::server::run`] needs besides its listener and shutdown signal.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// PostgreSQL the server keeps all state in.
-    pub database_url: String,
+    pub database: DatabaseConfig,
     /// How long a hold reserves its units.
     pub hold_ttl: Duration,
     /// Pause between reaper sweeps.
@@ -27,9 +98,9 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// The defaults for a database; callers override what they need.
-    pub fn new(database_url: impl Into<String>) -> Self {
+    pub fn new(database: DatabaseConfig) -> Self {
         ServerConfig {
-            database_url: database_url.into(),
+            database,
             hold_ttl: Duration::from_secs(120),
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,
@@ -39,5 +110,50 @@ impl ServerConfig {
             db_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_or_empty_connection_string_is_refused_naming_the_setting_not_the_value() {
+        for url in [
+            "",
+            "  ",
+            "postgres://app:s3cret@db.internal:notaport/flashsale",
+        ] {
+            let error = url.parse::<DatabaseConfig>().expect_err(url).to_string();
+            assert!(
+                error.contains("--database-url (DATABASE_URL)"),
+                "{url:?}: {error}"
+            );
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        for good in [
+            "postgres://postgres@127.0.0.1:5432/flashsale",
+            "host=127.0.0.1 user=postgres",
+        ] {
+            assert!(good.parse::<DatabaseConfig>().is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn edits_keep_the_rest_of_the_settings_and_an_operator_application_name() {
+        let config: DatabaseConfig = "postgres://app:s3cret@db:6432/shop?application_name=ops"
+            .parse()
+            .unwrap();
+        let other = config
+            .with_database("postgres")
+            .with_application_name("flashsale");
+        assert_eq!(other.database(), Some("postgres"));
+        assert_eq!(other.postgres().get_application_name(), Some("ops"));
+        assert_eq!(other.postgres().get_ports(), &[6432]);
+        assert_eq!(other.postgres().get_password(), Some(&b"s3cret"[..]));
+        assert!(!format!("{other:?}").contains("s3cret"));
+        let named = "host=db user=app".parse::<DatabaseConfig>().unwrap();
+        let named = named.with_application_name("flashsale");
+        assert_eq!(named.postgres().get_application_name(), Some("flashsale"));
     }
 }

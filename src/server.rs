@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -12,9 +13,10 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
 use crate::config::ServerConfig;
+use crate::db::change_feed::run_change_feed;
 use crate::db::io_thread::IoThread;
 use crate::db::{self, DbPool};
-use crate::domain::availability::{AvailabilityHub, run_change_listener};
+use crate::domain::availability::AvailabilityHub;
 use crate::domain::reaper::{ReaperSettings, run_reaper};
 use crate::domain::{Checkout, CheckoutSettings};
 use crate::grpc::admin::AdminApi;
@@ -58,10 +60,8 @@ pub struct App {
     config: ServerConfig,
     /// Shared by the domain and the health monitor.
     pool: DbPool,
-    /// The operations behind both services and the reaper.
+    /// The operations behind both services, the reaper and the stream fan-out.
     checkout: Arc<Checkout>,
-    /// Live stock states for WatchAvailability, fed by the change listener.
-    hub: Arc<AvailabilityHub>,
 }
 
 impl App {
@@ -70,7 +70,7 @@ impl App {
     pub fn new(config: ServerConfig) -> Result<App, ServerError> {
         let io = IoThread::start("flashsale-db-io")?;
         let pool = db::build_pool(
-            &config.database_url,
+            &config.database,
             config.pool_size,
             config.db_timeout,
             io.clone(),
@@ -81,18 +81,16 @@ impl App {
             hold_batch_lanes: config.hold_batch_lanes,
         };
         let checkout = Arc::new(Checkout::new(pool.clone(), settings, io));
-        let hub = Arc::new(AvailabilityHub::default());
         Ok(App {
             config,
             pool,
             checkout,
-            hub,
         })
     }
 
-    /// The availability hub this server's streams share.
-    pub fn hub(&self) -> Arc<AvailabilityHub> {
-        self.hub.clone()
+    /// The fan-out this server's streams share, to look inside (open streams).
+    pub fn availability(&self) -> Arc<AvailabilityHub> {
+        self.checkout.availability().clone()
     }
 
     /// Serves until `shutdown` resolves (see [`run`]).
@@ -105,7 +103,6 @@ impl App {
             config,
             pool,
             checkout,
-            hub,
         } = self;
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -114,7 +111,6 @@ impl App {
         tasks.spawn(start_when_migrated(
             config,
             checkout.clone(),
-            hub.clone(),
             pool,
             health.clone(),
             stopping.clone(),
@@ -130,13 +126,13 @@ impl App {
             (reflection().build_v1()?, reflection().build_v1alpha()?);
         tracing::info!(addr = ?listener.local_addr().ok(), "serving grpc");
         let on_shutdown = {
-            let (health, stopping, hub) = (health.clone(), stopping.clone(), hub.clone());
+            let (health, stopping, checkout) = (health.clone(), stopping.clone(), checkout.clone());
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: draining calls and streams");
                 set_serving(&health, false).await;
                 stopping.cancel();
-                hub.close();
+                checkout.close_streams();
             }
         };
         let served = Server::builder()
@@ -145,7 +141,6 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(CheckoutServiceServer::new(CheckoutApi::new(
                 checkout.clone(),
-                hub,
             )))
             .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
             .serve_with_incoming_shutdown(coalescing_incoming(listener), on_shutdown)
@@ -162,7 +157,6 @@ impl App {
 async fn start_when_migrated(
     config: ServerConfig,
     checkout: Arc<Checkout>,
-    hub: Arc<AvailabilityHub>,
     pool: DbPool,
     health: HealthReporter,
     stopping: CancellationToken,
@@ -176,11 +170,10 @@ async fn start_when_migrated(
         batch_size: config.reaper_batch_size,
     };
     tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
-    tasks.spawn(run_change_listener(
-        config.database_url.clone(),
-        checkout,
-        hub,
+    tasks.spawn(run_change_feed(
+        config.database.clone(),
         stopping.clone(),
+        move |snapshot| checkout.publish_stock(snapshot),
     ));
     tasks.spawn(monitor_health(
         pool,
@@ -191,24 +184,27 @@ async fn start_when_migrated(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Runs migrations until they succeed; `false` if shutdown came first.
+/// Runs migrations until they succeed (retrying with backoff while the database is
+/// unreachable); `false` if shutdown came first.
 async fn migrate_with_retries(config: &ServerConfig, stopping: &CancellationToken) -> bool {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .build();
     loop {
-        match db::run_migrations(&config.database_url).await {
+        match db::run_migrations(&config.database).await {
             Ok(()) => {
                 tracing::info!("migrations applied");
                 return true;
             }
-            Err(error) => {
-                tracing::warn!(%error, ?backoff, "cannot migrate the database yet; retrying")
-            }
+            Err(error) => tracing::warn!(%error, "cannot migrate the database yet; retrying"),
         }
+        let pause = backoff.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = stopping.cancelled() => return false,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

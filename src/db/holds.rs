@@ -8,8 +8,10 @@ use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Nullable, Text, 
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use diesel::{AsExpression, FromSqlRow};
+
 use super::cached_sql::CachedSql;
-use super::models::{Hold, HoldStatus};
+use super::models::{Hold, HoldStatus, text_column};
 use super::schema::holds;
 
 /// One hold by id.
@@ -50,44 +52,35 @@ pub async fn find_hold_by_client_request_id(
         .optional()
 }
 
-/// Moves a hold to `status` (a statement that stays prepared: see [`CachedSql`]).
-pub async fn set_hold_status(
+/// Moves holds to `status` (a statement that stays prepared: see [`CachedSql`]); returns
+/// them as they are now.
+pub async fn set_holds_status(
     conn: &mut AsyncPgConnection,
-    id: Uuid,
+    ids: &[Uuid],
     status: HoldStatus,
-) -> QueryResult<Hold> {
+) -> QueryResult<Vec<Hold>> {
     CachedSql::new("UPDATE holds SET status = ")
         .bind::<Text, _>(status)
-        .sql(", updated_at = now() WHERE id = ")
-        .bind::<SqlUuid, _>(id)
-        .sql(" RETURNING *")
-        .get_result(conn)
+        .sql(", updated_at = now() WHERE id = ANY(")
+        .bind::<Array<SqlUuid>, _>(ids)
+        .sql(") RETURNING *")
+        .load(conn)
         .await
 }
 
-/// Claims up to `limit` active holds past their TTL and marks them expired. Holds another
-/// transaction has locked (a concurrent CreateOrder, another reaper) are skipped, not waited on.
-pub async fn expire_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Hold>> {
-    let due: Vec<Uuid> = holds::table
+/// Up to `limit` active holds past their TTL, oldest expiry first, row-locked until the
+/// transaction ends. Holds another transaction has locked (a concurrent CreateOrder,
+/// another reaper) are skipped, not waited on.
+pub async fn lock_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Hold>> {
+    holds::table
         .filter(holds::status.eq(HoldStatus::Active))
         .filter(holds::expires_at.le(now))
         .order(holds::expires_at)
         .limit(limit)
-        .select(holds::id)
+        .select(Hold::as_select())
         .for_update()
         .skip_locked()
         .load(conn)
-        .await?;
-    if due.is_empty() {
-        return Ok(Vec::new());
-    }
-    diesel::update(holds::table.filter(holds::id.eq_any(&due)))
-        .set((
-            holds::status.eq(HoldStatus::Expired),
-            holds::updated_at.eq(now),
-        ))
-        .returning(Hold::as_returning())
-        .get_results(conn)
         .await
 }
 
@@ -117,6 +110,29 @@ pub enum Reservation {
     KeyTaken,
 }
 
+/// The `outcome` column of `reserve_holds(...)`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    AsExpression,
+    FromSqlRow,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[diesel(sql_type = Text)]
+#[strum(serialize_all = "snake_case")]
+enum ReservationOutcome {
+    Existing,
+    Granted,
+    Insufficient,
+    NoProduct,
+    KeyTaken,
+}
+text_column!(ReservationOutcome);
+
 /// One row of `reserve_holds(...)`.
 #[derive(QueryableByName)]
 struct ReservationRow {
@@ -124,7 +140,7 @@ struct ReservationRow {
     #[diesel(sql_type = Integer)]
     ord: i32,
     #[diesel(sql_type = Text)]
-    outcome: String,
+    outcome: ReservationOutcome,
     #[diesel(sql_type = Nullable<BigInt>)]
     units_left: Option<i64>,
     /// Set for `existing` and `granted`.
@@ -132,8 +148,7 @@ struct ReservationRow {
     hold: Option<Hold>,
 }
 
-/// The columns of a `reserve_holds(...) AS r` row (migrations 2026-11-23-000003, 000007 and
-/// 000012).
+/// The columns of a `reserve_holds(...) AS r` row (the function: `migrations/schema.sql`).
 const RESERVATION_COLUMNS: &str = "
 SELECT r.ord, r.outcome, r.units_left,
        r.hold_id AS id, r.hold_product_id AS product_id, r.hold_qty AS qty,
@@ -234,12 +249,15 @@ fn index_products(requests: &[HoldRequestRow<'_>]) -> (Vec<Uuid>, Vec<i32>) {
 impl ReservationRow {
     /// The typed answer.
     fn into_reservation(self) -> QueryResult<Reservation> {
-        Ok(match (self.outcome.as_str(), self.hold, self.units_left) {
-            ("existing", Some(hold), _) => Reservation::Existing(hold),
-            ("granted", Some(hold), _) => Reservation::Granted(hold),
-            ("insufficient", None, Some(units_left)) => Reservation::Insufficient { units_left },
-            ("no_product", None, _) => Reservation::NoProduct,
-            ("key_taken", None, _) => Reservation::KeyTaken,
+        use ReservationOutcome as Outcome;
+        Ok(match (self.outcome, self.hold, self.units_left) {
+            (Outcome::Existing, Some(hold), _) => Reservation::Existing(hold),
+            (Outcome::Granted, Some(hold), _) => Reservation::Granted(hold),
+            (Outcome::Insufficient, None, Some(units_left)) => {
+                Reservation::Insufficient { units_left }
+            }
+            (Outcome::NoProduct, None, _) => Reservation::NoProduct,
+            (Outcome::KeyTaken, None, _) => Reservation::KeyTaken,
             (outcome, _, _) => {
                 return Err(unexpected(format!(
                     "reserve_holds answered {outcome:?} with unexpected fields"

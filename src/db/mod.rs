@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod cached_sql;
+pub mod change_feed;
 pub mod holds;
 pub mod io_thread;
 pub mod models;
@@ -16,14 +17,15 @@ pub mod schema;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel::ConnectionError;
+use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::pooled_connection::deadpool::{BuildError, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+use crate::config::DatabaseConfig;
 use io_thread::IoThread;
 
 /// The pool every request borrows its connection from.
@@ -37,11 +39,21 @@ pub const LISTENER_APPLICATION_NAME: &str = "flashsale-listener";
 /// The schema, compiled into the binary and applied at start.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
+/// Opens one connection; its socket is driven by a task on the current runtime.
+pub async fn connect(config: &DatabaseConfig) -> ConnectionResult<AsyncPgConnection> {
+    let (client, connection) = config
+        .postgres()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|error| ConnectionError::BadConnection(error.to_string()))?;
+    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+}
+
 /// Builds the connection pool; `timeout` bounds waiting for, opening and recycling a
 /// connection, so a database outage surfaces as an error instead of a hang. Connections are
 /// opened on `io`, so their socket tasks run there.
 pub fn build_pool(
-    database_url: &str,
+    database: &DatabaseConfig,
     max_size: usize,
     timeout: Duration,
     io: Arc<IoThread>,
@@ -50,19 +62,19 @@ pub fn build_pool(
     // A broken connection is still detected (and dropped) on return to the pool; skipping the
     // test query saves a round trip per call.
     manager_config.recycling_method = RecyclingMethod::Fast;
-    manager_config.custom_setup = Box::new(move |url| {
-        let url = url.to_owned();
-        let opened = io
-            .handle()
-            .spawn(async move { AsyncPgConnection::establish(&url).await });
+    let database = database.with_application_name(POOL_APPLICATION_NAME);
+    manager_config.custom_setup = Box::new(move |_unused_url| {
+        let database = database.clone();
+        let opened = io.handle().spawn(async move { connect(&database).await });
         Box::pin(async move {
             opened.await.map_err(|error| {
                 ConnectionError::BadConnection(format!("database i/o thread stopped: {error}"))
             })?
         })
     });
-    let url = with_application_name(database_url, POOL_APPLICATION_NAME);
-    let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
+    // The manager only hands its URL to `custom_setup`, which connects from the parsed
+    // settings instead.
+    let manager = AsyncDieselConnectionManager::new_with_config(String::new(), manager_config);
     Pool::builder(manager)
         .max_size(max_size)
         .wait_timeout(Some(timeout))
@@ -74,28 +86,15 @@ pub fn build_pool(
 
 /// Applies pending migrations over a dedicated connection.
 pub async fn run_migrations(
-    database_url: &str,
+    database: &DatabaseConfig,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let connection = AsyncPgConnection::establish(database_url).await?;
+    let connection = connect(database).await?;
     tokio::task::spawn_blocking(move || {
         let mut harness = AsyncMigrationHarness::new(connection);
         harness.run_pending_migrations(MIGRATIONS).map(|_| ())
     })
     .await??;
     Ok(())
-}
-
-/// `database_url` with an `application_name`, so `pg_stat_activity` tells the server's
-/// connections apart (pool vs. change listener). A name already in the URL is kept.
-pub fn with_application_name(database_url: &str, name: &str) -> String {
-    if database_url.contains("application_name=") {
-        return database_url.to_owned();
-    }
-    if !database_url.contains("://") {
-        return format!("{database_url} application_name={name}");
-    }
-    let separator = if database_url.contains('?') { '&' } else { '?' };
-    format!("{database_url}{separator}application_name={name}")
 }
 
 /// Round-trips a trivial query: is the database answering?
@@ -106,10 +105,11 @@ pub async fn ping(conn: &mut AsyncPgConnection) -> diesel::QueryResult<()> {
         .map(|_| ())
 }
 
-/// Creates database `name` on the server of `admin_url` unless it exists. `name` must be a
-/// plain identifier (letters, digits, underscores).
+/// Creates database `name` on the server of `server` unless it exists (connecting to the
+/// server's `postgres` database). `name` must be a plain identifier (letters, digits,
+/// underscores).
 pub async fn create_database_if_missing(
-    admin_url: &str,
+    server: &DatabaseConfig,
     name: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -117,7 +117,7 @@ pub async fn create_database_if_missing(
             format!("database name {name:?} must be letters, digits and underscores").into(),
         );
     }
-    let mut conn = AsyncPgConnection::establish(admin_url).await?;
+    let mut conn = connect(&server.with_database("postgres")).await?;
     let exists = diesel::select(
         diesel::dsl::sql::<diesel::sql_types::Bool>(
             "EXISTS (SELECT 1 FROM pg_database WHERE datname = ",

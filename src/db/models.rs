@@ -2,44 +2,24 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::Text;
+use diesel::{AsExpression, FromSqlRow};
 use uuid::Uuid;
 
 use super::schema::{holds, orders, payment_events, products};
 
-/// Declares an enum stored as a lowercase `TEXT` column (with a `CHECK` constraint in the
-/// migration), with its diesel conversions.
-macro_rules! text_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, diesel::AsExpression, diesel::FromSqlRow)]
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            /// The text stored in the database.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(text: &str) -> Result<Self, String> {
-                match text {
-                    $($text => Ok(Self::$variant),)+
-                    other => Err(format!("unknown {} {other:?}", stringify!($name))),
-                }
-            }
-        }
-
+/// Implements diesel's `TEXT` conversions for an enum whose text strum derives
+/// (`IntoStaticStr` and `EnumString`); the migration's `CHECK` constraint lists the same texts.
+macro_rules! text_column {
+    ($name:ident) => {
         impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
             fn to_sql<'b>(
                 &'b self,
                 out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
             ) -> diesel::serialize::Result {
+                let text: &'static str = self.into();
                 <str as diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg>>::to_sql(
-                    self.as_str(),
-                    out,
+                    text, out,
                 )
             }
         }
@@ -50,31 +30,100 @@ macro_rules! text_enum {
                     diesel::sql_types::Text,
                     diesel::pg::Pg,
                 >>::from_sql(value)?;
-                Ok(text.parse()?)
+                Ok(text.parse::<$name>()?)
             }
         }
     };
 }
+pub(crate) use text_column;
 
-text_enum! {
-    /// Where a hold is in its life: only `Active` holds reserve stock on their own.
-    HoldStatus { Active => "active", Converted => "converted", Expired => "expired", Released => "released" }
+/// Where a hold is in its life: only `Active` holds reserve stock on their own.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    AsExpression,
+    FromSqlRow,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[diesel(sql_type = Text)]
+#[strum(serialize_all = "snake_case")]
+pub enum HoldStatus {
+    Active,
+    Converted,
+    Expired,
+    Released,
 }
+text_column!(HoldStatus);
 
-text_enum! {
-    /// Where an order is in its life; it only moves forward, from `Pending`.
-    OrderStatus { Pending => "pending", Paid => "paid", Cancelled => "cancelled" }
+/// Where an order is in its life; it only moves forward, from `Pending`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    AsExpression,
+    FromSqlRow,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[diesel(sql_type = Text)]
+#[strum(serialize_all = "snake_case")]
+pub enum OrderStatus {
+    Pending,
+    Paid,
+    Cancelled,
 }
+text_column!(OrderStatus);
 
-text_enum! {
-    /// What the payment provider reported.
-    PaymentResult { Success => "success", Failure => "failure" }
+/// What the payment provider reported.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    AsExpression,
+    FromSqlRow,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[diesel(sql_type = Text)]
+#[strum(serialize_all = "snake_case")]
+pub enum PaymentResult {
+    Success,
+    Failure,
 }
+text_column!(PaymentResult);
 
-text_enum! {
-    /// What a stored payment event did (a duplicate delivery is never stored).
-    EventOutcome { Applied => "applied", Deferred => "deferred", Ignored => "ignored" }
+/// What a stored payment event did (a duplicate delivery is never stored).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    AsExpression,
+    FromSqlRow,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+#[diesel(sql_type = Text)]
+#[strum(serialize_all = "snake_case")]
+pub enum EventOutcome {
+    Applied,
+    Deferred,
+    Ignored,
 }
+text_column!(EventOutcome);
 
 impl OrderStatus {
     /// Paid and cancelled orders never change again.

@@ -1,5 +1,5 @@
-//! Queries on `stock_movements`: counter movements of settled orders and released holds,
-//! waiting to be folded into their products' counters (migration 2026-11-23-000004).
+//! Queries on `stock_movements`: counter movements of settled orders and ended holds,
+//! waiting to be folded into their products' counters (`fold_stock_movements`).
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
@@ -10,23 +10,41 @@ use super::cached_sql::CachedSql;
 use super::products::StockChange;
 use super::schema::stock_movements;
 
-/// Records the counter movement of a hold's units without touching its product's row.
-pub async fn insert_movement(
+/// A counter movement to record: a hold's units going back (released, expired, order
+/// cancelled) or on to `sold` (order paid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "the units move only once the movement is recorded"]
+pub struct NewMovement {
+    /// The hold whose units move.
+    pub hold_id: Uuid,
+    /// Its product.
+    pub product_id: Uuid,
+    /// Only ever lowers `reserved` (and may raise `sold` by as much).
+    pub change: StockChange,
+}
+
+/// Records counter movements without touching their products' rows, in one statement that
+/// stays prepared (see [`CachedSql`]).
+pub async fn insert_movements(
     conn: &mut AsyncPgConnection,
-    hold_id: Uuid,
-    product_id: Uuid,
-    change: StockChange,
+    movements: &[NewMovement],
 ) -> QueryResult<()> {
-    diesel::insert_into(stock_movements::table)
-        .values((
-            stock_movements::product_id.eq(product_id),
-            stock_movements::hold_id.eq(hold_id),
-            stock_movements::reserved_delta.eq(change.reserved),
-            stock_movements::sold_delta.eq(change.sold),
-        ))
-        .execute(conn)
-        .await
-        .map(|_| ())
+    let column = |get: fn(&NewMovement) -> i64| movements.iter().map(get).collect::<Vec<_>>();
+    CachedSql::new(
+        "INSERT INTO stock_movements (hold_id, product_id, reserved_delta, sold_delta) \
+         SELECT * FROM unnest(",
+    )
+    .bind::<Array<SqlUuid>, _>(movements.iter().map(|m| m.hold_id).collect::<Vec<_>>())
+    .sql(", ")
+    .bind::<Array<SqlUuid>, _>(movements.iter().map(|m| m.product_id).collect::<Vec<_>>())
+    .sql(", ")
+    .bind::<Array<BigInt>, _>(column(|m| m.change.reserved))
+    .sql(", ")
+    .bind::<Array<BigInt>, _>(column(|m| m.change.sold))
+    .sql(")")
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// The folded count `fold_stock_movements` returns.

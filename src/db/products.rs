@@ -107,6 +107,22 @@ pub async fn list_products(
     query.load(conn).await
 }
 
+/// How many products [`all_products`] reads per query.
+const ALL_PRODUCTS_PAGE: i64 = 1000;
+
+/// Every product, in id order, read page by page.
+pub async fn all_products(conn: &mut AsyncPgConnection) -> QueryResult<Vec<Product>> {
+    let mut all: Vec<Product> = Vec::new();
+    loop {
+        let page = list_products(conn, all.last().map(|p| p.id), ALL_PRODUCTS_PAGE).await?;
+        let done = (page.len() as i64) < ALL_PRODUCTS_PAGE;
+        all.extend(page);
+        if done {
+            return Ok(all);
+        }
+    }
+}
+
 /// Applies `change` if the product would keep `available >= 0`; `None` if it would not (or
 /// the product does not exist). Takes the product's row lock until the transaction ends. A
 /// statement that stays prepared (see [`CachedSql`]).

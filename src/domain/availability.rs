@@ -1,7 +1,7 @@
-//! Live availability. Every committed stock change is announced by PostgreSQL (`NOTIFY`
-//! from a trigger on `products`, inside the changing transaction). Each server process keeps
-//! one listening connection and fans the changes out in memory: one `watch` value per
-//! product shared by all its watchers, plus one broadcast for watchers of every product.
+//! Live availability: the in-memory fan-out of the change feed ([`crate::db::change_feed`],
+//! one listening connection per process) to every watcher of this process: one `watch`
+//! value per product shared by all its watchers, plus one broadcast for watchers of every
+//! product.
 //! A slow watcher skips intermediate states and always ends on the latest; no watcher
 //! costs any database work after its first read.
 //!
@@ -14,100 +14,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 use tokio_stream::wrappers::WatchStream;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Checkout, DomainError};
-use crate::db::models::Product;
+pub use crate::db::change_feed::StockSnapshot;
 
-/// The channel the `products_notify_change` trigger notifies on.
-pub const CHANGES_CHANNEL: &str = "flashsale_product_changes";
 /// Changes buffered for watchers of all products before a slow one must resync.
 const ALL_PRODUCTS_BUFFER: usize = 1024;
-/// How often the listener checks that its (otherwise silent) connection is alive.
-const LISTENER_PING_INTERVAL: Duration = Duration::from_secs(10);
-/// How long the listener waits to connect or for a ping answer before reconnecting.
-const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// First wait before the listener reconnects.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts of the listener.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// One state of a product's stock.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StockSnapshot {
-    pub product_id: Uuid,
-    pub stock_total: i64,
-    pub reserved: i64,
-    pub sold: i64,
-    /// The product's version at this state: states of one product are ordered by it.
-    pub version: i64,
-    /// When the change that produced this state committed.
-    pub changed_at: DateTime<Utc>,
-}
-
-impl StockSnapshot {
-    /// Units nobody holds or bought.
-    pub fn available(&self) -> i64 {
-        self.stock_total - self.reserved - self.sold
-    }
-}
-
-impl From<&Product> for StockSnapshot {
-    fn from(product: &Product) -> Self {
-        StockSnapshot {
-            product_id: product.id,
-            stock_total: product.stock_total,
-            reserved: product.reserved,
-            sold: product.sold,
-            version: product.version,
-            changed_at: product.updated_at,
-        }
-    }
-}
-
-/// One notification on [`CHANGES_CHANNEL`] (migration `2026-11-23-000011`): the states of
-/// products one statement changed.
-#[derive(Debug, Deserialize)]
-struct ChangeNotification {
-    /// The changing transaction's time: every state in it is as of that change.
-    changed_at: DateTime<Utc>,
-    /// Up to 24 products' counters.
-    products: Vec<ChangedProduct>,
-}
-
-/// One product's part of a [`ChangeNotification`].
-#[derive(Debug, Deserialize)]
-struct ChangedProduct {
-    product_id: Uuid,
-    stock_total: i64,
-    reserved: i64,
-    sold: i64,
-    version: i64,
-}
-
-impl ChangeNotification {
-    /// The states it announces.
-    fn into_snapshots(self) -> impl Iterator<Item = StockSnapshot> {
-        let changed_at = self.changed_at;
-        self.products.into_iter().map(move |product| StockSnapshot {
-            product_id: product.product_id,
-            stock_total: product.stock_total,
-            reserved: product.reserved,
-            sold: product.sold,
-            version: product.version,
-            changed_at,
-        })
-    }
-}
 
 /// The latest known state of every product this process has heard of, shared by all watchers.
 pub struct AvailabilityHub {
@@ -220,11 +137,6 @@ impl Default for AvailabilityHub {
     }
 }
 
-/// Why a watcher cannot start: the server is shutting down.
-fn shutting_down() -> DomainError {
-    DomainError::Unavailable("server is shutting down".into())
-}
-
 impl AvailabilityHub {
     /// The channels, unless the hub closed.
     fn channels(&self) -> std::sync::MutexGuard<'_, Option<Channels>> {
@@ -301,7 +213,7 @@ impl AvailabilityHub {
         let product_id = fresh.product_id;
         self.publish(fresh);
         let mut channels = self.channels();
-        let channels = channels.as_mut().ok_or_else(shutting_down)?;
+        let channels = channels.as_mut().ok_or(DomainError::ShuttingDown)?;
         let product = channels.products.get_mut(&product_id);
         Ok(product.expect("published above").subscribe(group))
     }
@@ -309,7 +221,11 @@ impl AvailabilityHub {
     /// A receiver of every newer state of any product.
     fn subscribe_all(&self) -> Result<broadcast::Receiver<StockSnapshot>, DomainError> {
         let channels = self.channels();
-        Ok(channels.as_ref().ok_or_else(shutting_down)?.all.subscribe())
+        Ok(channels
+            .as_ref()
+            .ok_or(DomainError::ShuttingDown)?
+            .all
+            .subscribe())
     }
 
     /// The latest known state of every product.
@@ -335,10 +251,10 @@ impl Checkout {
     /// Streams end when the hub closes. Watchers in one `group` are woken together.
     pub async fn watch_availability(
         &self,
-        hub: Arc<AvailabilityHub>,
         product_ids: Vec<Uuid>,
         group: WakeGroup,
     ) -> Result<SnapshotStream, DomainError> {
+        let hub = self.availability.clone();
         let open = OpenStream::new(&hub, &product_ids);
         let count = |updates| {
             CountedStream {
@@ -406,105 +322,5 @@ impl Checkout {
                 }
             }
         })
-    }
-
-    /// Re-reads every product into the hub (after the listener (re)connects).
-    async fn resync(&self, hub: &AvailabilityHub) -> Result<(), DomainError> {
-        for product in self.all_products().await? {
-            hub.publish(StockSnapshot::from(&product));
-        }
-        Ok(())
-    }
-}
-
-/// Keeps one connection listening for stock changes and feeds them to `hub`, until
-/// `shutdown`. On a lost connection it reconnects with backoff and re-reads every product,
-/// so no watcher stays on a stale state.
-pub async fn run_change_listener(
-    database_url: String,
-    checkout: Arc<Checkout>,
-    hub: Arc<AvailabilityHub>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = MIN_BACKOFF;
-    while !shutdown.is_cancelled() {
-        match listen_once(&database_url, &checkout, &hub, &shutdown, &mut backoff).await {
-            Ok(()) => break,
-            Err(error) => {
-                tracing::warn!(%error, ?backoff, "change listener lost its connection; reconnecting")
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-    tracing::info!("change listener stopped");
-}
-
-/// One listening session: `Ok` on shutdown, `Err` when the connection fails. The
-/// connection is pinged now and then, so a silently dead one is noticed and replaced.
-async fn listen_once(
-    database_url: &str,
-    checkout: &Checkout,
-    hub: &AvailabilityHub,
-    shutdown: &CancellationToken,
-    backoff: &mut Duration,
-) -> Result<(), DomainError> {
-    let url = crate::db::with_application_name(database_url, crate::db::LISTENER_APPLICATION_NAME);
-    let connecting = AsyncPgConnection::establish(&url);
-    let mut conn = tokio::time::timeout(LISTENER_PING_TIMEOUT, connecting)
-        .await
-        .map_err(|_| DomainError::Unavailable("listener connection timed out".into()))?
-        .map_err(|error| DomainError::Unavailable(error.to_string()))?;
-    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}"))
-        .execute(&mut conn)
-        .await?;
-    // Listening first, then reading: a change committed in between is heard, not lost.
-    checkout.resync(hub).await?;
-    tracing::info!("change listener connected");
-    *backoff = MIN_BACKOFF;
-    let mut ping = tokio::time::interval(LISTENER_PING_INTERVAL);
-    ping.reset();
-    loop {
-        if !relay_until_ping(&mut conn, hub, shutdown, &mut ping).await? {
-            return Ok(());
-        }
-        tokio::time::timeout(LISTENER_PING_TIMEOUT, crate::db::ping(&mut conn))
-            .await
-            .map_err(|_| DomainError::Unavailable("listener ping timed out".into()))??;
-    }
-}
-
-/// Relays notifications to the hub until the next ping is due (`true`) or shutdown (`false`).
-async fn relay_until_ping(
-    conn: &mut AsyncPgConnection,
-    hub: &AvailabilityHub,
-    shutdown: &CancellationToken,
-    ping: &mut tokio::time::Interval,
-) -> Result<bool, DomainError> {
-    // The stream only borrows the connection's queue: dropping it for a ping loses nothing.
-    let mut notifications = std::pin::pin!(conn.notifications_stream());
-    loop {
-        let notification = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
-            _ = ping.tick() => return Ok(true),
-            next = notifications.next() => next,
-        };
-        let payload = match notification {
-            Some(Ok(notification)) => notification.payload,
-            Some(Err(error)) => return Err(error.into()),
-            None => return Err(DomainError::Unavailable("notification stream ended".into())),
-        };
-        // One notification per statement (and 24 products): the states it changed.
-        match serde_json::from_str::<ChangeNotification>(&payload) {
-            Ok(notification) => {
-                for snapshot in notification.into_snapshots() {
-                    hub.publish(snapshot);
-                }
-            }
-            Err(error) => tracing::error!(%error, %payload, "unreadable stock changes"),
-        }
     }
 }

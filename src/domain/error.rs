@@ -1,7 +1,13 @@
 //! The one error type of the domain, and the one place where database errors become it.
 
+use std::sync::Arc;
+
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use uuid::Uuid;
+
+/// The error underneath a failure, kept for logs (shared, since a batch's failure answers
+/// every caller in it).
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why a domain operation did not happen. Every variant means nothing was changed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,15 +67,19 @@ pub enum DomainError {
 
     /// The database cannot be reached or went away mid-call; nothing was applied.
     #[error("database unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Source),
+
+    /// This server is shutting down; the caller should go to another instance.
+    #[error("server is shutting down; reconnect to another instance")]
+    ShuttingDown,
 
     /// The transaction lost a race it cannot win now (deadlock, serialization); retry.
     #[error("transaction conflict: {0}")]
-    Conflict(String),
+    Conflict(#[source] Source),
 
     /// A bug or an unexpected database state.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] Source),
 }
 
 impl DomainError {
@@ -89,6 +99,21 @@ impl DomainError {
         }
     }
 
+    /// Shorthand for [`DomainError::Internal`] with a message of our own.
+    pub fn internal(message: impl Into<String>) -> Self {
+        DomainError::Internal(message_source(message))
+    }
+
+    /// Shorthand for [`DomainError::Conflict`] with a message of our own.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        DomainError::Conflict(message_source(message))
+    }
+
+    /// Shorthand for [`DomainError::Unavailable`] with a message of our own.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        DomainError::Unavailable(message_source(message))
+    }
+
     /// The machine-readable reason clients switch on (`google.rpc.ErrorInfo.reason`).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -103,10 +128,18 @@ impl DomainError {
             DomainError::StockBelowCommitted { .. } => "STOCK_BELOW_COMMITTED",
             DomainError::UniqueViolation { .. } => "DUPLICATE",
             DomainError::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            DomainError::ShuttingDown => "SHUTTING_DOWN",
             DomainError::Conflict(_) => "TRANSACTION_CONFLICT",
             DomainError::Internal(_) => "INTERNAL",
         }
     }
+}
+
+/// A message of our own as an error source.
+fn message_source(message: impl Into<String>) -> Source {
+    Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+        message.into(),
+    ))
 }
 
 /// Message fragments of PostgreSQL errors that mean the server or the connection went away
@@ -120,34 +153,35 @@ const CONNECTION_LOST_MESSAGES: &[&str] = &[
 
 impl From<DieselError> for DomainError {
     fn from(error: DieselError) -> Self {
-        match &error {
+        let kind = match &error {
             DieselError::DatabaseError(kind, info) => match kind {
-                DatabaseErrorKind::UniqueViolation => DomainError::UniqueViolation {
-                    constraint: info.constraint_name().unwrap_or_default().to_owned(),
-                },
-                DatabaseErrorKind::SerializationFailure => DomainError::Conflict(error.to_string()),
+                DatabaseErrorKind::UniqueViolation => {
+                    return DomainError::UniqueViolation {
+                        constraint: info.constraint_name().unwrap_or_default().to_owned(),
+                    };
+                }
+                DatabaseErrorKind::SerializationFailure => DomainError::Conflict,
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
-                    DomainError::Unavailable(error.to_string())
+                    DomainError::Unavailable
                 }
-                _ if info.message().contains("deadlock detected") => {
-                    DomainError::Conflict(error.to_string())
-                }
+                _ if info.message().contains("deadlock detected") => DomainError::Conflict,
                 _ if CONNECTION_LOST_MESSAGES
                     .iter()
                     .any(|needle| info.message().contains(needle)) =>
                 {
-                    DomainError::Unavailable(error.to_string())
+                    DomainError::Unavailable
                 }
-                _ => DomainError::Internal(error.to_string()),
+                _ => DomainError::Internal,
             },
-            DieselError::BrokenTransactionManager => DomainError::Unavailable(error.to_string()),
-            _ => DomainError::Internal(error.to_string()),
-        }
+            DieselError::BrokenTransactionManager => DomainError::Unavailable,
+            _ => DomainError::Internal,
+        };
+        kind(Arc::new(error))
     }
 }
 
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for DomainError {
     fn from(error: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        DomainError::Unavailable(error.to_string())
+        DomainError::Unavailable(Arc::new(error))
     }
 }

@@ -77,7 +77,7 @@ impl HoldBatcher {
         }
         answer
             .await
-            .map_err(|_| DomainError::Internal("hold batch ended without an answer".into()))?
+            .map_err(|_| DomainError::internal("hold batch ended without an answer"))?
     }
 
     /// Runs one batch and answers every caller in it.
@@ -131,7 +131,7 @@ impl HoldBatcher {
                 Some(first) => keyed_holds[first].clone(),
                 None => match reservations.next() {
                     Some(reservation) => resolve(&mut conn, request, reservation).await,
-                    None => Err(DomainError::Internal("hold request left unanswered".into())),
+                    None => Err(DomainError::internal("hold request left unanswered")),
                 },
             };
             answers.push(
@@ -201,5 +201,5 @@ async fn taken_key_hold(
     let key = request.client_request_id.as_deref().unwrap_or_default();
     find_hold_by_client_request_id(conn, key)
         .await?
-        .ok_or_else(|| DomainError::Conflict(format!("client_request_id {key:?} raced; retry")))
+        .ok_or_else(|| DomainError::conflict(format!("client_request_id {key:?} raced; retry")))
 }

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{Checkout, DomainError, check_text_len};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
-use crate::db::movements::insert_movement;
+use crate::db::movements::{NewMovement, insert_movements};
 use crate::db::payments::ignore_deferred_events;
 use crate::db::products::StockChange;
 
@@ -54,15 +54,19 @@ impl Checkout {
     /// nothing and answers with it; a converted hold is refused.
     pub async fn release_hold(&self, id: Uuid) -> Result<Hold, DomainError> {
         let mut conn = self.conn().await?;
-        let (hold, moved_product) = conn
+        let (hold, moved) = conn
             .transaction(async |conn| {
                 let (hold, _) = queries::lock_hold(conn, id)
                     .await?
                     .ok_or_else(|| DomainError::not_found("hold", id))?;
                 match hold.status {
                     HoldStatus::Active => {
-                        let released = close_hold(conn, &hold, HoldStatus::Released).await?;
-                        Ok((released, Some(hold.product_id)))
+                        let mut released = end_holds(conn, &[hold], HoldStatus::Released).await?;
+                        let released = released.pop().ok_or_else(|| {
+                            DomainError::internal(format!("released hold {id} vanished"))
+                        })?;
+                        let product = released.product_id;
+                        Ok((released, Some(product)))
                     }
                     HoldStatus::Released | HoldStatus::Expired => Ok((hold, None)),
                     HoldStatus::Converted => Err(DomainError::HoldConverted { hold_id: id }),
@@ -70,27 +74,57 @@ impl Checkout {
             })
             .await?;
         drop(conn);
-        self.fold_after_commit(moved_product).await;
+        self.fold_after_commit(moved.as_slice()).await;
         Ok(hold)
+    }
+
+    /// Expires up to `batch_size` due holds in one transaction and returns how many. Holds
+    /// locked elsewhere (a CreateOrder, another reaper) are skipped and left to their owner.
+    pub async fn expire_due_holds(&self, batch_size: i64) -> Result<usize, DomainError> {
+        let mut conn = self.conn().await?;
+        let expired = conn
+            .transaction(async |conn| {
+                let due = queries::lock_due_holds(conn, batch_size).await?;
+                end_holds(conn, &due, HoldStatus::Expired).await
+            })
+            .await?;
+        drop(conn);
+        let mut products: Vec<Uuid> = expired.iter().map(|hold| hold.product_id).collect();
+        products.sort_unstable();
+        products.dedup();
+        self.fold_after_commit(&products).await;
+        Ok(expired.len())
     }
 }
 
-/// Ends a locked active hold without an order (`Released` or `Expired`): payments deferred
-/// on it are closed as ignored and its units go back to the product as a counter movement
-/// (no product lock), which the caller folds after the commit.
-pub(super) async fn close_hold(
+/// The one way holds end without an order: locked active holds become `Released` or
+/// `Expired`, payments deferred on them are closed as ignored, and their units go back to
+/// their products as counter movements (no product lock), which the caller folds after the
+/// commit. Returns the holds as they are now.
+pub(super) async fn end_holds(
     conn: &mut AsyncPgConnection,
-    hold: &Hold,
+    holds: &[Hold],
     status: HoldStatus,
-) -> Result<Hold, DomainError> {
-    ignore_deferred_events(conn, &[hold.id]).await?;
-    let closed = queries::set_hold_status(conn, hold.id, status).await?;
-    let change = StockChange {
-        reserved: -hold.qty,
-        ..StockChange::default()
-    };
-    insert_movement(conn, hold.id, hold.product_id, change).await?;
-    Ok(closed)
+) -> Result<Vec<Hold>, DomainError> {
+    if holds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = holds.iter().map(|hold| hold.id).collect();
+    ignore_deferred_events(conn, &ids).await?;
+    let ended = queries::set_holds_status(conn, &ids, status).await?;
+    let movements: Vec<NewMovement> = holds
+        .iter()
+        .map(|hold| NewMovement {
+            hold_id: hold.id,
+            product_id: hold.product_id,
+            change: StockChange {
+                reserved: -hold.qty,
+                ..StockChange::default()
+            },
+        })
+        .collect();
+    insert_movements(conn, &movements).await?;
+    Ok(ended)
 }
 
 /// A retried CreateHold gets the original hold; the same key for another request is refused.

@@ -12,6 +12,7 @@ pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod reaper;
+pub mod settlement;
 pub mod stock_folder;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use diesel_async::pooled_connection::deadpool::Object;
 
 use crate::db::DbPool;
 use crate::db::io_thread::IoThread;
+use availability::{AvailabilityHub, StockSnapshot};
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
 use stock_folder::StockFolder;
@@ -48,6 +50,9 @@ pub struct Checkout {
     hold_batcher: Arc<HoldBatcher>,
     /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
+    /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
+    /// by the change feed through [`Checkout::publish_stock`].
+    availability: Arc<AvailabilityHub>,
 }
 
 /// How many times an operation that lost a deadlock or key race is retried.
@@ -68,20 +73,37 @@ impl Checkout {
             settings,
             hold_batcher,
             stock_folder,
+            availability: Arc::new(AvailabilityHub::default()),
         }
+    }
+
+    /// Hands a committed stock state (from the change feed) to the watchers.
+    pub fn publish_stock(&self, snapshot: StockSnapshot) {
+        self.availability.publish(snapshot);
+    }
+
+    /// Ends every WatchAvailability stream and refuses new ones: for shutdown.
+    pub fn close_streams(&self) {
+        self.availability.close();
+    }
+
+    /// The fan-out behind WatchAvailability, to look inside (open streams, wake groups).
+    pub fn availability(&self) -> &Arc<AvailabilityHub> {
+        &self.availability
     }
 
     /// After a transaction that recorded a counter movement (a settlement, a release)
     /// committed: folds its product's movements, so the caller's next read sees the counters
     /// it changed. A failed fold is only logged: the movement is committed and the reaper's
     /// next sweep folds it.
-    async fn fold_after_commit(&self, product_id: Option<Uuid>) {
-        let Some(product_id) = product_id else {
-            return;
-        };
-        if let Err(error) = self.stock_folder.fold(product_id).await {
-            tracing::warn!(%error, %product_id, "stock fold failed; the reaper's sweep retries it");
-        }
+    async fn fold_after_commit(&self, products: &[Uuid]) {
+        let folds = products.iter().map(|&product_id| async move {
+            if let Err(error) = self.stock_folder.fold(product_id).await {
+                tracing::warn!(%error, %product_id, "stock fold failed; the reaper's sweep retries it");
+            }
+        });
+        // Asked for together, the folds share one statement.
+        futures::future::join_all(folds).await;
     }
 
     /// Folds counter movements nobody folded (a failed fold, a process that died after its

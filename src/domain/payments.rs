@@ -4,16 +4,14 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::orders::{PendingStock, hold_total_cents, record_pending_stock, settle};
+use super::settlement::{order_total_cents, settle};
 use super::{Checkout, DomainError, check_text_len, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
     EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
 };
 use crate::db::orders::{find_order_by_hold, lock_order};
-use crate::db::payments::{
-    NewPaymentEvent, find_event, insert_event, lock_deferred_events, resolve_event,
-};
+use crate::db::payments::{NewPaymentEvent, find_event, insert_event};
 
 /// What a payment webhook is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +77,7 @@ impl Checkout {
             attempt += 1;
         };
         drop(conn);
-        self.fold_after_commit(settled_product).await;
+        self.fold_after_commit(settled_product.as_slice()).await;
         Ok(receipt)
     }
 }
@@ -110,7 +108,7 @@ async fn process_webhook(
     let Decision {
         outcome,
         order,
-        stock,
+        settled_product,
     } = match webhook.target {
         PaymentTarget::Order(order_id) => {
             let order = lock_order(conn, order_id)
@@ -127,14 +125,8 @@ async fn process_webhook(
     let stored = insert_event(conn, &new_event(webhook, outcome, order_id, order_status)).await?;
     if !stored {
         // A concurrent delivery of the same key committed first: roll back and answer as a duplicate.
-        return Err(DomainError::Conflict(
-            "idempotency key stored concurrently".into(),
-        ));
+        return Err(DomainError::conflict("idempotency key stored concurrently"));
     }
-    let settled_product = match stock {
-        Some(stock) => Some(record_pending_stock(conn, stock).await?),
-        None => None,
-    };
     let receipt = WebhookReceipt {
         idempotency_key: webhook.idempotency_key.clone(),
         order_id,
@@ -150,8 +142,8 @@ struct Decision {
     outcome: EventOutcome,
     /// The order it concerns, as it ends up; `None` while deferred or when its hold died.
     order: Option<Order>,
-    /// The units to move, recorded as a counter movement.
-    stock: Option<PendingStock>,
+    /// The product whose units it moved (to fold after the commit), if it settled the order.
+    settled_product: Option<Uuid>,
 }
 
 impl Decision {
@@ -160,7 +152,7 @@ impl Decision {
         Decision {
             outcome,
             order,
-            stock: None,
+            settled_product: None,
         }
     }
 }
@@ -175,11 +167,11 @@ async fn apply_to_order(
     if order.status.is_final() {
         return Ok(Decision::without_stock(EventOutcome::Ignored, Some(order)));
     }
-    let (settled, stock) = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
+    let settled = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
     Ok(Decision {
         outcome: EventOutcome::Applied,
+        settled_product: Some(settled.product_id),
         order: Some(settled),
-        stock: Some(stock),
     })
 }
 
@@ -198,56 +190,22 @@ async fn apply_to_hold(
             let order_id = find_order_by_hold(conn, hold_id)
                 .await?
                 .ok_or_else(|| {
-                    DomainError::Internal(format!("converted hold {hold_id} has no order"))
+                    DomainError::internal(format!("converted hold {hold_id} has no order"))
                 })?
                 .id;
             let order = lock_order(conn, order_id)
                 .await?
-                .ok_or_else(|| DomainError::Internal(format!("order {order_id} vanished")))?;
+                .ok_or_else(|| DomainError::internal(format!("order {order_id} vanished")))?;
             apply_to_order(conn, webhook, order).await
         }
         HoldStatus::Active if !past_ttl => {
-            check_amount(webhook.amount_cents, hold_total_cents(conn, &hold).await?)?;
+            check_amount(webhook.amount_cents, order_total_cents(conn, &hold).await?)?;
             Ok(Decision::without_stock(EventOutcome::Deferred, None))
         }
         HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => {
             Ok(Decision::without_stock(EventOutcome::Ignored, None))
         }
     }
-}
-
-/// Applies the payments deferred on a hold to the order it just became: the first settles
-/// it, later ones find it final and are ignored. Returns the order as it ends up, and the
-/// product to fold if it settled.
-pub(super) async fn apply_deferred_events(
-    conn: &mut AsyncPgConnection,
-    mut order: Order,
-) -> Result<(Order, Option<Uuid>), DomainError> {
-    let mut stock = None;
-    for event in lock_deferred_events(conn, order.hold_id).await? {
-        let outcome = if order.status.is_final() {
-            EventOutcome::Ignored
-        } else {
-            let (settled, units) =
-                settle(conn, &order, event.result, &event.failure_reason).await?;
-            order = settled;
-            stock = Some(units);
-            EventOutcome::Applied
-        };
-        resolve_event(
-            conn,
-            &event.idempotency_key,
-            outcome,
-            Some(order.id),
-            Some(order.status),
-        )
-        .await?;
-    }
-    let settled_product = match stock {
-        Some(stock) => Some(record_pending_stock(conn, stock).await?),
-        None => None,
-    };
-    Ok((order, settled_product))
 }
 
 /// A non-zero reported amount must equal what the order costs.

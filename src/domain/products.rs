@@ -103,23 +103,10 @@ impl Checkout {
         })
     }
 
-    /// Every product, page by page (for watchers of all products and resyncs).
+    /// Every product (for watchers of all products).
     pub async fn all_products(&self) -> Result<Vec<Product>, DomainError> {
         let mut conn = self.conn().await?;
-        let mut all = Vec::new();
-        loop {
-            let page = queries::list_products(
-                &mut conn,
-                all.last().map(|p: &Product| p.id),
-                MAX_PAGE_SIZE,
-            )
-            .await?;
-            let done = (page.len() as i64) < MAX_PAGE_SIZE;
-            all.extend(page);
-            if done {
-                return Ok(all);
-            }
-        }
+        Ok(queries::all_products(&mut conn).await?)
     }
 
     /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold.

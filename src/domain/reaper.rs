@@ -2,51 +2,12 @@
 //! alongside other server processes doing the same; and folds settled orders' counter
 //! movements nobody folded (see `stock_folder`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::AsyncConnection;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::{Checkout, DomainError};
-use crate::db::holds::expire_due_holds;
-use crate::db::payments::ignore_deferred_events;
-use crate::db::products::{StockChange, apply_stock_change};
-
-impl Checkout {
-    /// Expires up to `batch_size` due holds in one transaction and returns how many. Holds
-    /// locked elsewhere (a CreateOrder, another reaper) are skipped and left to their owner.
-    pub async fn expire_due_holds(&self, batch_size: i64) -> Result<usize, DomainError> {
-        let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            let expired = expire_due_holds(conn, batch_size).await?;
-            let mut units_by_product: BTreeMap<Uuid, i64> = BTreeMap::new();
-            for hold in &expired {
-                *units_by_product.entry(hold.product_id).or_default() += hold.qty;
-            }
-            // Products are locked in id order, so two reapers never deadlock each other.
-            for (product_id, units) in units_by_product {
-                let change = StockChange {
-                    reserved: -units,
-                    ..StockChange::default()
-                };
-                apply_stock_change(conn, product_id, change)
-                    .await?
-                    .ok_or_else(|| {
-                        DomainError::Internal(format!(
-                            "expiring holds of {product_id} broke its counters"
-                        ))
-                    })?;
-            }
-            let ids: Vec<Uuid> = expired.iter().map(|hold| hold.id).collect();
-            ignore_deferred_events(conn, &ids).await?;
-            Ok(expired.len())
-        })
-        .await
-    }
-}
+use super::Checkout;
 
 /// How the reaper paces itself.
 #[derive(Debug, Clone, Copy)]

@@ -64,7 +64,7 @@ impl StockFolder {
         }
         answer
             .await
-            .map_err(|_| DomainError::Internal("stock fold ended without an answer".into()))?
+            .map_err(|_| DomainError::internal("stock fold ended without an answer"))?
     }
 
     /// Folds the pending movements of up to [`SWEEP_PRODUCTS`] products, whoever left

@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 use super::convert::{optional_text, parse_id, parse_ids, payment_result};
 use super::pb::checkout_service_server::CheckoutService;
 use super::pb::{self, handle_payment_webhook_request::Target};
-use crate::domain::availability::AvailabilityHub;
 use crate::domain::holds::NewHold;
 use crate::domain::payments::{PaymentTarget, PaymentWebhook};
 use crate::domain::{Checkout, DomainError};
@@ -18,15 +17,12 @@ use crate::domain::{Checkout, DomainError};
 pub struct CheckoutApi {
     /// The operations every handler delegates to.
     checkout: Arc<Checkout>,
-    /// Live stock states, shared by every WatchAvailability stream of this process; closed
-    /// on shutdown, which ends every stream with a clear status.
-    hub: Arc<AvailabilityHub>,
 }
 
 impl CheckoutApi {
-    /// Wires the API to the domain and the availability hub.
-    pub fn new(checkout: Arc<Checkout>, hub: Arc<AvailabilityHub>) -> Self {
-        CheckoutApi { checkout, hub }
+    /// Wires the API to the domain.
+    pub fn new(checkout: Arc<Checkout>) -> Self {
+        CheckoutApi { checkout }
     }
 }
 
@@ -137,16 +133,9 @@ impl CheckoutService for CheckoutApi {
         let ids = parse_ids("product_ids", &request.get_ref().product_ids)?;
         // Watchers of one connection are woken together, so their updates share writes.
         let connection = request.remote_addr();
-        let updates = self
-            .checkout
-            .watch_availability(self.hub.clone(), ids, connection)
-            .await?;
-        // Updates only end when the hub closes for shutdown.
-        let shutting_down = futures::stream::once(async {
-            Err(Status::unavailable(
-                "server is shutting down; reconnect to another instance",
-            ))
-        });
+        let updates = self.checkout.watch_availability(ids, connection).await?;
+        // Updates only end when the server shuts down.
+        let shutting_down = futures::stream::once(async { Err(DomainError::ShuttingDown.into()) });
         let stream = updates
             .map(|snapshot| Ok(pb::AvailabilityUpdate::from(snapshot)))
             .chain(shutting_down);

@@ -41,7 +41,7 @@ fn status_code(error: &DomainError) -> Code {
         | DomainError::StockBelowCommitted { .. } => Code::FailedPrecondition,
         DomainError::IdempotencyKeyReused { .. } => Code::AlreadyExists,
         DomainError::UniqueViolation { .. } | DomainError::Conflict(_) => Code::Aborted,
-        DomainError::Unavailable(_) => Code::Unavailable,
+        DomainError::Unavailable(_) | DomainError::ShuttingDown => Code::Unavailable,
         DomainError::Internal(_) => Code::Internal,
     }
 }

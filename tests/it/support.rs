@@ -8,8 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use flashsale::config::ServerConfig;
+use diesel_async::RunQueryDsl;
+use flashsale::config::{DatabaseConfig, ServerConfig};
+use flashsale::db;
 use flashsale::domain::availability::AvailabilityHub;
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
@@ -51,7 +52,7 @@ fn remove_stale_clusters() {
     }
 }
 
-/// A URL of the server's maintenance database, where test databases are created.
+/// The URL of the server's maintenance database, where test databases are created.
 async fn admin_url() -> String {
     if let Ok(url) = std::env::var("DATABASE_URL") {
         return url;
@@ -74,52 +75,104 @@ async fn admin_url() -> String {
     cluster.url("postgres")
 }
 
-/// `url` with its database name replaced (query parameters kept).
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, ""), |(base, query)| (base, query));
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
-    format!("{}/{database}{query}", &base[..path_start])
+/// The migrated database of this test process that every test database is copied from.
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+
+/// Name prefix of the template databases; the test process's pid follows.
+const TEMPLATE_PREFIX: &str = "flashsale_template_";
+
+/// Migrates a template database once per test process (dropping those of test processes
+/// that are gone) and returns its name.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let server = server().await;
+            let mut conn = db::connect(&server)
+                .await
+                .expect("connect to the test server");
+            let names: Vec<String> = diesel::dsl::sql::<diesel::sql_types::Text>(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'flashsale\\_template\\_%'",
+            )
+            .load(&mut conn)
+            .await
+            .expect("list template databases");
+            for stale in names.iter().filter(|name| !process_alive(name)) {
+                let _ =
+                    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{stale}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+            }
+            let name = format!("{TEMPLATE_PREFIX}{}", std::process::id());
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\""))
+                .execute(&mut conn)
+                .await;
+            db::create_database_if_missing(&server, &name)
+                .await
+                .expect("create the template database");
+            db::run_migrations(&server.with_database(&name))
+                .await
+                .expect("migrate the template database");
+            name
+        })
+        .await
 }
 
-/// A database of its own for one test; dropped when the value is.
+/// Whether the test process a template database is named after still runs.
+fn process_alive(template: &str) -> bool {
+    template
+        .strip_prefix(TEMPLATE_PREFIX)
+        .is_some_and(|pid| std::path::Path::new("/proc").join(pid).exists())
+}
+
+/// The test PostgreSQL server's maintenance database.
+async fn server() -> DatabaseConfig {
+    admin_url().await.parse().expect("a PostgreSQL URL")
+}
+
+/// A database of its own for one test, migrated; dropped when the value is.
 pub struct TestDb {
-    /// Where tests and the server connect.
+    /// Where tests and server processes connect.
     pub url: String,
-    /// Where the database is dropped from.
-    admin_url: String,
+    /// The server's maintenance database, where the database is dropped from.
+    server: DatabaseConfig,
     /// The database's name.
     name: String,
 }
 
 impl TestDb {
-    /// Creates an empty database.
+    /// A copy of the migrated template.
     pub async fn new() -> TestDb {
-        let admin_url = admin_url().await;
+        let template = template().await;
+        let server = server().await;
         let name = format!("flashsale_test_{}", uuid::Uuid::now_v7().simple());
-        flashsale::db::create_database_if_missing(&admin_url, &name)
+        let mut conn = db::connect(&server)
             .await
-            .expect("create the test database");
+            .expect("connect to the test server");
+        diesel::sql_query(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("copy the template database");
+        let mut url = url::Url::parse(&admin_url().await)
+            .expect("DATABASE_URL must be a postgres:// URL for the tests");
+        url.set_path(&name);
         TestDb {
-            url: with_database(&admin_url, &name),
-            admin_url,
+            url: url.into(),
+            server,
             name,
         }
+    }
+
+    /// Its connection settings.
+    pub fn config(&self) -> DatabaseConfig {
+        self.server.with_database(&self.name)
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let (server, name) = (self.server.clone(), self.name.clone());
         // Drop runs outside any runtime we may block: use a thread with its own.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -127,7 +180,7 @@ impl Drop for TestDb {
                 .build()
                 .ok()?;
             runtime.block_on(async {
-                let mut conn = AsyncPgConnection::establish(&admin_url).await.ok()?;
+                let mut conn = db::connect(&server).await.ok()?;
                 diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .execute(&mut conn)
                     .await
@@ -143,7 +196,7 @@ pub fn test_config(database_url: &str) -> ServerConfig {
     ServerConfig {
         reaper_interval: Duration::from_millis(100),
         health_check_interval: Duration::from_millis(200),
-        ..ServerConfig::new(database_url)
+        ..ServerConfig::new(database_url.parse().expect("a PostgreSQL URL"))
     }
 }
 
@@ -188,7 +241,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let (shutdown, stop) = oneshot::channel::<()>();
         let app = flashsale::server::App::new(config.clone()).expect("build the server");
-        let hub = app.hub();
+        let hub = app.availability();
         let task = tokio::spawn(app.serve(listener, async {
             let _ = stop.await;
         }));

@@ -17,10 +17,10 @@ use clap::Args;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use tokio::process::{Child, Command};
 
-use flashsale::db;
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
 use crate::load::{Budget, Crowd, procfs};
+use flashsale::db;
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
 
 /// Any failure of the benchmark.
@@ -190,7 +190,7 @@ async fn server_run(
     round: u32,
 ) -> Result<HoldsFigures, BenchError> {
     let database = format!("flashsale_{}_{round}", scenario.replace('-', "_"));
-    db::create_database_if_missing(&postgres.url("postgres"), &database).await?;
+    db::create_database_if_missing(&postgres.url("postgres").parse()?, &database).await?;
     let server = ServerProcess::start(
         &args.server_binary()?,
         &postgres.url(&database),
@@ -216,7 +216,7 @@ async fn pgbench_baseline(
     postgres: &LocalPostgres,
     workdir: &Path,
 ) -> Result<(u32, f64), BenchError> {
-    db::create_database_if_missing(&postgres.url("postgres"), "pgbench").await?;
+    db::create_database_if_missing(&postgres.url("postgres").parse()?, "pgbench").await?;
     let mut conn = AsyncPgConnection::establish(&postgres.url("pgbench")).await?;
     conn.batch_execute(BASELINE_SCHEMA).await?;
     let script = workdir.join("atomic.sql");

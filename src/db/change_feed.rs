@@ -1,0 +1,242 @@
+//! The change feed: every committed stock change, as PostgreSQL announces it.
+//!
+//! The statement triggers `products_notify_inserts` and `products_notify_updates` (function
+//! `products_notify_changes`, see `migrations/schema.sql`) send the new state of every
+//! product a statement inserted or whose stock it changed, with `NOTIFY` on
+//! [`CHANGES_CHANNEL`], inside the changing transaction: heard only if it commits. The
+//! payload, parsed here by [`ChangeNotification`]:
+//!
+//! ```json
+//! {"changed_at": "<the transaction's time>",
+//!  "products": [{"product_id": "...", "stock_total": 10, "reserved": 2, "sold": 1, "version": 7}, ...]}
+//! ```
+//!
+//! with at most 24 products per notification (NOTIFY payloads must stay under 8000 bytes).
+//! A product changed twice in one transaction may be announced twice with one state;
+//! consumers keep a state only if its version is newer.
+//!
+//! [`run_change_feed`] keeps one dedicated connection listening (pinged now and then, so a
+//! silently dead one is noticed), reconnects with backoff when it is lost, and after every
+//! (re)connection re-reads every product, so nothing committed while it was away is missed.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use diesel::result::Error as DieselError;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::models::Product;
+use super::products::all_products;
+use super::{LISTENER_APPLICATION_NAME, connect, ping};
+use crate::config::DatabaseConfig;
+
+/// The channel `products_notify_changes` notifies on.
+pub const CHANGES_CHANNEL: &str = "flashsale_product_changes";
+/// How often the listener checks that its (otherwise silent) connection is alive.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the listener waits to connect or for a ping answer before reconnecting.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How the listener paces its reconnection attempts: 100 ms, doubling up to 5 s.
+const RECONNECT_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_secs(5))
+    .without_max_times();
+
+/// One state of a product's stock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockSnapshot {
+    pub product_id: Uuid,
+    pub stock_total: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    /// The product's version at this state: states of one product are ordered by it.
+    pub version: i64,
+    /// When the change that produced this state committed.
+    pub changed_at: DateTime<Utc>,
+}
+
+impl StockSnapshot {
+    /// Units nobody holds or bought.
+    pub fn available(&self) -> i64 {
+        self.stock_total - self.reserved - self.sold
+    }
+}
+
+impl From<&Product> for StockSnapshot {
+    fn from(product: &Product) -> Self {
+        StockSnapshot {
+            product_id: product.id,
+            stock_total: product.stock_total,
+            reserved: product.reserved,
+            sold: product.sold,
+            version: product.version,
+            changed_at: product.updated_at,
+        }
+    }
+}
+
+/// One notification on [`CHANGES_CHANNEL`]: the states of products one statement changed.
+#[derive(Debug, Deserialize)]
+struct ChangeNotification {
+    /// The changing transaction's time: every state in it is as of that change.
+    changed_at: DateTime<Utc>,
+    /// Up to 24 products' counters.
+    products: Vec<ChangedProduct>,
+}
+
+/// One product's part of a [`ChangeNotification`].
+#[derive(Debug, Deserialize)]
+struct ChangedProduct {
+    product_id: Uuid,
+    stock_total: i64,
+    reserved: i64,
+    sold: i64,
+    version: i64,
+}
+
+impl ChangeNotification {
+    /// The states it announces.
+    fn into_snapshots(self) -> impl Iterator<Item = StockSnapshot> {
+        let changed_at = self.changed_at;
+        self.products.into_iter().map(move |product| StockSnapshot {
+            product_id: product.product_id,
+            stock_total: product.stock_total,
+            reserved: product.reserved,
+            sold: product.sold,
+            version: product.version,
+            changed_at,
+        })
+    }
+}
+
+/// Why a listening session ended.
+#[derive(Debug, thiserror::Error)]
+enum FeedLost {
+    #[error("cannot connect: {0}")]
+    Connect(#[source] diesel::ConnectionError),
+    #[error("connecting timed out")]
+    ConnectTimeout,
+    #[error("query failed: {0}")]
+    Query(#[from] DieselError),
+    #[error("ping timed out")]
+    PingTimeout,
+    #[error("notification stream ended")]
+    StreamEnded,
+}
+
+/// Hands every committed stock state to `deliver` until `shutdown`: the current state of
+/// every product after each (re)connection, then each announced change. Runs on a
+/// connection of its own (`application_name` `flashsale-listener`).
+pub async fn run_change_feed(
+    database: DatabaseConfig,
+    shutdown: CancellationToken,
+    mut deliver: impl FnMut(StockSnapshot),
+) {
+    let database = database.with_application_name(LISTENER_APPLICATION_NAME);
+    let mut backoff = RECONNECT_BACKOFF.build();
+    while !shutdown.is_cancelled() {
+        let mut connected = false;
+        match listen_once(&database, &shutdown, &mut deliver, &mut connected).await {
+            Ok(()) => break,
+            Err(error) => tracing::warn!(%error, "change feed lost its connection; reconnecting"),
+        }
+        if connected {
+            backoff = RECONNECT_BACKOFF.build();
+        }
+        let pause = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    tracing::info!("change feed stopped");
+}
+
+/// One listening session: `Ok` on shutdown, `Err` when the connection fails; `connected`
+/// tells whether it got as far as listening.
+async fn listen_once(
+    database: &DatabaseConfig,
+    shutdown: &CancellationToken,
+    deliver: &mut impl FnMut(StockSnapshot),
+    connected: &mut bool,
+) -> Result<(), FeedLost> {
+    let mut conn = tokio::time::timeout(PING_TIMEOUT, connect(database))
+        .await
+        .map_err(|_| FeedLost::ConnectTimeout)?
+        .map_err(FeedLost::Connect)?;
+    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}"))
+        .execute(&mut conn)
+        .await?;
+    // Listening first, then reading: a change committed in between is heard, not lost.
+    for product in all_products(&mut conn).await? {
+        deliver(StockSnapshot::from(&product));
+    }
+    tracing::info!("change feed connected");
+    *connected = true;
+    let mut ping_due = tokio::time::interval(PING_INTERVAL);
+    ping_due.reset();
+    loop {
+        if !relay_until_ping(&mut conn, shutdown, deliver, &mut ping_due).await? {
+            return Ok(());
+        }
+        tokio::time::timeout(PING_TIMEOUT, ping(&mut conn))
+            .await
+            .map_err(|_| FeedLost::PingTimeout)??;
+    }
+}
+
+/// Relays notifications until the next ping is due (`true`) or shutdown (`false`).
+async fn relay_until_ping(
+    conn: &mut AsyncPgConnection,
+    shutdown: &CancellationToken,
+    deliver: &mut impl FnMut(StockSnapshot),
+    ping_due: &mut tokio::time::Interval,
+) -> Result<bool, FeedLost> {
+    // The stream only borrows the connection's queue: dropping it for a ping loses nothing.
+    let mut notifications = std::pin::pin!(conn.notifications_stream());
+    loop {
+        let notification = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = ping_due.tick() => return Ok(true),
+            next = notifications.next() => next,
+        };
+        let payload = match notification {
+            Some(Ok(notification)) => notification.payload,
+            Some(Err(error)) => return Err(error.into()),
+            None => return Err(FeedLost::StreamEnded),
+        };
+        match serde_json::from_str::<ChangeNotification>(&payload) {
+            Ok(notification) => notification.into_snapshots().for_each(&mut *deliver),
+            Err(error) => tracing::error!(%error, %payload, "unreadable stock changes"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_carries_its_change_time_to_every_product_state() {
+        let payload = r#"{"changed_at":"2026-01-02T03:04:05.123456+00:00","products":[
+            {"product_id":"00000000-0000-0000-0000-000000000001","stock_total":10,"reserved":2,"sold":1,"version":7},
+            {"product_id":"00000000-0000-0000-0000-000000000002","stock_total":5,"reserved":0,"sold":5,"version":3}]}"#;
+        let states: Vec<StockSnapshot> = serde_json::from_str::<ChangeNotification>(payload)
+            .unwrap()
+            .into_snapshots()
+            .collect();
+        assert_eq!(states.len(), 2);
+        assert_eq!(states[0].available(), 7);
+        assert_eq!(states[1].version, 3);
+        assert!(
+            states
+                .iter()
+                .all(|state| state.changed_at == states[0].changed_at)
+        );
+    }
+}
