@@ -11,6 +11,7 @@ mod orders;
 mod products;
 mod reaper;
 mod scaling;
+mod schema;
 mod service;
 mod settlements;
 mod smoke;
