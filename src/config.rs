@@ -46,7 +46,7 @@ impl DatabaseConfig {
     }
 
     /// With an `application_name`, so `pg_stat_activity` tells the server's connections
-    /// apart (pool vs. change listener); a name set by the operator is kept.
+    /// apart (pool vs. change feed); a name set by the operator is kept.
     pub fn with_application_name(&self, name: &str) -> DatabaseConfig {
         let mut inner = self.inner.clone();
         if inner.get_application_name().is_none() {

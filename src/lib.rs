@@ -9,15 +9,20 @@
 //!   streamed update) are coalesced into few syscalls.
 //! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
 //!   domain conversions, and the one `From<DomainError> for Status`.
-//! - [`domain`]: the checkout rules, transport-neutral: holds, orders, payments, products,
-//!   the reaper and live availability, and the coalesced paths (hold batches, stock folds)
-//!   on shared lanes; every operation returns `Result<_, DomainError>`.
+//! - [`domain`]: the checkout rules, transport-neutral: holds, orders, settlement,
+//!   payments, products, the reaper and the availability fan-out, and the coalesced paths
+//!   (hold batches, stock folds) on shared lanes; every operation returns
+//!   `Result<_, DomainError>`.
 //! - [`db`]: PostgreSQL: pool, embedded migrations, generated schema, rows, one module
-//!   of query functions per table, statements that stay prepared, and the i/o thread that
-//!   drives the connections.
+//!   of query functions per table, the change feed (LISTEN), statements that stay
+//!   prepared, and the i/o thread that drives the connections. The SQL itself, every
+//!   table, function and trigger: `migrations/schema.sql`.
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
-//! - [`config`]: the server's settings.
+//! - [`config`]: the server's settings, parsed once into types.
+//!
+//! `ARCHITECTURE.md` walks a CreateHold and a payment webhook through these layers and
+//! names where each invariant is enforced.
 //!
 //! The load generator and the benchmark are a package of their own, `tools/`
 //! (`flashsale-tools load`, `flashsale-tools bench`).

@@ -1,4 +1,4 @@
-//! Wiring: migrations, pool, background tasks (reaper, change listener, health monitor),
+//! Wiring: migrations, pool, background tasks (reaper, change feed, health monitor),
 //! the gRPC services with health and reflection, and graceful shutdown.
 
 use std::future::Future;

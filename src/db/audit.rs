@@ -42,8 +42,8 @@ SELECT p.id AS product_id, p.stock_total,
         AS recomputed_sold
 FROM products p
 LEFT JOIN (
-    -- all active holds in one pass (holds are not indexed by product; see migration
-    -- 2026-11-23-000006)
+    -- all active holds in one pass (holds are not indexed by product: see the holds table
+    -- in migrations/schema.sql)
     SELECT product_id, sum(qty) AS qty FROM holds WHERE status = 'active' GROUP BY product_id
 ) active ON active.product_id = p.id
 LEFT JOIN (

@@ -1,6 +1,8 @@
-//! PostgreSQL access: the connection pool, embedded migrations, and one module of query
-//! functions per table. Query functions take `&mut AsyncPgConnection` and return
-//! `QueryResult`; the domain decides what runs in which transaction.
+//! PostgreSQL access: the connection pool, embedded migrations, one module of query
+//! functions per table, and the change feed. Query functions take `&mut AsyncPgConnection`
+//! and return `QueryResult`; the domain decides what runs in which transaction. The schema
+//! they run against, with what each function and trigger guarantees:
+//! `migrations/schema.sql`.
 
 pub mod audit;
 pub mod cached_sql;
@@ -33,7 +35,7 @@ pub type DbPool = Pool<AsyncPgConnection>;
 
 /// `application_name` of the pool's connections.
 pub const POOL_APPLICATION_NAME: &str = "flashsale";
-/// `application_name` of the change listener's connection.
+/// `application_name` of the change feed's connection.
 pub const LISTENER_APPLICATION_NAME: &str = "flashsale-listener";
 
 /// The schema, compiled into the binary and applied at start.

@@ -1,6 +1,6 @@
 //! Queries on `products` and `stock_adjustments`. The stock counters change in three
 //! places, each under the product's row lock: [`apply_stock_change`] (a guarded `UPDATE`:
-//! restocks, withdrawals, the reaper), hold batches (`super::holds::reserve_holds`) and
+//! restocks and withdrawals), hold batches (`super::holds::reserve_holds`) and
 //! folds of counter movements (`super::movements::fold_movements`).
 
 use diesel::prelude::*;

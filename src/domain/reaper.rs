@@ -1,6 +1,7 @@
-//! The reaper: expires holds nobody converted in time, in batches, exactly once, safely
-//! alongside other server processes doing the same; and folds settled orders' counter
-//! movements nobody folded (see `stock_folder`).
+//! The reaper: expires holds nobody converted in time ([`Checkout::expire_due_holds`], which
+//! ends them the way every hold ends), in batches, exactly once, safely alongside other
+//! server processes doing the same; and folds counter movements nobody folded (a failed
+//! fold, a process that died after its commit; see `stock_folder`).
 
 use std::sync::Arc;
 use std::time::Duration;
