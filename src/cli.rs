@@ -16,7 +16,7 @@ use crate::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient
 use crate::local_pg::{LocalPostgres, LocalPostgresOptions};
 
 /// Any failure of a command, reported as `error: ...`.
-type CliError = Box<dyn std::error::Error + Send + Sync>;
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Database the server creates in its private PostgreSQL.
 const LOCAL_DATABASE: &str = "flashsale";
@@ -112,9 +112,25 @@ impl ServeArgs {
 /// Parses the command line, runs the command, and turns failure into exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    run_command("info", async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Seed(args) => seed(args).await,
+        }
+    })
+}
+
+/// What a command line does once parsed (this binary's and `flashsale-tools`'): logs to
+/// stderr filtered by `RUST_LOG` (else `default_log`), runs `command` on a multi-threaded
+/// runtime, and reports failure as `error: ...` with exit code 1.
+pub fn run_command(
+    default_log: &str,
+    command: impl Future<Output = Result<(), CliError>>,
+) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_log.into()),
         )
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -124,13 +140,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve(args).await,
-            Command::Seed(args) => seed(args).await,
-        }
-    });
-    match outcome {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -8,10 +8,8 @@ use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Nullable, Text, 
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use diesel::{AsExpression, FromSqlRow};
-
 use super::cached_sql::CachedSql;
-use super::models::{Hold, HoldStatus, text_column};
+use super::models::{Hold, HoldStatus, text_enum};
 use super::schema::holds;
 
 /// One hold by id.
@@ -110,28 +108,10 @@ pub enum Reservation {
     KeyTaken,
 }
 
-/// The `outcome` column of `reserve_holds(...)`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    AsExpression,
-    FromSqlRow,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[diesel(sql_type = Text)]
-#[strum(serialize_all = "snake_case")]
-enum ReservationOutcome {
-    Existing,
-    Granted,
-    Insufficient,
-    NoProduct,
-    KeyTaken,
+text_enum! {
+    /// The `outcome` column of `reserve_holds(...)`.
+    enum ReservationOutcome { Existing, Granted, Insufficient, NoProduct, KeyTaken }
 }
-text_column!(ReservationOutcome);
 
 /// One row of `reserve_holds(...)`.
 #[derive(QueryableByName)]

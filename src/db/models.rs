@@ -2,16 +2,22 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::Text;
-use diesel::{AsExpression, FromSqlRow};
 use uuid::Uuid;
 
 use super::schema::{holds, orders, payment_events, products};
 
-/// Implements diesel's `TEXT` conversions for an enum whose text strum derives
-/// (`IntoStaticStr` and `EnumString`); the migration's `CHECK` constraint lists the same texts.
-macro_rules! text_column {
-    ($name:ident) => {
+/// Declares an enum stored as a lowercase `TEXT` column (the schema's `CHECK` constraint
+/// lists the same texts): strum derives the text (`snake_case` of the variant), and the
+/// diesel conversions go through it.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, diesel::AsExpression, diesel::FromSqlRow)]
+        #[derive(strum::EnumString, strum::IntoStaticStr)]
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        #[strum(serialize_all = "snake_case")]
+        $vis enum $name { $($variant),+ }
+
         impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
             fn to_sql<'b>(
                 &'b self,
@@ -35,95 +41,27 @@ macro_rules! text_column {
         }
     };
 }
-pub(crate) use text_column;
+pub(crate) use text_enum;
 
-/// Where a hold is in its life: only `Active` holds reserve stock on their own.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    AsExpression,
-    FromSqlRow,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[diesel(sql_type = Text)]
-#[strum(serialize_all = "snake_case")]
-pub enum HoldStatus {
-    Active,
-    Converted,
-    Expired,
-    Released,
+text_enum! {
+    /// Where a hold is in its life: only `Active` holds reserve stock on their own.
+    pub enum HoldStatus { Active, Converted, Expired, Released }
 }
-text_column!(HoldStatus);
 
-/// Where an order is in its life; it only moves forward, from `Pending`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    AsExpression,
-    FromSqlRow,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[diesel(sql_type = Text)]
-#[strum(serialize_all = "snake_case")]
-pub enum OrderStatus {
-    Pending,
-    Paid,
-    Cancelled,
+text_enum! {
+    /// Where an order is in its life; it only moves forward, from `Pending`.
+    pub enum OrderStatus { Pending, Paid, Cancelled }
 }
-text_column!(OrderStatus);
 
-/// What the payment provider reported.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    AsExpression,
-    FromSqlRow,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[diesel(sql_type = Text)]
-#[strum(serialize_all = "snake_case")]
-pub enum PaymentResult {
-    Success,
-    Failure,
+text_enum! {
+    /// What the payment provider reported.
+    pub enum PaymentResult { Success, Failure }
 }
-text_column!(PaymentResult);
 
-/// What a stored payment event did (a duplicate delivery is never stored).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    AsExpression,
-    FromSqlRow,
-    strum::EnumString,
-    strum::IntoStaticStr,
-)]
-#[diesel(sql_type = Text)]
-#[strum(serialize_all = "snake_case")]
-pub enum EventOutcome {
-    Applied,
-    Deferred,
-    Ignored,
+text_enum! {
+    /// What a stored payment event did (a duplicate delivery is never stored).
+    pub enum EventOutcome { Applied, Deferred, Ignored }
 }
-text_column!(EventOutcome);
 
 impl OrderStatus {
     /// Paid and cancelled orders never change again.

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::{Checkout, DomainError, check_text_len};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
-use crate::db::movements::{NewMovement, insert_movements};
+use crate::db::movements::{NewMovement, fold_movements, insert_movements};
 use crate::db::payments::ignore_deferred_events;
 use crate::db::products::StockChange;
 
@@ -80,20 +80,22 @@ impl Checkout {
 
     /// Expires up to `batch_size` due holds in one transaction and returns how many. Holds
     /// locked elsewhere (a CreateOrder, another reaper) are skipped and left to their owner.
+    /// The sweep folds its products' movements in the same transaction: a reader who sees a
+    /// hold expired sees its units back.
     pub async fn expire_due_holds(&self, batch_size: i64) -> Result<usize, DomainError> {
         let mut conn = self.conn().await?;
-        let expired = conn
-            .transaction(async |conn| {
-                let due = queries::lock_due_holds(conn, batch_size).await?;
-                end_holds(conn, &due, HoldStatus::Expired).await
-            })
-            .await?;
-        drop(conn);
-        let mut products: Vec<Uuid> = expired.iter().map(|hold| hold.product_id).collect();
-        products.sort_unstable();
-        products.dedup();
-        self.fold_after_commit(&products).await;
-        Ok(expired.len())
+        conn.transaction(async |conn| {
+            let due = queries::lock_due_holds(conn, batch_size).await?;
+            let expired = end_holds(conn, &due, HoldStatus::Expired).await?;
+            let mut products: Vec<Uuid> = expired.iter().map(|hold| hold.product_id).collect();
+            products.sort_unstable();
+            products.dedup();
+            if !products.is_empty() {
+                fold_movements(conn, &products).await?;
+            }
+            Ok(expired.len())
+        })
+        .await
     }
 }
 
