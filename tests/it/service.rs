@@ -19,7 +19,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
 use crate::products::{counters, fetch};
-use crate::support::{TestDb, TestServer, assert_status, test_config};
+use crate::support::{TestDb, TestServer, assert_status, reason, test_config};
 
 /// The services the server announces, by their full names.
 const CHECKOUT: &str = "flashsale.v1.CheckoutService";
@@ -394,6 +394,7 @@ async fn open_watch_streams_end_unavailable_on_shutdown() {
         .expect("the stream ends when the server shuts down");
         let status = end.expect("the stream ends with a status, not silently");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "SHUTTING_DOWN", "{status:?}");
     }
     timeout(PATIENCE, stopping)
         .await
