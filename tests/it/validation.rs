@@ -8,8 +8,7 @@ use flashsale::grpc::pb::{
     handle_payment_webhook_request::Target,
 };
 
-use crate::holds::hold;
-use crate::support::{Admin, Checkout, TestServer, assert_invalid};
+use crate::support::{Admin, Checkout, TestServer, assert_invalid, try_hold};
 
 /// The per-hold maximum the fixture's server runs with.
 const MAX_QTY: i64 = 5;
@@ -48,10 +47,10 @@ impl Fixture {
         let product = server.product("sneaker", 1_000, 20).await;
         let mut checkout = server.checkout().await;
         let admin = server.admin().await;
-        let held = hold(&mut checkout, &product.id, 2, "req-fixture")
+        let held = try_hold(&mut checkout, &product.id, 2, Some("req-fixture"))
             .await
             .unwrap();
-        let converted = hold(&mut checkout, &product.id, 3, "").await.unwrap();
+        let converted = try_hold(&mut checkout, &product.id, 3, None).await.unwrap();
         let order = checkout
             .create_order(CreateOrderRequest {
                 hold_id: converted.hold_id,
@@ -210,7 +209,7 @@ async fn list_products_rejects_page_size_outside_zero_to_one_thousand() {
 async fn create_hold_rejects_malformed_product_id() {
     let mut fx = Fixture::new().await;
     for id in MALFORMED_IDS {
-        assert_invalid(hold(&mut fx.checkout, id, 1, "").await, "product_id");
+        assert_invalid(try_hold(&mut fx.checkout, id, 1, None).await, "product_id");
     }
     fx.assert_unchanged().await;
 }
@@ -220,16 +219,25 @@ async fn create_hold_rejects_qty_outside_one_to_the_configured_max() {
     let mut fx = Fixture::new().await;
     let product_id = fx.product.id.clone();
     for qty in [0, -1, i64::MIN, MAX_QTY + 1, i64::MAX] {
-        assert_invalid(hold(&mut fx.checkout, &product_id, qty, "").await, "qty");
+        assert_invalid(
+            try_hold(&mut fx.checkout, &product_id, qty, None).await,
+            "qty",
+        );
     }
     // A rejected call with a client request id does not claim the id.
     assert_invalid(
-        hold(&mut fx.checkout, &product_id, MAX_QTY + 1, "req-too-many").await,
+        try_hold(
+            &mut fx.checkout,
+            &product_id,
+            MAX_QTY + 1,
+            Some("req-too-many"),
+        )
+        .await,
         "qty",
     );
     fx.assert_unchanged().await;
 
-    let largest = hold(&mut fx.checkout, &product_id, MAX_QTY, "req-too-many")
+    let largest = try_hold(&mut fx.checkout, &product_id, MAX_QTY, Some("req-too-many"))
         .await
         .expect("the maximum itself is allowed");
     assert_eq!(largest.qty, MAX_QTY);
@@ -242,13 +250,13 @@ async fn create_hold_rejects_client_request_id_over_255_bytes() {
     // 256 ASCII bytes, and 256 bytes in only 128 characters.
     for key in ["k".repeat(256), "é".repeat(128)] {
         assert_invalid(
-            hold(&mut fx.checkout, &product_id, 1, &key).await,
+            try_hold(&mut fx.checkout, &product_id, 1, Some(&key)).await,
             "client_request_id",
         );
     }
     fx.assert_unchanged().await;
 
-    let longest = hold(&mut fx.checkout, &product_id, 1, &"k".repeat(255))
+    let longest = try_hold(&mut fx.checkout, &product_id, 1, Some(&"k".repeat(255)))
         .await
         .expect("255 bytes are allowed");
     assert_eq!(longest.client_request_id.len(), 255);
