@@ -721,19 +721,35 @@ pub fn assert_status<T: std::fmt::Debug>(
     status
 }
 
-/// Asserts a call failed with INVALID_ARGUMENT naming `field`.
+/// Whether a call failed with INVALID_ARGUMENT naming `field`, alone, in its
+/// `google.rpc.BadRequest` detail and in its message; what is wrong if not.
+pub fn check_invalid<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    field: &str,
+) -> Result<(), String> {
+    let status = match result {
+        Ok(answer) => return Err(format!("accepted: {answer:?}")),
+        Err(status) => status,
+    };
+    if status.code() != tonic::Code::InvalidArgument || reason(&status) != "INVALID_ARGUMENT" {
+        return Err(format!("unexpected status: {status:?}"));
+    }
+    let named = bad_fields(&status);
+    if named != [field] {
+        return Err(format!("field violations name {named:?}: {status:?}"));
+    }
+    if !status.message().contains(field) {
+        return Err(format!("message should name {field}: {status:?}"));
+    }
+    Ok(())
+}
+
+/// Asserts a call failed with INVALID_ARGUMENT naming `field` (see [`check_invalid`]).
 #[track_caller]
 pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
-    let status = assert_status(result, tonic::Code::InvalidArgument, "INVALID_ARGUMENT");
-    assert_eq!(
-        bad_fields(&status),
-        vec![field.to_string()],
-        "field violations: {status:?}"
-    );
-    assert!(
-        status.message().contains(field),
-        "message should name {field}: {status:?}"
-    );
+    if let Err(problem) = check_invalid(result, field) {
+        panic!("{problem}");
+    }
 }
 
 /// Polls `done` every 20 ms until it holds; panics after 10 s.
