@@ -3,8 +3,6 @@
 //! server on `127.0.0.1:0`, and real tonic clients over the network; then the calls the tests
 //! share (hold, order, pay...) and the assertions on their answers.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -168,11 +166,6 @@ impl TestDb {
             server,
             name,
         }
-    }
-
-    /// Its connection settings.
-    pub fn config(&self) -> DatabaseConfig {
-        self.server.with_database(&self.name)
     }
 }
 
