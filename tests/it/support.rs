@@ -592,29 +592,27 @@ impl Counters {
     }
 }
 
-/// Anything that shows a product's counters: the product, an availability update.
+/// Anything that shows a product's counters: the product, an availability update, an audit.
 pub trait ShowsCounters: std::fmt::Debug {
     /// The counters shown, and the units shown available beside them.
     fn shown(&self) -> (Counters, i64);
 }
 
-impl ShowsCounters for pb::Product {
-    fn shown(&self) -> (Counters, i64) {
-        let counters = Counters::stock(self.stock_total)
-            .reserved(self.reserved)
-            .sold(self.sold);
-        (counters, self.available)
-    }
+/// Implements [`ShowsCounters`] for messages with the four counter fields.
+macro_rules! shows_counters {
+    ($($message:ty),*) => {$(
+        impl ShowsCounters for $message {
+            fn shown(&self) -> (Counters, i64) {
+                let counters = Counters::stock(self.stock_total)
+                    .reserved(self.reserved)
+                    .sold(self.sold);
+                (counters, self.available)
+            }
+        }
+    )*};
 }
 
-impl ShowsCounters for pb::AvailabilityUpdate {
-    fn shown(&self) -> (Counters, i64) {
-        let counters = Counters::stock(self.stock_total)
-            .reserved(self.reserved)
-            .sold(self.sold);
-        (counters, self.available)
-    }
-}
+shows_counters!(pb::Product, pb::AvailabilityUpdate, pb::StockCounters);
 
 /// A product, named by itself or by its id.
 pub trait ProductRef {
@@ -641,7 +639,7 @@ fn counters_mismatch(shown: &impl ShowsCounters, expected: Counters) -> Option<S
     ((counters, available) != (expected, wanted)).then(|| {
         format!(
             "expected {expected:?}, available {wanted}\n   found {counters:?}, available \
-             {available}\n   in {shown:?}"
+             {available}\n      in {shown:?}"
         )
     })
 }
@@ -666,8 +664,8 @@ pub fn assert_counters(
     }
 }
 
-/// Asserts `shown` (a product or an update as received) shows exactly these counters and the
-/// units they leave available; prints both on a mismatch.
+/// Asserts `shown` (a product, an update or an audit's counters, as received) shows exactly
+/// these counters and the units they leave available; prints both on a mismatch.
 #[track_caller]
 pub fn assert_counters_shown(shown: &impl ShowsCounters, expected: Counters) {
     if let Some(mismatch) = counters_mismatch(shown, expected) {
