@@ -5,12 +5,14 @@ use std::collections::HashMap;
 
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use flashsale::grpc::pb::{CreateHoldRequest, GetProductRequest, Hold};
+use flashsale::grpc::pb::{CreateHoldRequest, Hold};
 use tonic::Code;
 use tonic_types::StatusExt;
 use uuid::Uuid;
 
-use crate::support::{Checkout, TestServer, eventually, reason};
+use crate::support::{
+    Checkout, Counters, TestServer, assert_counters, eventually, get_product, reason,
+};
 
 /// Fires all `requests` at once over `connections` connections; answers in request order.
 async fn crowd(
@@ -42,21 +44,6 @@ fn request(product_id: &str, qty: i64) -> CreateHoldRequest {
     }
 }
 
-/// The product's current available units.
-async fn available(server: &TestServer, product_id: &str) -> i64 {
-    let request = GetProductRequest {
-        product_id: product_id.into(),
-    };
-    server
-        .checkout()
-        .await
-        .get_product(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .available
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crowd_straddling_the_last_units_gets_exactly_the_stock() {
     let server = TestServer::start().await;
@@ -66,7 +53,9 @@ async fn a_crowd_straddling_the_last_units_gets_exactly_the_stock() {
 
     let answers = crowd(&server, 6, requests).await;
 
-    let left = available(&server, &product.id).await;
+    let left = get_product(&mut server.checkout().await, &product.id)
+        .await
+        .available;
     let mut granted = 0;
     for (answer, qty) in answers.iter().zip(&quantities) {
         match answer {
@@ -132,7 +121,14 @@ async fn one_batch_serves_many_products_each_within_its_own_stock() {
             "product {}",
             product.name
         );
-        assert_eq!(available(&server, &product.id).await, 0);
+        assert_counters(
+            &server,
+            product,
+            Counters::stock(product.stock_total)
+                .reserved(product.stock_total)
+                .sold(0),
+        )
+        .await;
     }
     server.assert_consistent().await;
 }
@@ -179,9 +175,14 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
     let odd_one_won = answers.last().unwrap().is_ok();
     assert_eq!(refused, if odd_one_won { 10 } else { 1 }, "refusals");
     assert_eq!(hold_by_key.len(), 10);
-    let reserved = 1_000 - available(&server, &product.id).await;
-    let expected: i64 = if odd_one_won { 9 * 2 + 3 } else { 10 * 2 };
-    assert_eq!(reserved, expected, "each key reserved once");
+    let reserved = if odd_one_won { 9 * 2 + 3 } else { 10 * 2 };
+    // Each key reserved once.
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(1_000).reserved(reserved).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
@@ -200,7 +201,12 @@ async fn a_crowd_shares_commits() {
 
     let after = commits(&server.db.url).await;
     assert!(answers.iter().all(Result::is_ok));
-    assert_eq!(available(&server, &product.id).await, 1_000_000 - 500);
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(1_000_000).reserved(500).sold(0),
+    )
+    .await;
     // One commit per hold would be 500; background work (reaper, health) adds a few dozen.
     assert!(
         after - before < 250,
@@ -273,7 +279,12 @@ async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
 
     let hold = call.await.unwrap().expect("the key's hold").into_inner();
     assert_eq!(hold.hold_id, other_hold_id.to_string());
-    assert_eq!(available(&server, &hold.product_id).await, 8);
+    assert_counters(
+        &server,
+        &hold.product_id,
+        Counters::stock(10).reserved(2).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
@@ -336,7 +347,17 @@ async fn a_batch_naming_a_missing_product_still_serves_the_others_in_arrival_ord
     assert_eq!(answers[2], Reservation::NoProduct);
     assert_eq!(answers[3], Reservation::Insufficient { units_left: 0 });
     assert_eq!(product_of(&answers[4]), Some((ample, 3)), "{answers:?}");
-    assert_eq!(available(&server, &scarce.to_string()).await, 0);
-    assert_eq!(available(&server, &ample.to_string()).await, 0);
+    assert_counters(
+        &server,
+        &scarce.to_string(),
+        Counters::stock(1).reserved(1).sold(0),
+    )
+    .await;
+    assert_counters(
+        &server,
+        &ample.to_string(),
+        Counters::stock(5).reserved(5).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }

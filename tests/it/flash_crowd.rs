@@ -5,14 +5,14 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use flashsale::grpc::pb::{
-    CreateHoldRequest, HandlePaymentWebhookRequest, OrderStatus, WebhookOutcome,
-};
+use flashsale::grpc::pb::{OrderStatus, WebhookOutcome};
 use tokio::sync::Barrier;
 use tonic::Code;
 
-use crate::calls::{counters, failure, get_product, on_order, success, try_deliver, try_order};
-use crate::support::{Checkout, TestServer, reason};
+use crate::support::{
+    Checkout, Counters, TestServer, assert_counters, failure, on_order, reason, success,
+    try_deliver, try_hold, try_order, with_amount,
+};
 
 /// `count` checkout clients, each on its own HTTP/2 connection.
 async fn connections(server: &TestServer, count: usize) -> Vec<Checkout> {
@@ -21,21 +21,6 @@ async fn connections(server: &TestServer, count: usize) -> Vec<Checkout> {
         clients.push(server.checkout().await);
     }
     clients
-}
-
-/// CreateHold of one unit, as the server answered.
-async fn try_hold_one(
-    checkout: &mut Checkout,
-    product_id: &str,
-) -> Result<flashsale::grpc::pb::Hold, tonic::Status> {
-    checkout
-        .create_hold(CreateHoldRequest {
-            product_id: product_id.into(),
-            qty: 1,
-            client_request_id: String::new(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 /// Whether a refused CreateHold is the expected "sold out" answer.
@@ -58,7 +43,7 @@ async fn flash_crowd_of_500_buyers_on_10_connections_holds_exactly_the_stock() {
         let (product_id, start) = (product.id.clone(), start.clone());
         buyers.push(tokio::spawn(async move {
             start.wait().await;
-            try_hold_one(&mut client, &product_id).await
+            try_hold(&mut client, &product_id, 1, None).await
         }));
     }
     let (mut holds, mut sold_out, mut unexpected) = (Vec::new(), 0, Vec::new());
@@ -79,11 +64,12 @@ async fn flash_crowd_of_500_buyers_on_10_connections_holds_exactly_the_stock() {
             .iter()
             .all(|h| h.qty == 1 && h.product_id == product.id)
     );
-    let mut checkout = clients[0].clone();
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (100, 100, 0, 0)
-    );
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(100).reserved(100).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
@@ -105,7 +91,7 @@ async fn buy(
     key: String,
     pays: bool,
 ) -> Result<Buyer, String> {
-    let hold = match try_hold_one(&mut checkout, &product_id).await {
+    let hold = match try_hold(&mut checkout, &product_id, 1, None).await {
         Ok(hold) => hold,
         Err(status) if is_sold_out(&status) => return Ok(Buyer::TurnedAway),
         Err(status) => return Err(format!("CreateHold: {status:?}")),
@@ -118,11 +104,7 @@ async fn buy(
     } else {
         failure(&key, on_order(&order.order_id), "card declined")
     };
-    let webhook = HandlePaymentWebhookRequest {
-        amount_cents: order.total_cents,
-        ..webhook
-    };
-    let receipt = try_deliver(&mut checkout, webhook)
+    let receipt = try_deliver(&mut checkout, with_amount(webhook, order.total_cents))
         .await
         .map_err(|status| format!("webhook: {status:?}"))?;
     let expected = if pays {
@@ -167,14 +149,12 @@ async fn flash_crowd_that_orders_and_pays_keeps_the_books_balanced() {
     let (paid, declined) = (count(Buyer::Paid), count(Buyer::Declined));
     // Nobody is turned away before 50 units are held or sold.
     assert!(paid + declined >= 50, "{paid} paid, {declined} declined");
-    let mut checkout = clients[0].clone();
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(after.sold, paid, "sold is exactly the successful payments");
-    assert_eq!(after.reserved, 0, "every order settled");
-    assert_eq!(
-        after.sold + after.available + after.reserved,
-        after.stock_total
-    );
-    assert_eq!(after.stock_total, 50);
+    // Every order settled, and sold is exactly the successful payments.
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(50).reserved(0).sold(paid),
+    )
+    .await;
     server.assert_consistent().await;
 }

@@ -2,52 +2,14 @@
 
 use std::time::Duration;
 
-use flashsale::grpc::pb::{
-    CreateHoldRequest, CreateOrderRequest, GetHoldRequest, GetOrderRequest, Hold, HoldStatus,
-    OrderStatus, ReleaseHoldRequest,
-};
+use flashsale::grpc::pb::{GetHoldRequest, HoldStatus, OrderStatus};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::products::{counters, fetch};
-use crate::support::{Checkout, TestServer, assert_status};
-
-/// CreateHold; an empty `client_request_id` means none.
-pub async fn hold(
-    checkout: &mut Checkout,
-    product_id: &str,
-    qty: i64,
-    client_request_id: &str,
-) -> Result<Hold, tonic::Status> {
-    checkout
-        .create_hold(CreateHoldRequest {
-            product_id: product_id.into(),
-            qty,
-            client_request_id: client_request_id.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// ReleaseHold.
-pub async fn release(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
-    checkout
-        .release_hold(ReleaseHoldRequest {
-            hold_id: hold_id.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// GetHold.
-async fn get_hold(checkout: &mut Checkout, hold_id: &str) -> Result<Hold, tonic::Status> {
-    checkout
-        .get_hold(GetHoldRequest {
-            hold_id: hold_id.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
+use crate::support::{
+    Counters, TestServer, assert_counters, assert_status, get_hold, get_order, get_product, hold,
+    order, release, try_hold, try_order, try_release,
+};
 
 /// A protobuf timestamp as a chrono instant.
 fn instant(at: Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
@@ -61,13 +23,13 @@ async fn create_hold_reserves_units() {
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
 
-    let held = hold(&mut checkout, &product.id, 3, "").await.unwrap();
+    let held = hold(&mut checkout, &product.id, 3).await;
     assert!(uuid::Uuid::parse_str(&held.hold_id).is_ok(), "{held:?}");
     assert_eq!(held.product_id, product.id);
     assert_eq!(held.qty, 3);
     assert_eq!(held.status(), HoldStatus::Active);
     assert_eq!(held.client_request_id, "");
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 3, 0, 7));
+    assert_counters(&server, &product, Counters::stock(10).reserved(3).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -77,7 +39,7 @@ async fn hold_expires_one_ttl_after_creation() {
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
 
-    let held = hold(&mut checkout, &product.id, 1, "").await.unwrap();
+    let held = hold(&mut checkout, &product.id, 1).await;
     let lifetime = instant(held.expires_at) - instant(held.created_at);
     let off = (lifetime - chrono::Duration::seconds(90)).abs();
     assert!(
@@ -92,11 +54,11 @@ async fn hold_larger_than_available_is_refused_and_changes_nothing() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 5).await;
     let mut checkout = server.checkout().await;
-    hold(&mut checkout, &product.id, 3, "").await.unwrap();
-    let before = fetch(&server, &product.id).await;
+    hold(&mut checkout, &product.id, 3).await;
+    let before = get_product(&mut checkout, &product.id).await;
 
     let status = assert_status(
-        hold(&mut checkout, &product.id, 3, "").await,
+        try_hold(&mut checkout, &product.id, 3, None).await,
         Code::FailedPrecondition,
         "INSUFFICIENT_STOCK",
     );
@@ -105,12 +67,16 @@ async fn hold_larger_than_available_is_refused_and_changes_nothing() {
         info.metadata.get("available").map(String::as_str),
         Some("2")
     );
-    assert_eq!(fetch(&server, &product.id).await, before, "nothing changed");
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await,
+        before,
+        "nothing changed"
+    );
     server.assert_consistent().await;
 
     // Exactly what is left is fine.
-    hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    assert_eq!(counters(&fetch(&server, &product.id).await), (5, 5, 0, 0));
+    hold(&mut checkout, &product.id, 2).await;
+    assert_counters(&server, &product, Counters::stock(5).reserved(5).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -120,12 +86,12 @@ async fn hold_on_unknown_product_is_not_found() {
     let mut checkout = server.checkout().await;
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_status(
-        hold(&mut checkout, &unknown, 1, "").await,
+        try_hold(&mut checkout, &unknown, 1, None).await,
         Code::NotFound,
         "NOT_FOUND",
     );
     assert_status(
-        hold(&mut checkout, &unknown, 1, "req-unknown").await,
+        try_hold(&mut checkout, &unknown, 1, Some("req-unknown")).await,
         Code::NotFound,
         "NOT_FOUND",
     );
@@ -137,22 +103,28 @@ async fn retry_with_same_client_request_id_returns_the_same_hold() {
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
 
-    let first = hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    let first = try_hold(&mut checkout, &product.id, 2, Some("req-1"))
+        .await
+        .unwrap();
     assert_eq!(first.client_request_id, "req-1");
-    let after_first = fetch(&server, &product.id).await;
-    let retry = hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    let after_first =
+        assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
+    let retry = try_hold(&mut checkout, &product.id, 2, Some("req-1"))
+        .await
+        .unwrap();
     assert_eq!(retry, first);
     assert_eq!(
-        fetch(&server, &product.id).await,
+        get_product(&mut checkout, &product.id).await,
         after_first,
         "reserved once"
     );
-    assert_eq!(counters(&after_first), (10, 2, 0, 8));
 
     // Another id is another hold.
-    let other = hold(&mut checkout, &product.id, 2, "req-2").await.unwrap();
+    let other = try_hold(&mut checkout, &product.id, 2, Some("req-2"))
+        .await
+        .unwrap();
     assert_ne!(other.hold_id, first.hold_id);
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 4, 0, 6));
+    assert_counters(&server, &product, Counters::stock(10).reserved(4).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -166,7 +138,9 @@ async fn concurrent_retries_with_same_client_request_id_reserve_once() {
         .map(|_| {
             let mut checkout = checkout.clone();
             let product_id = product.id.clone();
-            tokio::spawn(async move { hold(&mut checkout, &product_id, 3, "req-burst").await })
+            tokio::spawn(
+                async move { try_hold(&mut checkout, &product_id, 3, Some("req-burst")).await },
+            )
         })
         .collect();
     let mut hold_ids = std::collections::HashSet::new();
@@ -176,10 +150,7 @@ async fn concurrent_retries_with_same_client_request_id_reserve_once() {
         hold_ids.insert(held.hold_id);
     }
     assert_eq!(hold_ids.len(), 1, "one hold: {hold_ids:?}");
-    assert_eq!(
-        counters(&fetch(&server, &product.id).await),
-        (100, 3, 0, 97)
-    );
+    assert_counters(&server, &product, Counters::stock(100).reserved(3).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -189,24 +160,26 @@ async fn same_client_request_id_for_another_request_is_refused() {
     let product = server.product("sneaker", 12_900, 10).await;
     let other = server.product("sandal", 4_900, 10).await;
     let mut checkout = server.checkout().await;
-    hold(&mut checkout, &product.id, 2, "req-1").await.unwrap();
+    try_hold(&mut checkout, &product.id, 2, Some("req-1"))
+        .await
+        .unwrap();
     let (before, other_before) = (
-        fetch(&server, &product.id).await,
-        fetch(&server, &other.id).await,
+        get_product(&mut checkout, &product.id).await,
+        get_product(&mut checkout, &other.id).await,
     );
 
     assert_status(
-        hold(&mut checkout, &product.id, 3, "req-1").await,
+        try_hold(&mut checkout, &product.id, 3, Some("req-1")).await,
         Code::AlreadyExists,
         "IDEMPOTENCY_KEY_REUSED",
     );
     assert_status(
-        hold(&mut checkout, &other.id, 2, "req-1").await,
+        try_hold(&mut checkout, &other.id, 2, Some("req-1")).await,
         Code::AlreadyExists,
         "IDEMPOTENCY_KEY_REUSED",
     );
-    assert_eq!(fetch(&server, &product.id).await, before);
-    assert_eq!(fetch(&server, &other.id).await, other_before);
+    assert_eq!(get_product(&mut checkout, &product.id).await, before);
+    assert_eq!(get_product(&mut checkout, &other.id).await, other_before);
     server.assert_consistent().await;
 }
 
@@ -215,13 +188,13 @@ async fn get_hold_returns_the_hold_as_created() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 4, "req-get")
+    let held = try_hold(&mut checkout, &product.id, 4, Some("req-get"))
         .await
         .unwrap();
 
-    assert_eq!(get_hold(&mut checkout, &held.hold_id).await.unwrap(), held);
-    release(&mut checkout, &held.hold_id).await.unwrap();
-    let released = get_hold(&mut checkout, &held.hold_id).await.unwrap();
+    assert_eq!(get_hold(&mut checkout, &held.hold_id).await, held);
+    release(&mut checkout, &held.hold_id).await;
+    let released = get_hold(&mut checkout, &held.hold_id).await;
     assert_eq!(released.status(), HoldStatus::Released);
     assert_eq!(released.qty, 4);
 }
@@ -232,12 +205,16 @@ async fn unknown_hold_is_not_found() {
     let mut checkout = server.checkout().await;
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_status(
-        get_hold(&mut checkout, &unknown).await,
+        checkout
+            .get_hold(GetHoldRequest {
+                hold_id: unknown.clone(),
+            })
+            .await,
         Code::NotFound,
         "NOT_FOUND",
     );
     assert_status(
-        release(&mut checkout, &unknown).await,
+        try_release(&mut checkout, &unknown).await,
         Code::NotFound,
         "NOT_FOUND",
     );
@@ -248,19 +225,18 @@ async fn release_gives_units_back_once() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
-    hold(&mut checkout, &product.id, 1, "").await.unwrap();
-    let held = hold(&mut checkout, &product.id, 4, "").await.unwrap();
+    hold(&mut checkout, &product.id, 1).await;
+    let held = hold(&mut checkout, &product.id, 4).await;
 
-    let released = release(&mut checkout, &held.hold_id).await.unwrap();
+    let released = release(&mut checkout, &held.hold_id).await;
     assert_eq!(released.status(), HoldStatus::Released);
     assert_eq!(released.hold_id, held.hold_id);
-    let after = fetch(&server, &product.id).await;
-    assert_eq!(counters(&after), (10, 1, 0, 9));
+    let after = assert_counters(&server, &product, Counters::stock(10).reserved(1).sold(0)).await;
 
-    let again = release(&mut checkout, &held.hold_id).await.unwrap();
+    let again = release(&mut checkout, &held.hold_id).await;
     assert_eq!(again.status(), HoldStatus::Released);
     assert_eq!(
-        fetch(&server, &product.id).await,
+        get_product(&mut checkout, &product.id).await,
         after,
         "units not returned twice"
     );
@@ -272,22 +248,18 @@ async fn released_hold_cannot_become_an_order() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    release(&mut checkout, &held.hold_id).await.unwrap();
-    let before = fetch(&server, &product.id).await;
+    let held = hold(&mut checkout, &product.id, 2).await;
+    release(&mut checkout, &held.hold_id).await;
+    let before = get_product(&mut checkout, &product.id).await;
 
-    let refused = checkout
-        .create_order(CreateOrderRequest {
-            hold_id: held.hold_id.clone(),
-        })
-        .await;
-    assert_status(refused, Code::FailedPrecondition, "HOLD_RELEASED");
-    assert_eq!(fetch(&server, &product.id).await, before);
+    assert_status(
+        try_order(&mut checkout, &held.hold_id).await,
+        Code::FailedPrecondition,
+        "HOLD_RELEASED",
+    );
+    assert_eq!(get_product(&mut checkout, &product.id).await, before);
     assert_eq!(
-        get_hold(&mut checkout, &held.hold_id)
-            .await
-            .unwrap()
-            .status(),
+        get_hold(&mut checkout, &held.hold_id).await.status(),
         HoldStatus::Released
     );
     server.assert_consistent().await;
@@ -298,42 +270,28 @@ async fn releasing_a_converted_hold_is_refused() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    let order = checkout
-        .create_order(CreateOrderRequest {
-            hold_id: held.hold_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let before = fetch(&server, &product.id).await;
+    let held = hold(&mut checkout, &product.id, 2).await;
+    let order = order(&mut checkout, &held.hold_id).await;
+    let before = assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
 
     assert_status(
-        release(&mut checkout, &held.hold_id).await,
+        try_release(&mut checkout, &held.hold_id).await,
         Code::FailedPrecondition,
         "HOLD_CONVERTED",
     );
     assert_eq!(
-        fetch(&server, &product.id).await,
+        get_product(&mut checkout, &product.id).await,
         before,
         "units stay reserved"
     );
-    assert_eq!(counters(&before), (10, 2, 0, 8));
     assert_eq!(
-        get_hold(&mut checkout, &held.hold_id)
-            .await
-            .unwrap()
-            .status(),
+        get_hold(&mut checkout, &held.hold_id).await.status(),
         HoldStatus::Converted
     );
-    let order = checkout
-        .get_order(GetOrderRequest {
-            order_id: order.order_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(order.status(), OrderStatus::Pending);
+    assert_eq!(
+        get_order(&mut checkout, &order.order_id).await.status(),
+        OrderStatus::Pending
+    );
     server.assert_consistent().await;
 }
 
@@ -341,31 +299,24 @@ async fn releasing_a_converted_hold_is_refused() {
 async fn concurrent_releases_return_units_exactly_once() {
     let server = TestServer::start().await;
     let product = server.product("sneaker", 12_900, 100).await;
-    let checkout = server.checkout().await;
+    let mut checkout = server.checkout().await;
     // Other holds keep `reserved` high enough that a double return would show, not fail.
     for _ in 0..5 {
-        hold(&mut checkout.clone(), &product.id, 10, "")
-            .await
-            .unwrap();
+        hold(&mut checkout, &product.id, 10).await;
     }
-    let held = hold(&mut checkout.clone(), &product.id, 7, "")
-        .await
-        .unwrap();
+    let held = hold(&mut checkout, &product.id, 7).await;
 
     let calls: Vec<_> = (0..10)
         .map(|_| {
             let mut checkout = checkout.clone();
             let hold_id = held.hold_id.clone();
-            tokio::spawn(async move { release(&mut checkout, &hold_id).await })
+            tokio::spawn(async move { try_release(&mut checkout, &hold_id).await })
         })
         .collect();
     for call in calls {
         let released = call.await.unwrap().expect("every release succeeds");
         assert_eq!(released.status(), HoldStatus::Released);
     }
-    assert_eq!(
-        counters(&fetch(&server, &product.id).await),
-        (100, 50, 0, 50)
-    );
+    assert_counters(&server, &product, Counters::stock(100).reserved(50).sold(0)).await;
     server.assert_consistent().await;
 }

@@ -1,7 +1,6 @@
 //! Integration tests: the real server over real gRPC on a real PostgreSQL, one fresh
 //! database per test. One test binary (modules below) so the suite links once.
 
-mod calls;
 mod support;
 
 mod coalescing;

@@ -3,30 +3,13 @@
 
 use std::time::Duration;
 
-use flashsale::grpc::pb::{
-    self, GetOrderRequest, HoldStatus, OrderStatus, ReleaseHoldRequest, WebhookOutcome,
-};
+use flashsale::grpc::pb::{GetOrderRequest, HoldStatus, OrderStatus, WebhookOutcome};
 use tonic::Code;
 
-use crate::calls::{
-    counters, deliver, failure, get_hold, get_order, get_product, hold, on_order, order,
-    sleep_past, success, try_order,
+use crate::support::{
+    Counters, TestServer, assert_counters, assert_status, decline, get_hold, get_order, hold,
+    order, pay, pending_order, release, sleep_past, try_order,
 };
-use crate::support::{Checkout, TestServer, assert_status};
-
-/// A server with a product on sale, a hold of `qty` on it and the order it became.
-async fn pending_order(
-    server: &TestServer,
-    stock: i64,
-    price: i64,
-    qty: i64,
-) -> (Checkout, pb::Product, pb::Order) {
-    let product = server.product("gadget", price, stock).await;
-    let mut checkout = server.checkout().await;
-    let hold = hold(&mut checkout, &product.id, qty).await;
-    let order = order(&mut checkout, &hold.hold_id).await;
-    (checkout, product, order)
-}
 
 // ---------------------------------------------------------------------------------------
 // Hold -> order.
@@ -38,7 +21,8 @@ async fn create_order_makes_a_pending_order_and_keeps_the_units_reserved() {
     let product = server.product("lamp", 1_250, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 3).await;
-    let held = get_product(&mut checkout, &product.id).await;
+    let held = Counters::stock(10).reserved(3).sold(0);
+    assert_counters(&server, &product, held).await;
 
     let order = order(&mut checkout, &hold.hold_id).await;
 
@@ -53,23 +37,23 @@ async fn create_order_makes_a_pending_order_and_keeps_the_units_reserved() {
         get_hold(&mut checkout, &hold.hold_id).await.status(),
         HoldStatus::Converted
     );
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&after), counters(&held));
-    assert_eq!(counters(&after), (10, 3, 0, 7));
+    // The units stay reserved.
+    assert_counters(&server, &product, held).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retried_create_order_returns_the_same_order_without_reserving_again() {
     let server = TestServer::start().await;
-    let (mut checkout, product, first) = pending_order(&server, 10, 500, 2).await;
+    let product = server.product("gadget", 500, 10).await;
+    let mut checkout = server.checkout().await;
+    let first = pending_order(&mut checkout, &product.id, 2).await;
 
     let again = order(&mut checkout, &first.hold_id).await;
 
     assert_eq!(again.order_id, first.order_id);
     assert_eq!(again.status(), OrderStatus::Pending);
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&after), (10, 2, 0, 8));
+    assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -97,15 +81,16 @@ async fn concurrent_create_orders_on_one_hold_all_get_the_same_order() {
 
     order_ids.dedup();
     assert_eq!(order_ids.len(), 1, "one hold, one order: {order_ids:?}");
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&after), (10, 4, 0, 6));
+    assert_counters(&server, &product, Counters::stock(10).reserved(4).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_order_returns_the_order_as_created() {
     let server = TestServer::start().await;
-    let (mut checkout, _, created) = pending_order(&server, 5, 999, 1).await;
+    let product = server.product("gadget", 999, 5).await;
+    let mut checkout = server.checkout().await;
+    let created = pending_order(&mut checkout, &product.id, 1).await;
 
     let fetched = get_order(&mut checkout, &created.order_id).await;
 
@@ -115,7 +100,9 @@ async fn get_order_returns_the_order_as_created() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_hold_or_order_is_not_found() {
     let server = TestServer::start().await;
-    let (mut checkout, _, order) = pending_order(&server, 5, 100, 1).await;
+    let product = server.product("gadget", 100, 5).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 1).await;
     let unknown = uuid::Uuid::now_v7().to_string();
 
     assert_status(
@@ -157,17 +144,14 @@ async fn hold_past_its_ttl_never_becomes_an_order_even_before_the_reaper_runs() 
 
     sleep_past(hold.expires_at).await;
     // The reaper has not run: the units are still held.
-    assert_eq!(get_product(&mut checkout, &product.id).await.reserved, 2);
+    assert_counters(&server, &product, Counters::stock(5).reserved(2).sold(0)).await;
 
     assert_status(
         try_order(&mut checkout, &hold.hold_id).await,
         Code::FailedPrecondition,
         "HOLD_EXPIRED",
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (5, 0, 0, 5)
-    );
+    assert_counters(&server, &product, Counters::stock(5).reserved(0).sold(0)).await;
     assert_eq!(
         get_hold(&mut checkout, &hold.hold_id).await.status(),
         HoldStatus::Expired
@@ -178,10 +162,7 @@ async fn hold_past_its_ttl_never_becomes_an_order_even_before_the_reaper_runs() 
         Code::FailedPrecondition,
         "HOLD_EXPIRED",
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (5, 0, 0, 5)
-    );
+    assert_counters(&server, &product, Counters::stock(5).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -191,22 +172,14 @@ async fn released_hold_cannot_become_an_order() {
     let product = server.product("lamp", 100, 5).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
-    checkout
-        .release_hold(ReleaseHoldRequest {
-            hold_id: hold.hold_id.clone(),
-        })
-        .await
-        .unwrap();
+    release(&mut checkout, &hold.hold_id).await;
 
     assert_status(
         try_order(&mut checkout, &hold.hold_id).await,
         Code::FailedPrecondition,
         "HOLD_RELEASED",
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (5, 0, 0, 5)
-    );
+    assert_counters(&server, &product, Counters::stock(5).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -217,9 +190,11 @@ async fn released_hold_cannot_become_an_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn successful_payment_marks_the_order_paid_and_sells_its_units() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 300, 3).await;
+    let product = server.product("gadget", 300, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
 
-    let receipt = deliver(&mut checkout, success("pay-1", on_order(&order.order_id))).await;
+    let receipt = pay(&mut checkout, &order, "pay-1").await;
 
     assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
     assert_eq!(receipt.order_status(), OrderStatus::Paid);
@@ -228,25 +203,21 @@ async fn successful_payment_marks_the_order_paid_and_sells_its_units() {
         get_order(&mut checkout, &order.order_id).await.status(),
         OrderStatus::Paid
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 3, 7)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(3)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failure_after_payment_is_ignored_and_the_order_stays_paid() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 300, 3).await;
-    deliver(&mut checkout, success("pay-1", on_order(&order.order_id))).await;
-    let paid = get_product(&mut checkout, &product.id).await;
+    let product = server.product("gadget", 300, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
+    pay(&mut checkout, &order, "pay-1").await;
+    let paid = Counters::stock(10).reserved(0).sold(3);
+    assert_counters(&server, &product, paid).await;
 
-    let receipt = deliver(
-        &mut checkout,
-        failure("pay-2", on_order(&order.order_id), "late decline"),
-    )
-    .await;
+    let receipt = decline(&mut checkout, &order, "pay-2", "late decline").await;
 
     assert_eq!(receipt.outcome(), WebhookOutcome::Ignored);
     assert_eq!(receipt.order_status(), OrderStatus::Paid);
@@ -254,76 +225,59 @@ async fn failure_after_payment_is_ignored_and_the_order_stays_paid() {
     let after = get_order(&mut checkout, &order.order_id).await;
     assert_eq!(after.status(), OrderStatus::Paid);
     assert!(after.failure_reason.is_empty());
-    let now = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&now), counters(&paid));
-    assert_eq!(counters(&now), (10, 0, 3, 7));
+    assert_counters(&server, &product, paid).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_payment_cancels_the_order_and_returns_its_units() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 300, 3).await;
+    let product = server.product("gadget", 300, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
 
-    let receipt = deliver(
-        &mut checkout,
-        failure("pay-1", on_order(&order.order_id), "card declined"),
-    )
-    .await;
+    let receipt = decline(&mut checkout, &order, "pay-1", "card declined").await;
 
     assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
     assert_eq!(receipt.order_status(), OrderStatus::Cancelled);
     let after = get_order(&mut checkout, &order.order_id).await;
     assert_eq!(after.status(), OrderStatus::Cancelled);
     assert_eq!(after.failure_reason, "card declined");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn success_after_cancellation_is_ignored_and_the_order_stays_cancelled() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 300, 3).await;
-    deliver(
-        &mut checkout,
-        failure("pay-1", on_order(&order.order_id), "card declined"),
-    )
-    .await;
+    let product = server.product("gadget", 300, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
+    decline(&mut checkout, &order, "pay-1", "card declined").await;
 
-    let receipt = deliver(&mut checkout, success("pay-2", on_order(&order.order_id))).await;
+    let receipt = pay(&mut checkout, &order, "pay-2").await;
 
     assert_eq!(receipt.outcome(), WebhookOutcome::Ignored);
     assert_eq!(receipt.order_status(), OrderStatus::Cancelled);
     let after = get_order(&mut checkout, &order.order_id).await;
     assert_eq!(after.status(), OrderStatus::Cancelled);
     assert_eq!(after.failure_reason, "card declined");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_order_after_settlement_returns_the_settled_order_without_reserving_again() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 300, 3).await;
-    deliver(
-        &mut checkout,
-        failure("pay-1", on_order(&order.order_id), "card declined"),
-    )
-    .await;
+    let product = server.product("gadget", 300, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
+    decline(&mut checkout, &order, "pay-1", "card declined").await;
 
     let again = self::order(&mut checkout, &order.hold_id).await;
 
     assert_eq!(again.order_id, order.order_id);
     assert_eq!(again.status(), OrderStatus::Cancelled);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }

@@ -4,38 +4,16 @@ use std::collections::HashSet;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{
-    AdjustStockRequest, AuditInventoryRequest, CreateOrderRequest, GetProductRequest,
-    HandlePaymentWebhookRequest, ListProductsRequest, PaymentResult, Product, ProductAudit,
-    ReleaseHoldRequest, StockCounters, handle_payment_webhook_request::Target,
+    AdjustStockRequest, AuditInventoryRequest, GetProductRequest, ListProductsRequest, Product,
+    ProductAudit, StockCounters,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::holds::hold;
-use crate::support::{TestServer, assert_status};
-
-/// One product, fresh from GetProduct.
-pub async fn fetch(server: &TestServer, product_id: &str) -> Product {
-    server
-        .checkout()
-        .await
-        .get_product(GetProductRequest {
-            product_id: product_id.into(),
-        })
-        .await
-        .expect("get product")
-        .into_inner()
-}
-
-/// A product's counters as (stock_total, reserved, sold, available).
-pub fn counters(product: &Product) -> (i64, i64, i64, i64) {
-    (
-        product.stock_total,
-        product.reserved,
-        product.sold,
-        product.available,
-    )
-}
+use crate::support::{
+    Counters, TestServer, assert_counters, assert_counters_shown, assert_status, decline, deliver,
+    get_product, hold, on_order, order, pay, pending_order, release, success, with_amount,
+};
 
 /// AdjustStock through the admin API.
 async fn adjust(
@@ -107,9 +85,10 @@ async fn create_product_returns_its_counters() {
     );
     assert_eq!(product.name, "desk lamp");
     assert_eq!(product.price_cents, 4_500);
-    assert_eq!(counters(&product), (7, 0, 0, 7));
+    assert_counters_shown(&product, Counters::stock(7).reserved(0).sold(0));
     assert!(product.version >= 1, "version: {product:?}");
-    assert_eq!(fetch(&server, &product.id).await, product);
+    let mut checkout = server.checkout().await;
+    assert_eq!(get_product(&mut checkout, &product.id).await, product);
     server.assert_consistent().await;
 }
 
@@ -119,10 +98,10 @@ async fn get_product_is_fresh_after_holds() {
     let product = server.product("mug", 900, 10).await;
     let mut checkout = server.checkout().await;
 
-    hold(&mut checkout, &product.id, 3, "").await.unwrap();
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 3, 0, 7));
-    hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 5, 0, 5));
+    hold(&mut checkout, &product.id, 3).await;
+    assert_counters(&server, &product, Counters::stock(10).reserved(3).sold(0)).await;
+    hold(&mut checkout, &product.id, 2).await;
+    assert_counters(&server, &product, Counters::stock(10).reserved(5).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -147,23 +126,24 @@ async fn version_grows_on_every_stock_change_and_not_on_reads() {
     let mut version = product.version;
 
     // Reads leave the version alone.
-    assert_eq!(fetch(&server, &product.id).await.version, version);
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await.version,
+        version
+    );
     list_page(&server, 0, "").await;
     audit(&server, &[]).await.unwrap();
-    assert_eq!(fetch(&server, &product.id).await.version, version);
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await.version,
+        version
+    );
 
-    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    let after_hold = fetch(&server, &product.id).await.version;
+    let held = hold(&mut checkout, &product.id, 2).await;
+    let after_hold = get_product(&mut checkout, &product.id).await.version;
     assert!(after_hold > version, "hold: {after_hold} <= {version}");
     version = after_hold;
 
-    checkout
-        .release_hold(ReleaseHoldRequest {
-            hold_id: held.hold_id,
-        })
-        .await
-        .unwrap();
-    let after_release = fetch(&server, &product.id).await.version;
+    release(&mut checkout, &held.hold_id).await;
+    let after_release = get_product(&mut checkout, &product.id).await.version;
     assert!(
         after_release > version,
         "release: {after_release} <= {version}"
@@ -172,12 +152,18 @@ async fn version_grows_on_every_stock_change_and_not_on_reads() {
 
     let restocked = adjust(&server, &product.id, 5).await.unwrap();
     assert!(restocked.version > version, "restock: {restocked:?}");
-    assert_eq!(fetch(&server, &product.id).await.version, restocked.version);
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await.version,
+        restocked.version
+    );
     version = restocked.version;
 
     let withdrawn = adjust(&server, &product.id, -3).await.unwrap();
     assert!(withdrawn.version > version, "withdraw: {withdrawn:?}");
-    assert_eq!(fetch(&server, &product.id).await.version, withdrawn.version);
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await.version,
+        withdrawn.version
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,10 +254,11 @@ async fn adjust_stock_restocks_and_withdraws() {
     let product = server.product("tent", 19_900, 10).await;
 
     let restocked = adjust(&server, &product.id, 5).await.unwrap();
-    assert_eq!(counters(&restocked), (15, 0, 0, 15));
+    assert_counters_shown(&restocked, Counters::stock(15).reserved(0).sold(0));
     let withdrawn = adjust(&server, &product.id, -12).await.unwrap();
-    assert_eq!(counters(&withdrawn), (3, 0, 0, 3));
-    assert_eq!(fetch(&server, &product.id).await, withdrawn);
+    assert_counters_shown(&withdrawn, Counters::stock(3).reserved(0).sold(0));
+    let mut checkout = server.checkout().await;
+    assert_eq!(get_product(&mut checkout, &product.id).await, withdrawn);
 
     let audit = server.assert_consistent().await;
     assert_eq!(audit.products[0].recomputed, stock(3, 0, 0));
@@ -283,27 +270,11 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
     let product = server.product("headphones", 5_000, 10).await;
     let mut checkout = server.checkout().await;
     // 4 units reserved by a hold, 3 sold.
-    hold(&mut checkout, &product.id, 4, "").await.unwrap();
-    let paid = hold(&mut checkout, &product.id, 3, "").await.unwrap();
-    let order = checkout
-        .create_order(CreateOrderRequest {
-            hold_id: paid.hold_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    checkout
-        .handle_payment_webhook(HandlePaymentWebhookRequest {
-            idempotency_key: "evt-withdraw".into(),
-            target: Some(Target::OrderId(order.order_id)),
-            result: PaymentResult::Success.into(),
-            failure_reason: String::new(),
-            amount_cents: 15_000,
-        })
-        .await
-        .unwrap();
-    let before = fetch(&server, &product.id).await;
-    assert_eq!(counters(&before), (10, 4, 3, 3));
+    hold(&mut checkout, &product.id, 4).await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
+    let payment = success("evt-withdraw", on_order(&order.order_id));
+    deliver(&mut checkout, with_amount(payment, 15_000)).await;
+    let before = assert_counters(&server, &product, Counters::stock(10).reserved(4).sold(3)).await;
 
     let status = assert_status(
         adjust(&server, &product.id, -4).await,
@@ -315,12 +286,16 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
         info.metadata.get("committed").map(String::as_str),
         Some("7")
     );
-    assert_eq!(fetch(&server, &product.id).await, before, "nothing changed");
+    assert_eq!(
+        get_product(&mut checkout, &product.id).await,
+        before,
+        "nothing changed"
+    );
     server.assert_consistent().await;
 
     // Down to exactly reserved + sold is allowed.
     let withdrawn = adjust(&server, &product.id, -3).await.unwrap();
-    assert_eq!(counters(&withdrawn), (7, 4, 3, 0));
+    assert_counters_shown(&withdrawn, Counters::stock(7).reserved(4).sold(3));
     server.assert_consistent().await;
 }
 
@@ -390,46 +365,18 @@ async fn audit_recomputes_counters_from_holds_orders_payments_and_adjustments() 
     adjust(&server, &product.id, -3).await.unwrap();
 
     // Active hold: 2 reserved.
-    hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    hold(&mut checkout, &product.id, 2).await;
     // Pending order: 3 reserved.
-    let pending = hold(&mut checkout, &product.id, 3, "").await.unwrap();
-    checkout
-        .create_order(CreateOrderRequest {
-            hold_id: pending.hold_id,
-        })
-        .await
-        .unwrap();
-    // Paid order: 4 sold; cancelled order: nothing; released hold: nothing.
-    for (qty, result, key) in [
-        (4, PaymentResult::Success, "evt-paid"),
-        (5, PaymentResult::Failure, "evt-failed"),
-    ] {
-        let held = hold(&mut checkout, &product.id, qty, "").await.unwrap();
-        let order = checkout
-            .create_order(CreateOrderRequest {
-                hold_id: held.hold_id,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        checkout
-            .handle_payment_webhook(HandlePaymentWebhookRequest {
-                idempotency_key: key.into(),
-                target: Some(Target::OrderId(order.order_id)),
-                result: result.into(),
-                failure_reason: String::new(),
-                amount_cents: 0,
-            })
-            .await
-            .unwrap();
-    }
-    let released = hold(&mut checkout, &product.id, 1, "").await.unwrap();
-    checkout
-        .release_hold(ReleaseHoldRequest {
-            hold_id: released.hold_id,
-        })
-        .await
-        .unwrap();
+    pending_order(&mut checkout, &product.id, 3).await;
+    // Paid order: 4 sold.
+    let paid = pending_order(&mut checkout, &product.id, 4).await;
+    pay(&mut checkout, &paid, "evt-paid").await;
+    // Cancelled order: nothing.
+    let cancelled = pending_order(&mut checkout, &product.id, 5).await;
+    decline(&mut checkout, &cancelled, "evt-failed", "").await;
+    // Released hold: nothing.
+    let released = hold(&mut checkout, &product.id, 1).await;
+    release(&mut checkout, &released.hold_id).await;
 
     let report = audit(&server, &[&product.id]).await.unwrap();
     assert_eq!(
@@ -442,7 +389,7 @@ async fn audit_recomputes_counters_from_holds_orders_payments_and_adjustments() 
         }]
     );
     assert!(report.consistent);
-    assert_eq!(counters(&fetch(&server, &product.id).await), (22, 5, 4, 13));
+    assert_counters(&server, &product, Counters::stock(22).reserved(5).sold(4)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -451,7 +398,7 @@ async fn audit_flags_stored_counters_that_drift_from_the_rows() {
     let healthy = server.product("healthy", 100, 10).await;
     let drifted = server.product("drifted", 100, 10).await;
     let mut checkout = server.checkout().await;
-    hold(&mut checkout, &drifted.id, 2, "").await.unwrap();
+    hold(&mut checkout, &drifted.id, 2).await;
 
     // Corrupt the stored counters behind the server's back.
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
@@ -504,7 +451,7 @@ async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
     let product = server.product("held", 100, 10).await;
     let other = server.product("other", 100, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
+    let held = hold(&mut checkout, &product.id, 2).await;
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
     let insert_for = |product_id: &str| {
         format!(
@@ -542,9 +489,9 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
     let product = server.product("ordered", 100, 10).await;
     let other = server.product("other", 100, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 2, "").await.unwrap();
-    let second = hold(&mut checkout, &product.id, 1, "").await.unwrap();
-    let order = crate::calls::order(&mut checkout, &held.hold_id).await;
+    let held = hold(&mut checkout, &product.id, 2).await;
+    let second = hold(&mut checkout, &product.id, 1).await;
+    let order = order(&mut checkout, &held.hold_id).await;
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
 
     // Written behind the server's back, each would leave an order on another product than

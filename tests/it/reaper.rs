@@ -5,15 +5,14 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use flashsale::grpc::pb::{self, HoldStatus, OrderStatus, WebhookOutcome};
+use flashsale::grpc::pb::{HoldStatus, OrderStatus, WebhookOutcome};
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::calls::{
-    counters, deliver, get_hold, get_order, get_product, hold, on_hold, order, success, try_order,
+use crate::support::{
+    Checkout, Counters, TestServer, assert_counters, assert_status, deliver, get_hold, get_order,
+    get_product, hold, on_hold, pending_order, reason, success, try_order, try_release,
 };
-use crate::holds::release;
-use crate::support::{Checkout, TestServer, assert_status, reason};
 
 /// Polls `probe` until it yields a value; fails the test after 30 s.
 async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
@@ -53,27 +52,17 @@ async fn wait_until_reserved_at_most(checkout: &Checkout, product_id: &str, floo
     .await
 }
 
-/// A pending order of `qty` on the product: units the reaper must never touch, so a hold
-/// expired twice would show as reserved dropping below `qty`.
-async fn pending_order_of(checkout: &mut Checkout, product_id: &str, qty: i64) -> pb::Order {
-    let hold = hold(checkout, product_id, qty).await;
-    order(checkout, &hold.hold_id).await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn reaper_expires_a_hold_past_its_ttl_and_returns_its_units() {
     let server = TestServer::start_with(|config| config.hold_ttl = Duration::from_secs(1)).await;
     let product = server.product("mug", 100, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 3).await;
-    assert_eq!(get_product(&mut checkout, &product.id).await.reserved, 3);
+    assert_counters(&server, &product, Counters::stock(10).reserved(3).sold(0)).await;
 
     wait_until_expired(&checkout, &hold.hold_id).await;
 
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     assert_status(
         try_order(&mut checkout, &hold.hold_id).await,
         Code::FailedPrecondition,
@@ -94,7 +83,8 @@ async fn reaper_expires_many_holds_across_products_each_exactly_once() {
     let mut products = Vec::new();
     for name in ["red", "green", "blue"] {
         let product = server.product(name, 100, 100).await;
-        pending_order_of(&mut checkout, &product.id, 5).await;
+        // Units the reaper must never touch: a hold expired twice shows as reserved below 5.
+        pending_order(&mut checkout, &product.id, 5).await;
         products.push(product);
     }
     let mut holds = Vec::new();
@@ -108,11 +98,8 @@ async fn reaper_expires_many_holds_across_products_each_exactly_once() {
     }
 
     for product in &products {
-        assert_eq!(
-            counters(&get_product(&mut checkout, &product.id).await),
-            (100, 5, 0, 95),
-            "only the pending order stays reserved"
-        );
+        // Only the pending order stays reserved.
+        assert_counters(&server, product, Counters::stock(100).reserved(5).sold(0)).await;
     }
     for hold in &holds {
         assert_eq!(
@@ -188,12 +175,13 @@ async fn create_order_racing_the_reaper_at_expiry_either_converts_or_expires_nev
     }
 
     eprintln!("race outcome: {converted} converted, {expired} expired");
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(
-        counters(&after),
-        (100, reserved, 0, 100 - reserved),
-        "reserved is exactly the pending orders' units"
-    );
+    // Reserved is exactly the pending orders' units.
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(100).reserved(reserved).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
@@ -203,7 +191,7 @@ async fn release_racing_the_reaper_at_expiry_gives_the_units_back_once() {
     let product = server.product("mug", 100, 100).await;
     let mut checkout = server.checkout().await;
     // Units neither side may touch: a hold closed twice shows as reserved dropping below 4.
-    pending_order_of(&mut checkout, &product.id, 4).await;
+    pending_order(&mut checkout, &product.id, 4).await;
     let mut holds = Vec::new();
     for i in 0..40 {
         holds.push(hold(&mut checkout, &product.id, 1 + (i as i64 % 2)).await);
@@ -216,7 +204,7 @@ async fn release_racing_the_reaper_at_expiry_gives_the_units_back_once() {
         let mut client = checkout.clone();
         calls.push(tokio::spawn(async move {
             sleep_until_around(hold.expires_at, -200 + 10 * i as i64).await;
-            release(&mut client, &hold.hold_id).await
+            try_release(&mut client, &hold.hold_id).await
         }));
     }
     let (mut released, mut expired) = (0, 0);
@@ -231,12 +219,8 @@ async fn release_racing_the_reaper_at_expiry_gives_the_units_back_once() {
     eprintln!("race outcome: {released} released, {expired} expired");
     assert_eq!(released + expired, 40);
     wait_until_reserved_at_most(&checkout, &product.id, 4).await;
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(
-        counters(&after),
-        (100, 4, 0, 96),
-        "every unit back exactly once"
-    );
+    // Every unit back exactly once.
+    assert_counters(&server, &product, Counters::stock(100).reserved(4).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -254,10 +238,7 @@ async fn reaper_closes_a_payment_deferred_on_the_hold_it_expires() {
 
     wait_until_expired(&checkout, &hold.hold_id).await;
 
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     assert_status(
         try_order(&mut checkout, &hold.hold_id).await,
         Code::FailedPrecondition,
@@ -266,10 +247,7 @@ async fn reaper_closes_a_payment_deferred_on_the_hold_it_expires() {
     let later = deliver(&mut checkout, webhook).await;
     assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
     assert!(later.order_id.is_empty(), "{later:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -286,7 +264,8 @@ async fn two_servers_on_one_database_expire_each_hold_exactly_once() {
     let mut products = Vec::new();
     for name in ["left", "right"] {
         let product = first.product(name, 100, 100).await;
-        pending_order_of(&mut on_first, &product.id, 5).await;
+        // Units the reaper must never touch: a hold expired twice shows as reserved below 5.
+        pending_order(&mut on_first, &product.id, 5).await;
         products.push(product);
     }
     let mut holds = Vec::new();
@@ -304,11 +283,8 @@ async fn two_servers_on_one_database_expire_each_hold_exactly_once() {
     }
 
     for product in &products {
-        assert_eq!(
-            counters(&get_product(&mut on_first, &product.id).await),
-            (100, 5, 0, 95),
-            "only the pending order stays reserved"
-        );
+        // Only the pending order stays reserved.
+        assert_counters(&first, product, Counters::stock(100).reserved(5).sold(0)).await;
     }
     for hold in &holds {
         assert_eq!(

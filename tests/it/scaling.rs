@@ -8,8 +8,7 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::{
-    AdjustStockRequest, AvailabilityUpdate, CreateHoldRequest, GetHoldRequest, GetProductRequest,
-    HoldStatus, WatchAvailabilityRequest,
+    AdjustStockRequest, AvailabilityUpdate, HoldStatus, WatchAvailabilityRequest,
 };
 use futures::StreamExt;
 use tokio::process::{Child, Command};
@@ -18,7 +17,10 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::support::{TestDb, TestServer};
+use crate::support::{
+    Checkout, Counters, TestDb, TestServer, assert_counters, assert_counters_shown, get_hold,
+    get_product, hold,
+};
 
 /// A `flashsale serve` process of its own, killed when dropped.
 struct ServerProcess {
@@ -84,7 +86,7 @@ impl ServerProcess {
     }
 
     /// A checkout client of this process.
-    async fn checkout(&self) -> CheckoutServiceClient<Channel> {
+    async fn checkout(&self) -> Checkout {
         CheckoutServiceClient::connect(self.url.clone())
             .await
             .expect("connect")
@@ -104,10 +106,7 @@ impl ServerProcess {
 }
 
 /// Opens a WatchAvailability stream on one product.
-async fn watch(
-    checkout: &mut CheckoutServiceClient<Channel>,
-    product_id: &str,
-) -> Streaming<AvailabilityUpdate> {
+async fn watch(checkout: &mut Checkout, product_id: &str) -> Streaming<AvailabilityUpdate> {
     let request = WatchAvailabilityRequest {
         product_ids: vec![product_id.to_owned()],
     };
@@ -157,32 +156,16 @@ async fn a_hold_made_through_one_process_reaches_a_watcher_on_another() {
     let mut watcher = watch(&mut second.checkout().await, &product.id).await;
     read_until(&mut watcher, |update| update.available == 50).await;
 
-    let hold = first
-        .checkout()
-        .await
-        .create_hold(CreateHoldRequest {
-            product_id: product.id.clone(),
-            qty: 3,
-            client_request_id: String::new(),
-        })
-        .await
-        .expect("hold through the first process")
-        .into_inner();
+    // A hold through the first process.
+    let hold = hold(&mut first.checkout().await, &product.id, 3).await;
     let seen = read_until(&mut watcher, |update| update.reserved == 3).await;
-    assert_eq!(seen.available, 47);
+    assert_counters_shown(&seen, Counters::stock(50).reserved(3).sold(0));
 
     // The hold expires (1 s TTL) by one of the reapers; the watcher sees the units come back.
     let back = read_until(&mut watcher, |update| update.reserved == 0).await;
-    assert_eq!(back.available, 50);
-    let expired = second
-        .checkout()
-        .await
-        .get_hold(GetHoldRequest {
-            hold_id: hold.hold_id,
-        })
-        .await
-        .unwrap();
-    assert_eq!(expired.into_inner().status(), HoldStatus::Expired);
+    assert_counters_shown(&back, Counters::stock(50).reserved(0).sold(0));
+    let expired = get_hold(&mut second.checkout().await, &hold.hold_id).await;
+    assert_eq!(expired.status(), HoldStatus::Expired);
     first.stop().await;
     second.stop().await;
 }
@@ -205,20 +188,9 @@ async fn two_reapers_expire_every_hold_exactly_once() {
     for (i, process) in processes.iter().enumerate() {
         let mut checkout = process.checkout().await;
         for n in 0..60 {
-            let product_id = products[(i + n) % 2].id.clone();
-            let request = CreateHoldRequest {
-                product_id,
-                qty: 1 + (n as i64 % 3),
-                client_request_id: String::new(),
-            };
-            hold_ids.push(
-                checkout
-                    .create_hold(request)
-                    .await
-                    .expect("hold")
-                    .into_inner()
-                    .hold_id,
-            );
+            let product_id = &products[(i + n) % 2].id;
+            let held = hold(&mut checkout, product_id, 1 + (n as i64 % 3)).await;
+            hold_ids.push(held.hold_id);
         }
     }
 
@@ -226,14 +198,7 @@ async fn two_reapers_expire_every_hold_exactly_once() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for hold_id in &hold_ids {
         loop {
-            let hold = checkout
-                .get_hold(GetHoldRequest {
-                    hold_id: hold_id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if hold.status() == HoldStatus::Expired {
+            if get_hold(&mut checkout, hold_id).await.status() == HoldStatus::Expired {
                 break;
             }
             assert!(
@@ -244,16 +209,9 @@ async fn two_reapers_expire_every_hold_exactly_once() {
         }
     }
     for product in &products {
-        let now = checkout
-            .get_product(GetProductRequest {
-                product_id: product.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
         // Expired twice would have taken reserved below zero (refused by the database) or
         // left the audit unbalanced; skipped once would leave units reserved.
-        assert_eq!((now.reserved, now.available), (0, 1_000), "{now:?}");
+        assert_counters(&server, product, Counters::stock(1_000).reserved(0).sold(0)).await;
     }
     server.assert_consistent().await;
     for process in processes {
@@ -284,7 +242,7 @@ async fn a_stream_converges_after_its_listener_connection_is_killed() {
         last = admin.adjust_stock(request).await.unwrap().into_inner();
     }
     let seen = read_until(&mut watcher, |update| update.version == last.version).await;
-    assert_eq!((seen.stock_total, seen.available), (110, 110));
+    assert_counters_shown(&seen, Counters::stock(110).reserved(0).sold(0));
 }
 
 /// Terminates the change listener's connection(s) on this database; returns how many.
@@ -329,7 +287,8 @@ async fn watchers_sharing_a_connection_are_woken_together_and_leave_nothing_behi
     assert_eq!(server.hub.wake_groups(), 2, "one wake group per connection");
 
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id).await;
+    hold(&mut checkout, &product.id, 1).await;
+    let held = get_product(&mut checkout, &product.id).await;
     for stream in [&mut first, &mut second, &mut alone] {
         read_until(stream, |update| update.version >= held.version).await;
     }
@@ -339,30 +298,10 @@ async fn watchers_sharing_a_connection_are_woken_together_and_leave_nothing_behi
         server.hub.wake_groups() == 1 && server.hub.open_streams() == 1
     })
     .await;
-    let held = hold(&mut checkout, &product.id).await;
+    hold(&mut checkout, &product.id, 1).await;
+    let held = get_product(&mut checkout, &product.id).await;
     let seen = read_until(&mut alone, |update| update.version >= held.version).await;
-    assert_eq!(seen.reserved, 2);
-}
-
-/// Holds one unit; returns the product as it is right after.
-async fn hold(
-    checkout: &mut CheckoutServiceClient<Channel>,
-    product_id: &str,
-) -> flashsale::grpc::pb::Product {
-    let request = CreateHoldRequest {
-        product_id: product_id.to_owned(),
-        qty: 1,
-        client_request_id: String::new(),
-    };
-    checkout.create_hold(request).await.expect("hold");
-    let request = GetProductRequest {
-        product_id: product_id.to_owned(),
-    };
-    checkout
-        .get_product(request)
-        .await
-        .expect("product")
-        .into_inner()
+    assert_counters_shown(&seen, Counters::stock(10).reserved(2).sold(0));
 }
 
 /// Polls `done` every 20 ms until it holds; fails the test after 10 s.

@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{
-    AuditInventoryRequest, CreateHoldRequest, CreateProductRequest, GetProductRequest,
-    WatchAvailabilityRequest,
+    AuditInventoryRequest, CreateProductRequest, GetProductRequest, WatchAvailabilityRequest,
 };
 use prost::Message;
 use tokio::time::{Instant, timeout};
@@ -18,8 +17,10 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
-use crate::products::{counters, fetch};
-use crate::support::{TestDb, TestServer, assert_status, test_config};
+use crate::support::{
+    Counters, TestDb, TestServer, assert_counters, assert_counters_shown, assert_status, hold,
+    reason, test_config, try_hold,
+};
 
 /// The services the server announces, by their full names.
 const CHECKOUT: &str = "flashsale.v1.CheckoutService";
@@ -203,11 +204,7 @@ async fn unreachable_database_gives_unavailable_not_a_hang() {
 
     let write = timeout(
         PATIENCE,
-        checkout.create_hold(CreateHoldRequest {
-            product_id,
-            qty: 1,
-            client_request_id: "req-outage".into(),
-        }),
+        try_hold(&mut checkout, &product_id, 1, Some("req-outage")),
     )
     .await
     .expect("CreateHold answers");
@@ -244,14 +241,7 @@ async fn database_outage_gives_unavailable_then_the_server_recovers() {
     let server = TestServer::start_with(|config| config.db_timeout = Duration::from_secs(1)).await;
     let product = server.product("lamp", 2_000, 10).await;
     let mut checkout = server.checkout().await;
-    checkout
-        .create_hold(CreateHoldRequest {
-            product_id: product.id.clone(),
-            qty: 2,
-            client_request_id: String::new(),
-        })
-        .await
-        .unwrap();
+    hold(&mut checkout, &product.id, 2).await;
 
     // Outage: refuse new connections to the database and cut the server's open ones.
     let (name, maintenance_url) = split_database(&server.db.url);
@@ -280,16 +270,9 @@ async fn database_outage_gives_unavailable_then_the_server_recovers() {
         .expect("GetProduct answers during the outage");
         assert_status(read, Code::Unavailable, "DATABASE_UNAVAILABLE");
     }
-    let write = timeout(
-        PATIENCE,
-        checkout.create_hold(CreateHoldRequest {
-            product_id: product.id.clone(),
-            qty: 1,
-            client_request_id: String::new(),
-        }),
-    )
-    .await
-    .expect("CreateHold answers during the outage");
+    let write = timeout(PATIENCE, try_hold(&mut checkout, &product.id, 1, None))
+        .await
+        .expect("CreateHold answers during the outage");
     assert_status(write, Code::Unavailable, "DATABASE_UNAVAILABLE");
     wait_health(&server, ServingStatus::NotServing).await;
 
@@ -317,16 +300,10 @@ async fn database_outage_gives_unavailable_then_the_server_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 2, 0, 8));
-    checkout
-        .create_hold(CreateHoldRequest {
-            product_id: product.id.clone(),
-            qty: 1,
-            client_request_id: String::new(),
-        })
-        .await
-        .expect("holds work again");
-    assert_eq!(counters(&fetch(&server, &product.id).await), (10, 3, 0, 7));
+    assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
+    // Holds work again.
+    hold(&mut checkout, &product.id, 1).await;
+    assert_counters(&server, &product, Counters::stock(10).reserved(3).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -374,7 +351,7 @@ async fn open_watch_streams_end_unavailable_on_shutdown() {
             .expect("initial update")
             .expect("stream open");
         assert_eq!(first.product_id, product.id);
-        assert_eq!(first.available, 10);
+        assert_counters_shown(&first, Counters::stock(10).reserved(0).sold(0));
         streams.push(stream);
     }
 
@@ -394,6 +371,7 @@ async fn open_watch_streams_end_unavailable_on_shutdown() {
         .expect("the stream ends when the server shuts down");
         let status = end.expect("the stream ends with a status, not silently");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "SHUTTING_DOWN", "{status:?}");
     }
     timeout(PATIENCE, stopping)
         .await

@@ -8,14 +8,14 @@ use std::time::Duration;
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{
-    self as pb, AdjustStockRequest, HoldStatus, OrderStatus, ReleaseHoldRequest, WebhookOutcome,
+    self as pb, AdjustStockRequest, HoldStatus, OrderStatus, WebhookOutcome,
 };
 use uuid::Uuid;
 
-use crate::calls::{
-    counters, deliver, failure, get_hold, get_order, get_product, hold, on_order, order, success,
+use crate::support::{
+    Counters, TestServer, assert_counters, assert_counters_shown, decline, eventually, get_hold,
+    get_order, get_product, hold, pay, pending_order, try_release,
 };
-use crate::support::{TestServer, eventually};
 
 /// Takes the product's row lock in a transaction of its own, as a long hold batch would;
 /// the lock is held until the connection commits.
@@ -37,27 +37,21 @@ async fn payments_settle_without_the_product_row_and_move_its_counters_in_one_fo
     let mut checkout = server.checkout().await;
     let mut orders = Vec::new();
     for _ in 0..20 {
-        let held = hold(&mut checkout, &product.id, 1).await;
-        orders.push(order(&mut checkout, &held.hold_id).await);
+        orders.push(pending_order(&mut checkout, &product.id, 1).await);
     }
-    let before = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&before), (50, 20, 0, 30));
+    let before = assert_counters(&server, &product, Counters::stock(50).reserved(20).sold(0)).await;
 
     let mut row_lock = lock_product_row(&server, &product.id).await;
     let mut deliveries = Vec::new();
     for (index, pending) in orders.iter().enumerate() {
         let mut checkout = server.checkout().await;
-        let webhook = if index % 2 == 0 {
-            success(&format!("evt-{index}"), on_order(&pending.order_id))
-        } else {
-            failure(
-                &format!("evt-{index}"),
-                on_order(&pending.order_id),
-                "declined",
-            )
-        };
+        let (pending, key) = (pending.clone(), format!("evt-{index}"));
         deliveries.push(tokio::spawn(async move {
-            deliver(&mut checkout, webhook).await
+            if index % 2 == 0 {
+                pay(&mut checkout, &pending, &key).await
+            } else {
+                decline(&mut checkout, &pending, &key, "declined").await
+            }
         }));
     }
     // Every order settles while the product's row stays locked...
@@ -71,7 +65,7 @@ async fn payments_settle_without_the_product_row_and_move_its_counters_in_one_fo
     // ...the audit already counts the settled units, though the row has not moved...
     let audit = server.assert_consistent().await;
     let stored = audit.products[0].stored.expect("stored counters");
-    assert_eq!((stored.reserved, stored.sold), (0, 10), "audit: {audit:?}");
+    assert_counters_shown(&stored, Counters::stock(50).reserved(0).sold(10));
     // ...and no payment answers before its product's counters show it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
@@ -87,8 +81,7 @@ async fn payments_settle_without_the_product_row_and_move_its_counters_in_one_fo
         let receipt = delivery.await.unwrap();
         assert_eq!(receipt.outcome, WebhookOutcome::Applied as i32);
     }
-    let after = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&after), (50, 0, 10, 40));
+    let after = assert_counters(&server, &product, Counters::stock(50).reserved(0).sold(10)).await;
     assert_eq!(
         after.version,
         before.version + 1,
@@ -108,12 +101,7 @@ async fn a_release_commits_without_the_product_row_and_answers_once_its_units_ar
     let release = {
         let mut checkout = checkout.clone();
         let hold_id = held.hold_id.clone();
-        tokio::spawn(async move {
-            checkout
-                .release_hold(ReleaseHoldRequest { hold_id })
-                .await
-                .map(tonic::Response::into_inner)
-        })
+        tokio::spawn(async move { try_release(&mut checkout, &hold_id).await })
     };
     eventually("the hold is released while its product is locked", || {
         let (mut checkout, id) = (checkout.clone(), held.hold_id.clone());
@@ -132,10 +120,7 @@ async fn a_release_commits_without_the_product_row_and_answers_once_its_units_ar
         .unwrap();
     let released = release.await.unwrap().expect("release");
     assert_eq!(released.status, HoldStatus::Released as i32);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (5, 0, 0, 5)
-    );
+    assert_counters(&server, &product, Counters::stock(5).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -174,8 +159,7 @@ async fn the_reaper_folds_movements_a_dead_server_left() {
     let server = TestServer::start().await;
     let product = server.product("lamp", 100, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 4).await;
-    let pending = order(&mut checkout, &held.hold_id).await;
+    let pending = pending_order(&mut checkout, &product.id, 4).await;
     settle_without_folding(&server, &pending).await;
     server.assert_consistent().await;
 
@@ -184,8 +168,7 @@ async fn the_reaper_folds_movements_a_dead_server_left() {
         async move { get_product(&mut checkout, &id).await.reserved == 0 }
     })
     .await;
-    let folded = get_product(&mut checkout, &product.id).await;
-    assert_eq!(counters(&folded), (10, 0, 0, 10));
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -196,10 +179,10 @@ async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
         TestServer::start_with(|config| config.reaper_interval = Duration::from_secs(3600)).await;
     let product = server.product("kettle", 100, 10).await;
     let mut checkout = server.checkout().await;
-    let held = hold(&mut checkout, &product.id, 10).await;
-    let pending = order(&mut checkout, &held.hold_id).await;
+    let pending = pending_order(&mut checkout, &product.id, 10).await;
     settle_without_folding(&server, &pending).await;
-    assert_eq!(get_product(&mut checkout, &product.id).await.available, 0);
+    // Nobody folded the movement: the product still shows every unit reserved.
+    assert_counters(&server, &product, Counters::stock(10).reserved(10).sold(0)).await;
 
     let withdrawn = server
         .admin()
@@ -211,7 +194,7 @@ async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
         .await
         .expect("the freed units can be withdrawn")
         .into_inner();
-    assert_eq!(counters(&withdrawn), (0, 0, 0, 0));
+    assert_counters_shown(&withdrawn, Counters::stock(0).reserved(0).sold(0));
     server.assert_consistent().await;
 }
 
@@ -223,14 +206,10 @@ async fn concurrent_folds_apply_each_movement_once() {
     let product = server.product("speaker", 100, 12).await;
     let mut checkout = server.checkout().await;
     for _ in 0..3 {
-        let held = hold(&mut checkout, &product.id, 4).await;
-        let pending = order(&mut checkout, &held.hold_id).await;
+        let pending = pending_order(&mut checkout, &product.id, 4).await;
         settle_without_folding(&server, &pending).await;
     }
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (12, 12, 0, 0)
-    );
+    assert_counters(&server, &product, Counters::stock(12).reserved(12).sold(0)).await;
 
     // Both folds queue behind the row lock and then race for the same three movements.
     let mut row_lock = lock_product_row(&server, &product.id).await;
@@ -263,9 +242,6 @@ async fn concurrent_folds_apply_each_movement_once() {
         folded += fold.await.unwrap();
     }
     assert_eq!(folded, 3, "each movement folded by exactly one of the two");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (12, 0, 0, 12)
-    );
+    assert_counters(&server, &product, Counters::stock(12).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }

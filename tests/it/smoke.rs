@@ -1,11 +1,10 @@
 //! The whole path once: product, hold, order, payment, audit.
 
-use flashsale::grpc::pb::{
-    CreateHoldRequest, CreateOrderRequest, GetProductRequest, HandlePaymentWebhookRequest,
-    HoldStatus, OrderStatus, PaymentResult, WebhookOutcome, handle_payment_webhook_request::Target,
-};
+use flashsale::grpc::pb::{HoldStatus, OrderStatus, WebhookOutcome};
 
-use crate::support::TestServer;
+use crate::support::{
+    Counters, TestServer, assert_counters, deliver, hold, on_order, order, success, with_amount,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hold_order_pay_sells_the_units() {
@@ -13,57 +12,19 @@ async fn hold_order_pay_sells_the_units() {
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
 
-    let hold = checkout
-        .create_hold(CreateHoldRequest {
-            product_id: product.id.clone(),
-            qty: 2,
-            client_request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hold = hold(&mut checkout, &product.id, 2).await;
     assert_eq!(hold.status(), HoldStatus::Active);
 
-    let order = checkout
-        .create_order(CreateOrderRequest {
-            hold_id: hold.hold_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let order = order(&mut checkout, &hold.hold_id).await;
     assert_eq!(order.status(), OrderStatus::Pending);
     assert_eq!(order.total_cents, 25_800);
 
-    let paid = checkout
-        .handle_payment_webhook(HandlePaymentWebhookRequest {
-            idempotency_key: "evt_1".into(),
-            target: Some(Target::OrderId(order.order_id.clone())),
-            result: PaymentResult::Success.into(),
-            failure_reason: String::new(),
-            amount_cents: 25_800,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let payment = success("evt_1", on_order(&order.order_id));
+    let paid = deliver(&mut checkout, with_amount(payment, 25_800)).await;
     assert_eq!(paid.outcome(), WebhookOutcome::Applied);
     assert_eq!(paid.order_status(), OrderStatus::Paid);
 
-    let after = checkout
-        .get_product(GetProductRequest {
-            product_id: product.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (
-            after.stock_total,
-            after.reserved,
-            after.sold,
-            after.available
-        ),
-        (10, 0, 2, 8)
-    );
+    let after = assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     assert!(after.version > product.version);
     server.assert_consistent().await;
     server.stop().await.unwrap();

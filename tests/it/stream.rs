@@ -10,8 +10,10 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{self, AvailabilityUpdate, WatchAvailabilityRequest};
 use tonic::{Code, Streaming};
 
-use crate::calls::{counters, deliver, get_product, hold, on_order, order, success};
-use crate::support::{Checkout, TestServer, assert_invalid, assert_status};
+use crate::support::{
+    Checkout, Counters, ShowsCounters, TestServer, assert_counters, assert_counters_shown,
+    assert_invalid, assert_status, get_product, hold, order, pay,
+};
 
 /// Opens a WatchAvailability stream on these products (all of them when empty).
 async fn watch(checkout: &mut Checkout, product_ids: &[&str]) -> Streaming<AvailabilityUpdate> {
@@ -33,16 +35,6 @@ async fn next(stream: &mut Streaming<AvailabilityUpdate>) -> AvailabilityUpdate 
         .expect("the stream stays open")
 }
 
-/// An update's counters as `(stock_total, reserved, sold, available)`.
-fn update_counters(update: &AvailabilityUpdate) -> (i64, i64, i64, i64) {
-    (
-        update.stock_total,
-        update.reserved,
-        update.sold,
-        update.available,
-    )
-}
-
 /// Microseconds since the epoch: PostgreSQL's precision.
 fn unix_micros(time: SystemTime) -> u128 {
     time.duration_since(UNIX_EPOCH)
@@ -54,7 +46,7 @@ fn unix_micros(time: SystemTime) -> u128 {
 #[track_caller]
 fn assert_shows(update: &AvailabilityUpdate, product: &pb::Product) {
     assert_eq!(update.product_id, product.id);
-    assert_eq!(update_counters(update), counters(product), "{update:?}");
+    assert_eq!(update.shown(), product.shown(), "{update:?}");
     assert_eq!(update.version, product.version, "{update:?}");
     assert!(update.changed_at.is_some(), "{update:?}");
 }
@@ -75,7 +67,7 @@ async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry(
     hold(&mut checkout, &product.id, 3).await;
     let after_hold = unix_micros(SystemTime::now());
     let held = next(&mut stream).await;
-    assert_eq!(update_counters(&held), (10, 3, 0, 7));
+    assert_counters_shown(&held, Counters::stock(10).reserved(3).sold(0));
     assert!(held.version > initial.version, "{initial:?} then {held:?}");
     let changed_at = held.changed_at.expect("changed_at");
     let changed_at = unix_micros(SystemTime::try_from(changed_at).expect("a valid time"));
@@ -86,7 +78,7 @@ async fn watch_starts_with_the_current_state_then_follows_a_hold_and_its_expiry(
 
     // Nobody converts the hold: the reaper's expiry is announced too.
     let expired = next(&mut stream).await;
-    assert_eq!(update_counters(&expired), (10, 0, 0, 10));
+    assert_counters_shown(&expired, Counters::stock(10).reserved(0).sold(0));
     assert!(expired.version > held.version, "{held:?} then {expired:?}");
     assert_shows(&expired, &get_product(&mut checkout, &product.id).await);
 }
@@ -98,20 +90,22 @@ async fn a_payment_moving_units_to_sold_reaches_watchers() {
     let mut checkout = server.checkout().await;
     let mut watcher = server.checkout().await;
     let mut stream = watch(&mut watcher, &[&product.id]).await;
-    assert_eq!(update_counters(&next(&mut stream).await), (10, 0, 0, 10));
+    assert_counters_shown(
+        &next(&mut stream).await,
+        Counters::stock(10).reserved(0).sold(0),
+    );
 
     let held = hold(&mut checkout, &product.id, 2).await;
-    assert_eq!(update_counters(&next(&mut stream).await), (10, 2, 0, 8));
+    assert_counters_shown(
+        &next(&mut stream).await,
+        Counters::stock(10).reserved(2).sold(0),
+    );
     let pending = order(&mut checkout, &held.hold_id).await;
-    deliver(
-        &mut checkout,
-        success("evt-paid", on_order(&pending.order_id)),
-    )
-    .await;
+    pay(&mut checkout, &pending, "evt-paid").await;
 
     // The settlement's units are folded into the product after its commit, and announced.
     let paid = next(&mut stream).await;
-    assert_eq!(update_counters(&paid), (10, 0, 2, 8));
+    assert_counters_shown(&paid, Counters::stock(10).reserved(0).sold(2));
     assert_shows(&paid, &get_product(&mut checkout, &product.id).await);
 }
 
@@ -136,12 +130,15 @@ async fn watching_two_products_starts_with_the_current_state_of_each() {
             .expect("an initial state per product");
         assert_shows(update, &get_product(&mut checkout, &product.id).await);
     }
-    assert_eq!(initial[&second.id].reserved, 4);
+    assert_counters_shown(
+        &initial[&second.id],
+        Counters::stock(20).reserved(4).sold(0),
+    );
 
     hold(&mut checkout, &first.id, 1).await;
     let update = next(&mut stream).await;
     assert_shows(&update, &get_product(&mut checkout, &first.id).await);
-    assert_eq!(update.reserved, 1);
+    assert_counters_shown(&update, Counters::stock(10).reserved(1).sold(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,12 +161,12 @@ async fn watching_all_products_includes_products_created_after_the_stream_opened
     let later = server.product("headset", 9_900, 7).await;
     let created = next(&mut stream).await;
     assert_shows(&created, &later);
-    assert_eq!(update_counters(&created), (7, 0, 0, 7));
+    assert_counters_shown(&created, Counters::stock(7).reserved(0).sold(0));
 
     hold(&mut checkout, &later.id, 2).await;
     let held = next(&mut stream).await;
     assert_eq!(held.product_id, later.id);
-    assert_eq!(update_counters(&held), (7, 2, 0, 5));
+    assert_counters_shown(&held, Counters::stock(7).reserved(2).sold(0));
     assert!(held.version > created.version);
 }
 
@@ -224,8 +221,8 @@ async fn slow_watcher_ends_on_the_latest_state() {
     for _ in 0..50 {
         hold(&mut checkout, &product.id, 1).await;
     }
-    let latest = get_product(&mut checkout, &product.id).await;
-    assert_eq!(latest.reserved, 50);
+    let latest =
+        assert_counters(&server, &product, Counters::stock(100).reserved(50).sold(0)).await;
 
     while last.version < latest.version {
         let update = next(&mut stream).await;
@@ -240,7 +237,7 @@ async fn slow_watcher_ends_on_the_latest_state() {
     // Caught up, the stream still follows live changes.
     hold(&mut checkout, &product.id, 1).await;
     let live = next(&mut stream).await;
-    assert_eq!(update_counters(&live), (100, 51, 0, 49));
+    assert_counters_shown(&live, Counters::stock(100).reserved(51).sold(0));
     assert!(live.version > last.version);
 }
 
@@ -252,14 +249,14 @@ async fn watcher_on_another_server_sees_changes_made_through_the_first() {
     let mut watcher = second.checkout().await;
     let mut stream = watch(&mut watcher, &[&product.id]).await;
     let initial = next(&mut stream).await;
-    assert_eq!(update_counters(&initial), (10, 0, 0, 10));
+    assert_counters_shown(&initial, Counters::stock(10).reserved(0).sold(0));
 
     let mut on_first = first.checkout().await;
     hold(&mut on_first, &product.id, 6).await;
 
     let update = next(&mut stream).await;
     assert_shows(&update, &get_product(&mut on_first, &product.id).await);
-    assert_eq!(update.reserved, 6);
+    assert_counters_shown(&update, Counters::stock(10).reserved(6).sold(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,7 +310,7 @@ async fn slow_watcher_of_all_products_ends_on_the_latest_state_of_each() {
         shown.insert(update.product_id.clone(), update);
     }
     for product in latest.values() {
-        assert_eq!(product.reserved, 50);
+        assert_counters_shown(product, Counters::stock(500).reserved(50).sold(0));
         assert_shows(&shown[&product.id], product);
     }
 }
@@ -348,7 +345,7 @@ async fn one_statement_changing_more_products_than_one_notification_holds_reache
     }
     for product in &products {
         let (old, new) = (&before[&product.id], &after[&product.id]);
-        assert_eq!(update_counters(new), (15, 0, 0, 15), "{new:?}");
+        assert_counters_shown(new, Counters::stock(15).reserved(0).sold(0));
         assert!(new.version > old.version, "{old:?} then {new:?}");
     }
 }

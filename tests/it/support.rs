@@ -1,20 +1,24 @@
 //! The test harness: a fresh database per test (on `DATABASE_URL`'s server, or on a private
 //! PostgreSQL cluster started once per test process from the machine's binaries), the real
-//! server on `127.0.0.1:0`, and real tonic clients over the network.
-
-#![allow(dead_code)]
+//! server on `127.0.0.1:0`, and real tonic clients over the network; then the calls the tests
+//! share (hold, order, pay...) and the assertions on their answers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use diesel_async::RunQueryDsl;
 use flashsale::config::{DatabaseConfig, ServerConfig};
 use flashsale::db;
 use flashsale::domain::availability::AvailabilityHub;
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
+use flashsale::grpc::pb::handle_payment_webhook_request::Target;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
-use flashsale::grpc::pb::{self, AuditInventoryRequest, CreateProductRequest};
+use flashsale::grpc::pb::{
+    self, AuditInventoryRequest, CreateHoldRequest, CreateOrderRequest, CreateProductRequest,
+    GetHoldRequest, GetOrderRequest, GetProductRequest, HandlePaymentWebhookRequest, PaymentResult,
+    ReleaseHoldRequest,
+};
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::task::JoinHandle;
@@ -162,11 +166,6 @@ impl TestDb {
             server,
             name,
         }
-    }
-
-    /// Its connection settings.
-    pub fn config(&self) -> DatabaseConfig {
-        self.server.with_database(&self.name)
     }
 }
 
@@ -362,6 +361,322 @@ impl Drop for TestServer {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// The calls tests share: requests built from a few values, and answers unwrapped where a
+// refusal would be the test's failure (the `try_` forms return what the server answered).
+// ---------------------------------------------------------------------------------------
+
+/// CreateHold of `qty` units without a client request id; panics if the server refuses.
+pub async fn hold(checkout: &mut Checkout, product_id: &str, qty: i64) -> pb::Hold {
+    try_hold(checkout, product_id, qty, None)
+        .await
+        .expect("create hold")
+}
+
+/// CreateHold of `qty` units, with a client request id or none, as the server answered.
+pub async fn try_hold(
+    checkout: &mut Checkout,
+    product_id: &str,
+    qty: i64,
+    client_request_id: Option<&str>,
+) -> Result<pb::Hold, tonic::Status> {
+    checkout
+        .create_hold(CreateHoldRequest {
+            product_id: product_id.into(),
+            qty,
+            client_request_id: client_request_id.unwrap_or_default().into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A pending order of `qty` units: a new hold on the product, turned into an order.
+pub async fn pending_order(checkout: &mut Checkout, product_id: &str, qty: i64) -> pb::Order {
+    let hold = hold(checkout, product_id, qty).await;
+    order(checkout, &hold.hold_id).await
+}
+
+/// CreateOrder for a hold, as the server answered.
+pub async fn try_order(checkout: &mut Checkout, hold_id: &str) -> Result<pb::Order, tonic::Status> {
+    checkout
+        .create_order(CreateOrderRequest {
+            hold_id: hold_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// CreateOrder for a hold; panics if the server refuses.
+pub async fn order(checkout: &mut Checkout, hold_id: &str) -> pb::Order {
+    try_order(checkout, hold_id).await.expect("create order")
+}
+
+/// ReleaseHold, as the server answered.
+pub async fn try_release(
+    checkout: &mut Checkout,
+    hold_id: &str,
+) -> Result<pb::Hold, tonic::Status> {
+    checkout
+        .release_hold(ReleaseHoldRequest {
+            hold_id: hold_id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// ReleaseHold; panics if the server refuses.
+pub async fn release(checkout: &mut Checkout, hold_id: &str) -> pb::Hold {
+    try_release(checkout, hold_id).await.expect("release hold")
+}
+
+/// GetHold; panics if the server refuses.
+pub async fn get_hold(checkout: &mut Checkout, hold_id: &str) -> pb::Hold {
+    checkout
+        .get_hold(GetHoldRequest {
+            hold_id: hold_id.into(),
+        })
+        .await
+        .expect("get hold")
+        .into_inner()
+}
+
+/// GetOrder; panics if the server refuses.
+pub async fn get_order(checkout: &mut Checkout, order_id: &str) -> pb::Order {
+    checkout
+        .get_order(GetOrderRequest {
+            order_id: order_id.into(),
+        })
+        .await
+        .expect("get order")
+        .into_inner()
+}
+
+/// GetProduct: the product as stored right now; panics if the server refuses.
+pub async fn get_product(checkout: &mut Checkout, product_id: &str) -> pb::Product {
+    checkout
+        .get_product(GetProductRequest {
+            product_id: product_id.into(),
+        })
+        .await
+        .expect("get product")
+        .into_inner()
+}
+
+/// A webhook aimed at an order.
+pub fn on_order(order_id: &str) -> Target {
+    Target::OrderId(order_id.into())
+}
+
+/// A webhook aimed at a hold (payment started before the order existed).
+pub fn on_hold(hold_id: &str) -> Target {
+    Target::HoldId(hold_id.into())
+}
+
+/// A successful payment webhook that reports no amount.
+pub fn success(key: &str, target: Target) -> HandlePaymentWebhookRequest {
+    HandlePaymentWebhookRequest {
+        idempotency_key: key.into(),
+        target: Some(target),
+        result: PaymentResult::Success.into(),
+        failure_reason: String::new(),
+        amount_cents: 0,
+    }
+}
+
+/// A failed payment webhook that reports no amount.
+pub fn failure(key: &str, target: Target, reason: &str) -> HandlePaymentWebhookRequest {
+    HandlePaymentWebhookRequest {
+        idempotency_key: key.into(),
+        target: Some(target),
+        result: PaymentResult::Failure.into(),
+        failure_reason: reason.into(),
+        amount_cents: 0,
+    }
+}
+
+/// The same webhook reporting `amount_cents`.
+pub fn with_amount(
+    webhook: HandlePaymentWebhookRequest,
+    amount_cents: i64,
+) -> HandlePaymentWebhookRequest {
+    HandlePaymentWebhookRequest {
+        amount_cents,
+        ..webhook
+    }
+}
+
+/// Delivers a webhook, as the server answered.
+pub async fn try_deliver(
+    checkout: &mut Checkout,
+    webhook: HandlePaymentWebhookRequest,
+) -> Result<pb::HandlePaymentWebhookResponse, tonic::Status> {
+    checkout
+        .handle_payment_webhook(webhook)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Delivers a webhook; panics if the server refuses.
+pub async fn deliver(
+    checkout: &mut Checkout,
+    webhook: HandlePaymentWebhookRequest,
+) -> pb::HandlePaymentWebhookResponse {
+    try_deliver(checkout, webhook).await.expect("webhook")
+}
+
+/// Pays an order: a successful payment webhook under `key`; panics if the server refuses.
+pub async fn pay(
+    checkout: &mut Checkout,
+    order: &pb::Order,
+    key: &str,
+) -> pb::HandlePaymentWebhookResponse {
+    deliver(checkout, success(key, on_order(&order.order_id))).await
+}
+
+/// Declines an order's payment: a failed payment webhook under `key`; panics if the server
+/// refuses.
+pub async fn decline(
+    checkout: &mut Checkout,
+    order: &pb::Order,
+    key: &str,
+    reason: &str,
+) -> pb::HandlePaymentWebhookResponse {
+    deliver(checkout, failure(key, on_order(&order.order_id), reason)).await
+}
+
+/// Sleeps until a moment (a hold's `expires_at`) has passed by this machine's clock, which
+/// is the database's clock too (same host), plus a small margin.
+pub async fn sleep_past(moment: Option<prost_types::Timestamp>) {
+    let moment = moment.expect("timestamp set");
+    let moment = SystemTime::try_from(moment).expect("valid timestamp");
+    let left = moment.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters.
+// ---------------------------------------------------------------------------------------
+
+/// A product's stock counters, written as they read:
+/// `Counters::stock(10).reserved(3).sold(2)`. The units available are what the three leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    stock_total: i64,
+    reserved: i64,
+    sold: i64,
+}
+
+impl Counters {
+    /// `stock_total` units, none reserved or sold (until said otherwise).
+    pub fn stock(stock_total: i64) -> Counters {
+        Counters {
+            stock_total,
+            reserved: 0,
+            sold: 0,
+        }
+    }
+
+    /// These counters with `reserved` units reserved.
+    pub fn reserved(self, reserved: i64) -> Counters {
+        Counters { reserved, ..self }
+    }
+
+    /// These counters with `sold` units sold.
+    pub fn sold(self, sold: i64) -> Counters {
+        Counters { sold, ..self }
+    }
+
+    /// The units these counters leave available.
+    fn available(&self) -> i64 {
+        self.stock_total - self.reserved - self.sold
+    }
+}
+
+/// Anything that shows a product's counters: the product, an availability update, an audit.
+pub trait ShowsCounters: std::fmt::Debug {
+    /// The counters shown, and the units shown available beside them.
+    fn shown(&self) -> (Counters, i64);
+}
+
+/// Implements [`ShowsCounters`] for messages with the four counter fields.
+macro_rules! shows_counters {
+    ($($message:ty),*) => {$(
+        impl ShowsCounters for $message {
+            fn shown(&self) -> (Counters, i64) {
+                let counters = Counters::stock(self.stock_total)
+                    .reserved(self.reserved)
+                    .sold(self.sold);
+                (counters, self.available)
+            }
+        }
+    )*};
+}
+
+shows_counters!(pb::Product, pb::AvailabilityUpdate, pb::StockCounters);
+
+/// A product, named by itself or by its id.
+pub trait ProductRef {
+    fn product_id(&self) -> &str;
+}
+
+impl ProductRef for pb::Product {
+    fn product_id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl ProductRef for String {
+    fn product_id(&self) -> &str {
+        self
+    }
+}
+
+/// How the counters `shown` differ from `expected` (and the units they leave available), if
+/// they do.
+fn counters_mismatch(shown: &impl ShowsCounters, expected: Counters) -> Option<String> {
+    let (counters, available) = shown.shown();
+    let wanted = expected.available();
+    ((counters, available) != (expected, wanted)).then(|| {
+        format!(
+            "expected {expected:?}, available {wanted}\n   found {counters:?}, available \
+             {available}\n      in {shown:?}"
+        )
+    })
+}
+
+/// Reads the product fresh (GetProduct on a new connection to `server`) and asserts it shows
+/// exactly these counters and the units they leave available; prints both on a mismatch, with
+/// the line that asserted. Returns the product as read.
+#[track_caller]
+pub fn assert_counters(
+    server: &TestServer,
+    product: &(impl ProductRef + ?Sized),
+    expected: Counters,
+) -> impl Future<Output = pb::Product> {
+    let caller = std::panic::Location::caller();
+    let product_id = product.product_id().to_owned();
+    async move {
+        let product = get_product(&mut server.checkout().await, &product_id).await;
+        if let Some(mismatch) = counters_mismatch(&product, expected) {
+            panic!("counters of product {product_id} differ (asserted at {caller}):\n{mismatch}");
+        }
+        product
+    }
+}
+
+/// Asserts `shown` (a product, an update or an audit's counters, as received) shows exactly
+/// these counters and the units they leave available; prints both on a mismatch.
+#[track_caller]
+pub fn assert_counters_shown(shown: &impl ShowsCounters, expected: Counters) {
+    if let Some(mismatch) = counters_mismatch(shown, expected) {
+        panic!("counters differ:\n{mismatch}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Assertions.
+// ---------------------------------------------------------------------------------------
+
 /// The `google.rpc.ErrorInfo` reason of a failed call.
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
@@ -397,19 +712,35 @@ pub fn assert_status<T: std::fmt::Debug>(
     status
 }
 
-/// Asserts a call failed with INVALID_ARGUMENT naming `field`.
+/// Whether a call failed with INVALID_ARGUMENT naming `field`, alone, in its
+/// `google.rpc.BadRequest` detail and in its message; what is wrong if not.
+pub fn check_invalid<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    field: &str,
+) -> Result<(), String> {
+    let status = match result {
+        Ok(answer) => return Err(format!("accepted: {answer:?}")),
+        Err(status) => status,
+    };
+    if status.code() != tonic::Code::InvalidArgument || reason(&status) != "INVALID_ARGUMENT" {
+        return Err(format!("unexpected status: {status:?}"));
+    }
+    let named = bad_fields(&status);
+    if named != [field] {
+        return Err(format!("field violations name {named:?}: {status:?}"));
+    }
+    if !status.message().contains(field) {
+        return Err(format!("message should name {field}: {status:?}"));
+    }
+    Ok(())
+}
+
+/// Asserts a call failed with INVALID_ARGUMENT naming `field` (see [`check_invalid`]).
 #[track_caller]
 pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
-    let status = assert_status(result, tonic::Code::InvalidArgument, "INVALID_ARGUMENT");
-    assert_eq!(
-        bad_fields(&status),
-        vec![field.to_string()],
-        "field violations: {status:?}"
-    );
-    assert!(
-        status.message().contains(field),
-        "message should name {field}: {status:?}"
-    );
+    if let Err(problem) = check_invalid(result, field) {
+        panic!("{problem}");
+    }
 }
 
 /// Polls `done` every 20 ms until it holds; panics after 10 s.

@@ -1,15 +1,19 @@
-//! Bad input: every field of every RPC is checked, named in INVALID_ARGUMENT, and changes nothing.
+//! Bad input: every field of every RPC is checked, named in INVALID_ARGUMENT, and changes
+//! nothing (one table of bad requests, one loop); a refused call does not use up the key it
+//! carried, and the limits themselves are allowed.
 
 use flashsale::grpc::pb::{
-    AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CreateOrderRequest,
-    CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
+    AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CreateHoldRequest,
+    CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
     HandlePaymentWebhookRequest, Hold, ListProductsRequest, Order, OrderStatus, PaymentResult,
     Product, ReleaseHoldRequest, WatchAvailabilityRequest, WebhookOutcome,
     handle_payment_webhook_request::Target,
 };
 
-use crate::holds::hold;
-use crate::support::{Admin, Checkout, TestServer, assert_invalid};
+use crate::support::{
+    Admin, Checkout, TestServer, check_invalid, deliver, get_hold, get_order, on_order,
+    pending_order, success, try_hold,
+};
 
 /// The per-hold maximum the fixture's server runs with.
 const MAX_QTY: i64 = 5;
@@ -22,7 +26,54 @@ const MALFORMED_IDS: [&str; 4] = [
     "0198c3a4-7b1e-7c2d-9f00-123456789012x",
 ];
 
-/// Everything a rejected call could have touched.
+/// One call of the API: the RPC and its request.
+#[derive(Debug, Clone)]
+enum Call {
+    GetProduct(GetProductRequest),
+    ListProducts(ListProductsRequest),
+    CreateHold(CreateHoldRequest),
+    GetHold(GetHoldRequest),
+    ReleaseHold(ReleaseHoldRequest),
+    CreateOrder(CreateOrderRequest),
+    GetOrder(GetOrderRequest),
+    HandlePaymentWebhook(HandlePaymentWebhookRequest),
+    WatchAvailability(WatchAvailabilityRequest),
+    CreateProduct(CreateProductRequest),
+    AdjustStock(AdjustStockRequest),
+    AuditInventory(AuditInventoryRequest),
+}
+
+/// A CreateHold call.
+fn create_hold(product_id: &str, qty: i64, client_request_id: &str) -> Call {
+    Call::CreateHold(CreateHoldRequest {
+        product_id: product_id.into(),
+        qty,
+        client_request_id: client_request_id.into(),
+    })
+}
+
+/// A CreateProduct call.
+fn create_product(name: &str, price_cents: i64, stock_total: i64) -> Call {
+    Call::CreateProduct(CreateProductRequest {
+        name: name.into(),
+        price_cents,
+        stock_total,
+    })
+}
+
+/// The calls `bad` makes of each value, each to be refused naming `field`.
+fn rows<T>(
+    field: &'static str,
+    values: impl IntoIterator<Item = T>,
+    bad: impl Fn(T) -> Call,
+) -> Vec<(Call, &'static str)> {
+    values
+        .into_iter()
+        .map(|value| (bad(value), field))
+        .collect()
+}
+
+/// Everything a refused call could have touched.
 #[derive(Debug, PartialEq)]
 struct State {
     products: Vec<Product>,
@@ -48,23 +99,16 @@ impl Fixture {
         let product = server.product("sneaker", 1_000, 20).await;
         let mut checkout = server.checkout().await;
         let admin = server.admin().await;
-        let held = hold(&mut checkout, &product.id, 2, "req-fixture")
+        let hold = try_hold(&mut checkout, &product.id, 2, Some("req-fixture"))
             .await
-            .unwrap();
-        let converted = hold(&mut checkout, &product.id, 3, "").await.unwrap();
-        let order = checkout
-            .create_order(CreateOrderRequest {
-                hold_id: converted.hold_id,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+            .expect("the fixture's hold");
+        let order = pending_order(&mut checkout, &product.id, 3).await;
         let mut fixture = Fixture {
             server,
             checkout,
             admin,
             product,
-            hold: held,
+            hold,
             order,
             before: State {
                 products: vec![],
@@ -96,104 +140,281 @@ impl Fixture {
             .await
             .unwrap()
             .into_inner();
-        let hold = self
-            .checkout
-            .get_hold(GetHoldRequest {
-                hold_id: self.hold.hold_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let order = self
-            .checkout
-            .get_order(GetOrderRequest {
-                order_id: self.order.order_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
         State {
             products,
             audit,
-            hold,
-            order,
+            hold: get_hold(&mut self.checkout, &self.hold.hold_id).await,
+            order: get_order(&mut self.checkout, &self.order.order_id).await,
         }
-    }
-
-    /// Asserts the rejected calls changed nothing, and the books still balance.
-    async fn assert_unchanged(&mut self) {
-        let now = self.state().await;
-        assert_eq!(now, self.before, "a rejected call changed something");
-        self.server.assert_consistent().await;
     }
 
     /// A webhook that would be accepted: success for the fixture's pending order.
     fn webhook(&self) -> HandlePaymentWebhookRequest {
-        HandlePaymentWebhookRequest {
-            idempotency_key: "evt-valid".into(),
-            target: Some(Target::OrderId(self.order.order_id.clone())),
-            result: PaymentResult::Success.into(),
-            failure_reason: String::new(),
-            amount_cents: 0,
+        success("evt-valid", on_order(&self.order.order_id))
+    }
+
+    /// Every bad request the fixture can make, with the field its refusal must name.
+    fn bad_requests(&self) -> Vec<(Call, &'static str)> {
+        let product_id = self.product.id.as_str();
+        let valid = self.webhook();
+        let webhook = Call::HandlePaymentWebhook;
+        [
+            // CheckoutService.
+            rows("product_id", MALFORMED_IDS, |id| {
+                Call::GetProduct(GetProductRequest {
+                    product_id: id.into(),
+                })
+            }),
+            // (An empty page token asks for the first page.)
+            rows("page_token", &MALFORMED_IDS[1..], |token| {
+                Call::ListProducts(ListProductsRequest {
+                    page_size: 10,
+                    page_token: token.to_string(),
+                })
+            }),
+            rows("page_size", [-1, i32::MIN, 1001, i32::MAX], |page_size| {
+                Call::ListProducts(ListProductsRequest {
+                    page_size,
+                    page_token: String::new(),
+                })
+            }),
+            rows("product_id", MALFORMED_IDS, |id| create_hold(id, 1, "")),
+            rows("qty", [0, -1, i64::MIN, MAX_QTY + 1, i64::MAX], |qty| {
+                create_hold(product_id, qty, "")
+            }),
+            rows("qty", ["req-too-many"], |key| {
+                create_hold(product_id, MAX_QTY + 1, key)
+            }),
+            // 256 ASCII bytes, and 256 bytes in only 128 characters.
+            rows(
+                "client_request_id",
+                ["k".repeat(256), "é".repeat(128)],
+                |key| create_hold(product_id, 1, &key),
+            ),
+            rows("hold_id", MALFORMED_IDS, |id| {
+                Call::GetHold(GetHoldRequest { hold_id: id.into() })
+            }),
+            rows("hold_id", MALFORMED_IDS, |id| {
+                Call::ReleaseHold(ReleaseHoldRequest { hold_id: id.into() })
+            }),
+            rows("hold_id", MALFORMED_IDS, |id| {
+                Call::CreateOrder(CreateOrderRequest { hold_id: id.into() })
+            }),
+            rows("order_id", MALFORMED_IDS, |id| {
+                Call::GetOrder(GetOrderRequest {
+                    order_id: id.into(),
+                })
+            }),
+            rows(
+                "idempotency_key",
+                [String::new(), "e".repeat(256), "é".repeat(128)],
+                |idempotency_key| {
+                    webhook(HandlePaymentWebhookRequest {
+                        idempotency_key,
+                        ..valid.clone()
+                    })
+                },
+            ),
+            rows("target", [None], |target| {
+                webhook(HandlePaymentWebhookRequest {
+                    target,
+                    ..valid.clone()
+                })
+            }),
+            rows("order_id", MALFORMED_IDS, |id| {
+                webhook(HandlePaymentWebhookRequest {
+                    target: Some(Target::OrderId(id.into())),
+                    ..valid.clone()
+                })
+            }),
+            rows("hold_id", MALFORMED_IDS, |id| {
+                webhook(HandlePaymentWebhookRequest {
+                    target: Some(Target::HoldId(id.into())),
+                    ..valid.clone()
+                })
+            }),
+            rows(
+                "result",
+                [PaymentResult::Unspecified as i32, 3, -1],
+                |result| {
+                    webhook(HandlePaymentWebhookRequest {
+                        result,
+                        ..valid.clone()
+                    })
+                },
+            ),
+            rows("amount_cents", [-1, -5, i64::MIN], |amount_cents| {
+                webhook(HandlePaymentWebhookRequest {
+                    amount_cents,
+                    ..valid.clone()
+                })
+            }),
+            rows(
+                "failure_reason",
+                ["r".repeat(1001), "é".repeat(501)],
+                |failure_reason| {
+                    webhook(HandlePaymentWebhookRequest {
+                        result: PaymentResult::Failure.into(),
+                        failure_reason,
+                        ..valid.clone()
+                    })
+                },
+            ),
+            rows("product_ids", MALFORMED_IDS, |id| {
+                Call::WatchAvailability(WatchAvailabilityRequest {
+                    product_ids: vec![product_id.into(), id.into()],
+                })
+            }),
+            // InventoryAdminService.
+            rows("product_ids", MALFORMED_IDS, |id| {
+                Call::AuditInventory(AuditInventoryRequest {
+                    product_ids: vec![id.into(), product_id.into()],
+                })
+            }),
+            rows(
+                "name",
+                [
+                    String::new(),
+                    "   ".into(),
+                    "n".repeat(201),
+                    "é".repeat(101),
+                ],
+                |name| create_product(&name, 100, 1),
+            ),
+            rows("price_cents", [-1, i64::MIN], |price_cents| {
+                create_product("bad price", price_cents, 1)
+            }),
+            rows("stock_total", [-1, i64::MIN], |stock_total| {
+                create_product("bad stock", 100, stock_total)
+            }),
+            rows("delta", [0], |delta| {
+                Call::AdjustStock(AdjustStockRequest {
+                    product_id: product_id.into(),
+                    delta,
+                })
+            }),
+            rows("product_id", MALFORMED_IDS, |id| {
+                Call::AdjustStock(AdjustStockRequest {
+                    product_id: id.into(),
+                    delta: 5,
+                })
+            }),
+        ]
+        .concat()
+    }
+
+    /// Makes the call, as the server answered.
+    async fn call(&mut self, call: Call) -> Result<(), tonic::Status> {
+        let (checkout, admin) = (&mut self.checkout, &mut self.admin);
+        match call {
+            Call::GetProduct(request) => checkout.get_product(request).await.map(drop),
+            Call::ListProducts(request) => checkout.list_products(request).await.map(drop),
+            Call::CreateHold(request) => checkout.create_hold(request).await.map(drop),
+            Call::GetHold(request) => checkout.get_hold(request).await.map(drop),
+            Call::ReleaseHold(request) => checkout.release_hold(request).await.map(drop),
+            Call::CreateOrder(request) => checkout.create_order(request).await.map(drop),
+            Call::GetOrder(request) => checkout.get_order(request).await.map(drop),
+            Call::HandlePaymentWebhook(request) => {
+                checkout.handle_payment_webhook(request).await.map(drop)
+            }
+            Call::WatchAvailability(request) => {
+                checkout.watch_availability(request).await.map(drop)
+            }
+            Call::CreateProduct(request) => admin.create_product(request).await.map(drop),
+            Call::AdjustStock(request) => admin.adjust_stock(request).await.map(drop),
+            Call::AuditInventory(request) => admin.audit_inventory(request).await.map(drop),
         }
     }
 
-    async fn send_webhook(
-        &mut self,
-        request: HandlePaymentWebhookRequest,
-    ) -> Result<flashsale::grpc::pb::HandlePaymentWebhookResponse, tonic::Status> {
-        self.checkout
-            .handle_payment_webhook(request)
-            .await
-            .map(tonic::Response::into_inner)
+    /// Makes a bad call; what went wrong unless the server refused it as INVALID_ARGUMENT
+    /// naming `field` (in the BadRequest detail and the message) and nothing changed, the
+    /// books still balancing.
+    async fn refuse(&mut self, call: &Call, field: &str) -> Result<(), String> {
+        let answer = self.call(call.clone()).await;
+        let refused = check_invalid(answer, field);
+        let now = self.state().await;
+        let unchanged = if now == self.before {
+            Ok(())
+        } else {
+            let change = format!("changed {:#?}\n  to {now:#?}", self.before);
+            // Later calls are judged against what this one left.
+            self.before = now;
+            Err(change)
+        };
+        self.server.assert_consistent().await;
+        match (refused, unchanged) {
+            (Ok(()), Ok(())) => Ok(()),
+            (refused, unchanged) => Err(format!(
+                "{call:?} (should name {field}): {}",
+                [refused.err(), unchanged.err()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }
+    }
+
+    /// Makes a bad call and asserts it was refused naming `field` and changed nothing.
+    async fn assert_refused(&mut self, call: Call, field: &str) {
+        if let Err(failure) = self.refuse(&call, field).await {
+            panic!("{failure}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn get_product_rejects_malformed_product_id() {
+async fn every_bad_field_of_every_rpc_is_refused_naming_it_and_changes_nothing() {
     let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .get_product(GetProductRequest {
-                product_id: id.into(),
-            })
-            .await;
-        assert_invalid(result, "product_id");
+    let bad_requests = fx.bad_requests();
+    let mut failures = Vec::new();
+    for (call, field) in &bad_requests {
+        if let Err(failure) = fx.refuse(call, field).await {
+            failures.push(failure);
+        }
     }
-    fx.assert_unchanged().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad requests were not refused as they should be:\n{}",
+        failures.len(),
+        bad_requests.len(),
+        failures.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn list_products_rejects_malformed_page_token() {
+async fn a_refused_call_does_not_use_up_its_key() {
     let mut fx = Fixture::new().await;
-    for token in &MALFORMED_IDS[1..] {
-        let result = fx
-            .checkout
-            .list_products(ListProductsRequest {
-                page_size: 10,
-                page_token: token.to_string(),
-            })
-            .await;
-        assert_invalid(result, "page_token");
-    }
-    fx.assert_unchanged().await;
+    let product_id = fx.product.id.clone();
+
+    // A hold refused for its qty, and a webhook refused for its amount (each changing
+    // nothing)...
+    fx.assert_refused(create_hold(&product_id, MAX_QTY + 1, "req-too-many"), "qty")
+        .await;
+    let bad = HandlePaymentWebhookRequest {
+        amount_cents: -5,
+        ..fx.webhook()
+    };
+    fx.assert_refused(Call::HandlePaymentWebhook(bad), "amount_cents")
+        .await;
+
+    // ...leave the client request id and the idempotency key they carried unused.
+    let largest = try_hold(&mut fx.checkout, &product_id, MAX_QTY, Some("req-too-many"))
+        .await
+        .expect("the maximum itself is allowed");
+    assert_eq!(largest.qty, MAX_QTY);
+    let good = fx.webhook();
+    let good = deliver(&mut fx.checkout, good).await;
+    assert_eq!(good.outcome(), WebhookOutcome::Applied);
+    assert_eq!(good.order_status(), OrderStatus::Paid);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn list_products_rejects_page_size_outside_zero_to_one_thousand() {
+async fn the_limits_themselves_are_allowed() {
     let mut fx = Fixture::new().await;
-    for page_size in [-1, i32::MIN, 1001, i32::MAX] {
-        let result = fx
-            .checkout
-            .list_products(ListProductsRequest {
-                page_size,
-                page_token: String::new(),
-            })
-            .await;
-        assert_invalid(result, "page_size");
-    }
-    let largest = fx
+    let product_id = fx.product.id.clone();
+
+    let largest_page = fx
         .checkout
         .list_products(ListProductsRequest {
             page_size: 1000,
@@ -202,260 +423,17 @@ async fn list_products_rejects_page_size_outside_zero_to_one_thousand() {
         .await
         .expect("1000 is allowed")
         .into_inner();
-    assert_eq!(largest.products.len(), 1);
-    fx.assert_unchanged().await;
-}
+    assert_eq!(largest_page.products.len(), 1);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_hold_rejects_malformed_product_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        assert_invalid(hold(&mut fx.checkout, id, 1, "").await, "product_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn create_hold_rejects_qty_outside_one_to_the_configured_max() {
-    let mut fx = Fixture::new().await;
-    let product_id = fx.product.id.clone();
-    for qty in [0, -1, i64::MIN, MAX_QTY + 1, i64::MAX] {
-        assert_invalid(hold(&mut fx.checkout, &product_id, qty, "").await, "qty");
-    }
-    // A rejected call with a client request id does not claim the id.
-    assert_invalid(
-        hold(&mut fx.checkout, &product_id, MAX_QTY + 1, "req-too-many").await,
-        "qty",
-    );
-    fx.assert_unchanged().await;
-
-    let largest = hold(&mut fx.checkout, &product_id, MAX_QTY, "req-too-many")
+    let largest = try_hold(&mut fx.checkout, &product_id, MAX_QTY, None)
         .await
         .expect("the maximum itself is allowed");
     assert_eq!(largest.qty, MAX_QTY);
-}
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_hold_rejects_client_request_id_over_255_bytes() {
-    let mut fx = Fixture::new().await;
-    let product_id = fx.product.id.clone();
-    // 256 ASCII bytes, and 256 bytes in only 128 characters.
-    for key in ["k".repeat(256), "é".repeat(128)] {
-        assert_invalid(
-            hold(&mut fx.checkout, &product_id, 1, &key).await,
-            "client_request_id",
-        );
-    }
-    fx.assert_unchanged().await;
-
-    let longest = hold(&mut fx.checkout, &product_id, 1, &"k".repeat(255))
+    let longest = try_hold(&mut fx.checkout, &product_id, 1, Some(&"k".repeat(255)))
         .await
         .expect("255 bytes are allowed");
     assert_eq!(longest.client_request_id.len(), 255);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn get_hold_rejects_malformed_hold_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .get_hold(GetHoldRequest { hold_id: id.into() })
-            .await;
-        assert_invalid(result, "hold_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn release_hold_rejects_malformed_hold_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .release_hold(ReleaseHoldRequest { hold_id: id.into() })
-            .await;
-        assert_invalid(result, "hold_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn create_order_rejects_malformed_hold_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .create_order(CreateOrderRequest { hold_id: id.into() })
-            .await;
-        assert_invalid(result, "hold_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn get_order_rejects_malformed_order_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .get_order(GetOrderRequest {
-                order_id: id.into(),
-            })
-            .await;
-        assert_invalid(result, "order_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_empty_or_overlong_idempotency_key() {
-    let mut fx = Fixture::new().await;
-    for key in [String::new(), "e".repeat(256), "é".repeat(128)] {
-        let request = HandlePaymentWebhookRequest {
-            idempotency_key: key,
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "idempotency_key");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_missing_target() {
-    let mut fx = Fixture::new().await;
-    let request = HandlePaymentWebhookRequest {
-        target: None,
-        ..fx.webhook()
-    };
-    assert_invalid(fx.send_webhook(request).await, "target");
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_malformed_target_ids() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let request = HandlePaymentWebhookRequest {
-            target: Some(Target::OrderId(id.into())),
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "order_id");
-        let request = HandlePaymentWebhookRequest {
-            target: Some(Target::HoldId(id.into())),
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "hold_id");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_unspecified_or_unknown_result() {
-    let mut fx = Fixture::new().await;
-    for result in [PaymentResult::Unspecified as i32, 3, -1] {
-        let request = HandlePaymentWebhookRequest {
-            result,
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "result");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_negative_amount() {
-    let mut fx = Fixture::new().await;
-    for amount_cents in [-1, i64::MIN] {
-        let request = HandlePaymentWebhookRequest {
-            amount_cents,
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "amount_cents");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn webhook_rejects_failure_reason_over_1000_bytes() {
-    let mut fx = Fixture::new().await;
-    for failure_reason in ["r".repeat(1001), "é".repeat(501)] {
-        let request = HandlePaymentWebhookRequest {
-            result: PaymentResult::Failure.into(),
-            failure_reason,
-            ..fx.webhook()
-        };
-        assert_invalid(fx.send_webhook(request).await, "failure_reason");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn rejected_webhook_does_not_use_up_its_idempotency_key() {
-    let mut fx = Fixture::new().await;
-    let bad = HandlePaymentWebhookRequest {
-        amount_cents: -5,
-        ..fx.webhook()
-    };
-    assert_invalid(fx.send_webhook(bad).await, "amount_cents");
-    fx.assert_unchanged().await;
-
-    let good = fx.send_webhook(fx.webhook()).await.unwrap();
-    assert_eq!(good.outcome(), WebhookOutcome::Applied);
-    assert_eq!(good.order_status(), OrderStatus::Paid);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn watch_availability_rejects_malformed_product_ids() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .checkout
-            .watch_availability(WatchAvailabilityRequest {
-                product_ids: vec![fx.product.id.clone(), id.into()],
-            })
-            .await
-            .map(|_| ());
-        assert_invalid(result, "product_ids");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn audit_inventory_rejects_malformed_product_ids() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .admin
-            .audit_inventory(AuditInventoryRequest {
-                product_ids: vec![id.into(), fx.product.id.clone()],
-            })
-            .await;
-        assert_invalid(result, "product_ids");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn create_product_rejects_empty_or_overlong_name() {
-    let mut fx = Fixture::new().await;
-    for name in [
-        String::new(),
-        "   ".into(),
-        "n".repeat(201),
-        "é".repeat(101),
-    ] {
-        let result = fx
-            .admin
-            .create_product(CreateProductRequest {
-                name,
-                price_cents: 100,
-                stock_total: 1,
-            })
-            .await;
-        assert_invalid(result, "name");
-    }
-    fx.assert_unchanged().await;
 
     let longest = fx
         .admin
@@ -468,62 +446,4 @@ async fn create_product_rejects_empty_or_overlong_name() {
         .expect("200 bytes are allowed")
         .into_inner();
     assert_eq!(longest.name.len(), 200);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn create_product_rejects_negative_price_or_stock() {
-    let mut fx = Fixture::new().await;
-    for price_cents in [-1, i64::MIN] {
-        let result = fx
-            .admin
-            .create_product(CreateProductRequest {
-                name: "bad price".into(),
-                price_cents,
-                stock_total: 1,
-            })
-            .await;
-        assert_invalid(result, "price_cents");
-    }
-    for stock_total in [-1, i64::MIN] {
-        let result = fx
-            .admin
-            .create_product(CreateProductRequest {
-                name: "bad stock".into(),
-                price_cents: 100,
-                stock_total,
-            })
-            .await;
-        assert_invalid(result, "stock_total");
-    }
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn adjust_stock_rejects_zero_delta() {
-    let mut fx = Fixture::new().await;
-    let result = fx
-        .admin
-        .adjust_stock(AdjustStockRequest {
-            product_id: fx.product.id.clone(),
-            delta: 0,
-        })
-        .await;
-    assert_invalid(result, "delta");
-    fx.assert_unchanged().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn adjust_stock_rejects_malformed_product_id() {
-    let mut fx = Fixture::new().await;
-    for id in MALFORMED_IDS {
-        let result = fx
-            .admin
-            .adjust_stock(AdjustStockRequest {
-                product_id: id.into(),
-                delta: 5,
-            })
-            .await;
-        assert_invalid(result, "product_id");
-    }
-    fx.assert_unchanged().await;
 }

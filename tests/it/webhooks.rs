@@ -4,40 +4,14 @@
 
 use std::time::Duration;
 
-use flashsale::grpc::pb::{
-    self, HandlePaymentWebhookRequest, OrderStatus, ReleaseHoldRequest, WebhookOutcome,
-};
+use flashsale::grpc::pb::{HandlePaymentWebhookRequest, OrderStatus, WebhookOutcome};
 use tonic::Code;
 
-use crate::calls::{
-    counters, deliver, failure, get_order, get_product, hold, on_hold, on_order, order, sleep_past,
-    success, try_deliver, try_order,
+use crate::support::{
+    Counters, TestServer, assert_counters, assert_status, decline, deliver, failure, get_order,
+    get_product, hold, on_hold, on_order, order, pay, pending_order, release, sleep_past, success,
+    try_deliver, try_order, with_amount,
 };
-use crate::support::{Checkout, TestServer, assert_status};
-
-/// A product at 250 cents with `stock` units, and a pending order of `qty` of it.
-async fn pending_order(
-    server: &TestServer,
-    stock: i64,
-    qty: i64,
-) -> (Checkout, pb::Product, pb::Order) {
-    let product = server.product("ticket", 250, stock).await;
-    let mut checkout = server.checkout().await;
-    let hold = hold(&mut checkout, &product.id, qty).await;
-    let order = order(&mut checkout, &hold.hold_id).await;
-    (checkout, product, order)
-}
-
-/// The same webhook with `amount_cents` reported.
-fn with_amount(
-    webhook: HandlePaymentWebhookRequest,
-    amount_cents: i64,
-) -> HandlePaymentWebhookRequest {
-    HandlePaymentWebhookRequest {
-        amount_cents,
-        ..webhook
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // One key, one effect.
@@ -46,11 +20,13 @@ fn with_amount(
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_delivery_answers_like_the_first_and_changes_nothing() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 2).await;
     let webhook = with_amount(success("evt-1", on_order(&order.order_id)), 500);
     let first = deliver(&mut checkout, webhook.clone()).await;
     assert_eq!(first.outcome(), WebhookOutcome::Applied);
-    let settled = get_product(&mut checkout, &product.id).await;
+    let settled = assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
 
     let again = deliver(&mut checkout, webhook).await;
 
@@ -59,14 +35,15 @@ async fn duplicate_delivery_answers_like_the_first_and_changes_nothing() {
     assert_eq!(again.order_id, first.order_id);
     assert_eq!(again.order_status(), OrderStatus::Paid);
     assert_eq!(get_product(&mut checkout, &product.id).await, settled);
-    assert_eq!(counters(&settled), (10, 0, 2, 8));
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_deliveries_of_one_key_apply_exactly_once() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 3).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 3).await;
 
     let mut calls = Vec::new();
     for _ in 0..10 {
@@ -87,36 +64,24 @@ async fn concurrent_deliveries_of_one_key_apply_exactly_once() {
     let applied = tally(&outcomes, WebhookOutcome::Applied);
     let duplicates = tally(&outcomes, WebhookOutcome::Duplicate);
     assert_eq!((applied, duplicates), (1, 9), "outcomes: {outcomes:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 3, 7)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(3)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failure_returns_the_stock_exactly_once_across_different_keys() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 4).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 4).await;
 
-    let first = deliver(
-        &mut checkout,
-        failure("evt-a", on_order(&order.order_id), "declined"),
-    )
-    .await;
-    let second = deliver(
-        &mut checkout,
-        failure("evt-b", on_order(&order.order_id), "declined again"),
-    )
-    .await;
+    let first = decline(&mut checkout, &order, "evt-a", "declined").await;
+    let second = decline(&mut checkout, &order, "evt-b", "declined again").await;
 
     assert_eq!(first.outcome(), WebhookOutcome::Applied);
     assert_eq!(second.outcome(), WebhookOutcome::Ignored);
     assert_eq!(second.order_status(), OrderStatus::Cancelled);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     assert_eq!(
         get_order(&mut checkout, &order.order_id)
             .await
@@ -129,7 +94,9 @@ async fn failure_returns_the_stock_exactly_once_across_different_keys() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_failures_with_different_keys_return_the_stock_once() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 4).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 4).await;
 
     let mut calls = Vec::new();
     for i in 0..8 {
@@ -149,19 +116,17 @@ async fn concurrent_failures_with_different_keys_return_the_stock_once() {
     let applied = tally(&outcomes, WebhookOutcome::Applied);
     let ignored = tally(&outcomes, WebhookOutcome::Ignored);
     assert_eq!((applied, ignored), (1, 7), "outcomes: {outcomes:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reused_key_with_another_payload_is_refused_and_changes_nothing() {
     let server = TestServer::start().await;
-    let (mut checkout, product, first_order) = pending_order(&server, 10, 2).await;
-    let other_hold = hold(&mut checkout, &product.id, 1).await;
-    let other_order = order(&mut checkout, &other_hold.hold_id).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let first_order = pending_order(&mut checkout, &product.id, 2).await;
+    let other_order = pending_order(&mut checkout, &product.id, 1).await;
     let original = success("evt-1", on_order(&first_order.order_id));
     deliver(&mut checkout, original.clone()).await;
     let before = get_product(&mut checkout, &product.id).await;
@@ -218,7 +183,9 @@ async fn reused_key_with_another_payload_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn amount_other_than_the_order_total_is_refused_and_not_stored() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 2).await;
     assert_eq!(order.total_cents, 500);
     let before = get_product(&mut checkout, &product.id).await;
 
@@ -246,10 +213,7 @@ async fn amount_other_than_the_order_total_is_refused_and_not_stored() {
     .await;
     assert_eq!(retry.outcome(), WebhookOutcome::Applied);
     assert_eq!(retry.order_status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
@@ -285,7 +249,9 @@ async fn amount_mismatch_on_a_hold_payment_is_refused_before_it_is_deferred() {
 #[tokio::test(flavor = "multi_thread")]
 async fn zero_amount_means_not_reported_and_is_accepted() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 2).await;
 
     let receipt = deliver(
         &mut checkout,
@@ -295,17 +261,16 @@ async fn zero_amount_means_not_reported_and_is_accepted() {
 
     assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
     assert_eq!(receipt.order_status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_order_or_hold_is_not_found_and_the_key_stays_unused() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 2).await;
     let unknown = uuid::Uuid::now_v7().to_string();
 
     assert_status(
@@ -326,13 +291,10 @@ async fn unknown_order_or_hold_is_not_found_and_the_key_stays_unused() {
         "NOT_FOUND",
     );
 
-    let real = deliver(&mut checkout, success("evt-1", on_order(&order.order_id))).await;
+    let real = pay(&mut checkout, &order, "evt-1").await;
     assert_eq!(real.outcome(), WebhookOutcome::Applied);
     assert_eq!(real.order_status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
@@ -351,10 +313,7 @@ async fn payment_before_the_order_is_deferred_then_pays_the_order_on_creation() 
     let deferred = deliver(&mut checkout, webhook.clone()).await;
     assert_eq!(deferred.outcome(), WebhookOutcome::Deferred);
     assert!(deferred.order_id.is_empty(), "{deferred:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 2, 0, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
     // While it waits, a redelivery is a duplicate of the deferral.
     let waiting = deliver(&mut checkout, webhook.clone()).await;
     assert_eq!(waiting.outcome(), WebhookOutcome::Duplicate);
@@ -362,19 +321,13 @@ async fn payment_before_the_order_is_deferred_then_pays_the_order_on_creation() 
 
     let order = order(&mut checkout, &hold.hold_id).await;
     assert_eq!(order.status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
 
     let later = deliver(&mut checkout, webhook).await;
     assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
     assert_eq!(later.order_id, order.order_id);
     assert_eq!(later.order_status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
@@ -393,18 +346,12 @@ async fn failed_payment_before_the_order_cancels_the_order_on_creation() {
     let order = order(&mut checkout, &hold.hold_id).await;
     assert_eq!(order.status(), OrderStatus::Cancelled);
     assert_eq!(order.failure_reason, "insufficient funds");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     let later = deliver(&mut checkout, webhook).await;
     assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
     assert_eq!(later.order_id, order.order_id);
     assert_eq!(later.order_status(), OrderStatus::Cancelled);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -428,10 +375,7 @@ async fn two_deferred_payments_settle_the_order_once_in_arrival_order() {
     let order = order(&mut checkout, &hold.hold_id).await;
 
     assert_eq!(order.status(), OrderStatus::Cancelled);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     let first = deliver(&mut checkout, declined).await;
     assert_eq!(
         (first.outcome(), first.order_status()),
@@ -459,29 +403,18 @@ async fn deferred_payment_on_a_released_hold_is_closed_and_stock_comes_back_once
         WebhookOutcome::Deferred
     );
 
-    checkout
-        .release_hold(ReleaseHoldRequest {
-            hold_id: hold.hold_id.clone(),
-        })
-        .await
-        .expect("release hold");
+    release(&mut checkout, &hold.hold_id).await;
 
     assert_status(
         try_order(&mut checkout, &hold.hold_id).await,
         Code::FailedPrecondition,
         "HOLD_RELEASED",
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     let later = deliver(&mut checkout, webhook).await;
     assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
     assert!(later.order_id.is_empty(), "{later:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
@@ -508,24 +441,20 @@ async fn deferred_payment_on_a_hold_that_expires_is_closed_and_stock_comes_back_
         Code::FailedPrecondition,
         "HOLD_EXPIRED",
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     let later = deliver(&mut checkout, webhook).await;
     assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
     assert!(later.order_id.is_empty(), "{later:?}");
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 0, 10)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn payment_aimed_at_a_converted_hold_applies_to_its_order() {
     let server = TestServer::start().await;
-    let (mut checkout, product, order) = pending_order(&server, 10, 2).await;
+    let product = server.product("ticket", 250, 10).await;
+    let mut checkout = server.checkout().await;
+    let order = pending_order(&mut checkout, &product.id, 2).await;
 
     let receipt = deliver(
         &mut checkout,
@@ -540,10 +469,7 @@ async fn payment_aimed_at_a_converted_hold_applies_to_its_order() {
         get_order(&mut checkout, &order.order_id).await.status(),
         OrderStatus::Paid
     );
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
@@ -574,10 +500,7 @@ async fn concurrent_deliveries_of_one_key_on_a_hold_defer_it_once() {
 
     let order = order(&mut checkout, &hold.hold_id).await;
     assert_eq!(order.status(), OrderStatus::Paid);
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (10, 0, 2, 8)
-    );
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
 
@@ -633,10 +556,14 @@ async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_onc
         assert_eq!(again.order_id, order.order_id);
         assert_eq!(again.order_status(), OrderStatus::Paid);
     }
-    assert_eq!(
-        counters(&get_product(&mut checkout, &product.id).await),
-        (BUYERS as i64, 0, BUYERS as i64, 0)
-    );
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(BUYERS as i64)
+            .reserved(0)
+            .sold(BUYERS as i64),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
