@@ -167,6 +167,11 @@ impl TestDb {
             name,
         }
     }
+
+    /// Its connection settings.
+    pub fn config(&self) -> DatabaseConfig {
+        self.server.with_database(&self.name)
+    }
 }
 
 impl Drop for TestDb {
