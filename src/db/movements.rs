@@ -23,28 +23,44 @@ pub struct NewMovement {
     pub change: StockChange,
 }
 
-/// Records counter movements without touching their products' rows, in one statement that
-/// stays prepared (see [`CachedSql`]).
+/// Records counter movements without touching their products' rows, in one statement
+/// that stays prepared (see [`CachedSql`]): one movement (a settlement, a release) as a
+/// plain row, several (a reaper sweep) as arrays.
 pub async fn insert_movements(
     conn: &mut AsyncPgConnection,
     movements: &[NewMovement],
 ) -> QueryResult<()> {
-    let column = |get: fn(&NewMovement) -> i64| movements.iter().map(get).collect::<Vec<_>>();
-    CachedSql::new(
-        "INSERT INTO stock_movements (hold_id, product_id, reserved_delta, sold_delta) \
-         SELECT * FROM unnest(",
-    )
-    .bind::<Array<SqlUuid>, _>(movements.iter().map(|m| m.hold_id).collect::<Vec<_>>())
-    .sql(", ")
-    .bind::<Array<SqlUuid>, _>(movements.iter().map(|m| m.product_id).collect::<Vec<_>>())
-    .sql(", ")
-    .bind::<Array<BigInt>, _>(column(|m| m.change.reserved))
-    .sql(", ")
-    .bind::<Array<BigInt>, _>(column(|m| m.change.sold))
-    .sql(")")
-    .execute(conn)
-    .await
-    .map(|_| ())
+    let statement = match movements {
+        [] => return Ok(()),
+        [one] => CachedSql::new(
+            "INSERT INTO stock_movements (hold_id, product_id, reserved_delta, sold_delta) \
+             VALUES (",
+        )
+        .bind::<SqlUuid, _>(one.hold_id)
+        .sql(", ")
+        .bind::<SqlUuid, _>(one.product_id)
+        .sql(", ")
+        .bind::<BigInt, _>(one.change.reserved)
+        .sql(", ")
+        .bind::<BigInt, _>(one.change.sold)
+        .sql(")"),
+        many => {
+            let column = |get: fn(&NewMovement) -> i64| many.iter().map(get).collect::<Vec<_>>();
+            CachedSql::new(
+                "INSERT INTO stock_movements (hold_id, product_id, reserved_delta, sold_delta) \
+                 SELECT * FROM unnest(",
+            )
+            .bind::<Array<SqlUuid>, _>(many.iter().map(|m| m.hold_id).collect::<Vec<_>>())
+            .sql(", ")
+            .bind::<Array<SqlUuid>, _>(many.iter().map(|m| m.product_id).collect::<Vec<_>>())
+            .sql(", ")
+            .bind::<Array<BigInt>, _>(column(|m| m.change.reserved))
+            .sql(", ")
+            .bind::<Array<BigInt>, _>(column(|m| m.change.sold))
+            .sql(")")
+        }
+    };
+    statement.execute(conn).await.map(|_| ())
 }
 
 /// The folded count `fold_stock_movements` returns.
