@@ -50,20 +50,25 @@ pub async fn find_hold_by_client_request_id(
         .optional()
 }
 
-/// Moves holds to `status` (a statement that stays prepared: see [`CachedSql`]); returns
-/// them as they are now.
+/// Moves holds to `status` in one statement that stays prepared (see [`CachedSql`]): one
+/// hold by its id, several (a reaper sweep) by an array; returns them as they are now.
 pub async fn set_holds_status(
     conn: &mut AsyncPgConnection,
     ids: &[Uuid],
     status: HoldStatus,
 ) -> QueryResult<Vec<Hold>> {
-    CachedSql::new("UPDATE holds SET status = ")
+    let statement = CachedSql::new("UPDATE holds SET status = ")
         .bind::<Text, _>(status)
-        .sql(", updated_at = now() WHERE id = ANY(")
-        .bind::<Array<SqlUuid>, _>(ids)
-        .sql(") RETURNING *")
-        .load(conn)
-        .await
+        .sql(", updated_at = now() WHERE id ");
+    let statement = match ids {
+        [] => return Ok(Vec::new()),
+        [one] => statement.sql("= ").bind::<SqlUuid, _>(*one),
+        many => statement
+            .sql("= ANY(")
+            .bind::<Array<SqlUuid>, _>(many)
+            .sql(")"),
+    };
+    statement.sql(" RETURNING *").load(conn).await
 }
 
 /// Up to `limit` active holds past their TTL, oldest expiry first, row-locked until the
