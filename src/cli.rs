@@ -80,8 +80,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FLASHSALE_REAPER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub reaper_batch_size: i64,
     /// Largest qty one hold may take.
-    #[arg(long, env = "FLASHSALE_MAX_QTY_PER_HOLD", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, env = "FLASHSALE_MAX_QTY_PER_HOLD", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=crate::domain::MAX_QTY_PER_HOLD))]
     pub max_qty_per_hold: i64,
+    /// Most product ids one WatchAvailability call may name.
+    #[arg(long, env = "FLASHSALE_MAX_WATCHED_PRODUCTS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_watched_products: u32,
     /// Independent queues of coalesced CreateHold calls (each runs one transaction at a time).
     #[arg(long, env = "FLASHSALE_HOLD_BATCH_LANES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub hold_batch_lanes: u16,
@@ -101,6 +104,7 @@ impl ServeArgs {
             reaper_interval: self.reaper_interval,
             reaper_batch_size: self.reaper_batch_size,
             max_qty_per_hold: self.max_qty_per_hold,
+            max_watched_products: self.max_watched_products as usize,
             hold_batch_lanes: self.hold_batch_lanes.into(),
             pool_size: self.pool_size.into(),
             db_timeout: self.db_timeout,

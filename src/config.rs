@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub reaper_batch_size: i64,
     /// Largest qty of one hold.
     pub max_qty_per_hold: i64,
+    /// Most product ids one WatchAvailability call may name.
+    pub max_watched_products: usize,
     /// Queues of coalesced CreateHold calls; each runs one transaction at a time.
     pub hold_batch_lanes: usize,
     /// Connections in the pool (the listener's dedicated connection comes on top).
@@ -105,6 +107,7 @@ impl ServerConfig {
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,
             max_qty_per_hold: 10,
+            max_watched_products: 1000,
             hold_batch_lanes: 1,
             pool_size: 16,
             db_timeout: Duration::from_secs(5),

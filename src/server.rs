@@ -78,6 +78,7 @@ impl App {
         let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
             max_qty_per_hold: config.max_qty_per_hold,
+            max_watched_products: config.max_watched_products,
             hold_batch_lanes: config.hold_batch_lanes,
         };
         let checkout = Arc::new(Checkout::new(pool.clone(), settings, io));

@@ -247,13 +247,23 @@ pub type SnapshotStream = futures::stream::BoxStream<'static, StockSnapshot>;
 
 impl Checkout {
     /// The current state of each product in `product_ids` (all products, including later
-    /// ones, when empty), then every newer state. Unknown ids fail before anything streams.
-    /// Streams end when the hub closes. Watchers in one `group` are woken together.
+    /// ones, when empty; at most `max_watched_products` ids, each watched once), then every
+    /// newer state. Unknown ids fail before anything streams. Streams end when the hub
+    /// closes. Watchers in one `group` are woken together.
     pub async fn watch_availability(
         &self,
-        product_ids: Vec<Uuid>,
+        mut product_ids: Vec<Uuid>,
         group: WakeGroup,
     ) -> Result<SnapshotStream, DomainError> {
+        let max = self.settings.max_watched_products;
+        if product_ids.len() > max {
+            return Err(DomainError::invalid(
+                "product_ids",
+                format!("must name at most {max} products"),
+            ));
+        }
+        product_ids.sort_unstable();
+        product_ids.dedup();
         let hub = self.availability.clone();
         let open = OpenStream::new(&hub, &product_ids);
         let count = |updates| {

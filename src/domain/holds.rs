@@ -3,7 +3,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::{Checkout, DomainError, check_text_len};
+use super::{Checkout, DomainError, check_key};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
 use crate::db::movements::{NewMovement, fold_movements, insert_movements};
@@ -37,7 +37,7 @@ impl Checkout {
             ));
         }
         if let Some(key) = &new.client_request_id {
-            check_text_len("client_request_id", key, 255)?;
+            check_key("client_request_id", key)?;
         }
         Ok(())
     }

@@ -34,8 +34,12 @@ use uuid::Uuid;
 pub struct CheckoutSettings {
     /// How long a hold reserves its units before the reaper gives them back.
     pub hold_ttl: Duration,
-    /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call.
+    /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call (at
+    /// most [`MAX_QTY_PER_HOLD`], so a hold's total at the largest price fits in an i64).
     pub max_qty_per_hold: i64,
+    /// Most product ids one WatchAvailability call may name, so one caller cannot make the
+    /// server hold an unbounded subscription.
+    pub max_watched_products: usize,
     /// Independent queues of coalesced CreateHold calls (each runs one transaction at a time).
     pub hold_batch_lanes: usize,
 }
@@ -54,6 +58,10 @@ pub struct Checkout {
     /// by the change feed through [`Checkout::publish_stock`].
     availability: Arc<AvailabilityHub>,
 }
+
+/// Largest value `max_qty_per_hold` may take: times [`products::MAX_PRICE_CENTS`], it stays
+/// far below `i64::MAX`.
+pub const MAX_QTY_PER_HOLD: i64 = 1_000_000;
 
 /// How many times an operation that lost a deadlock or key race is retried.
 const CONFLICT_RETRIES: usize = 3;
@@ -130,12 +138,36 @@ fn retryable<T>(outcome: &Result<T, DomainError>, attempt: usize) -> bool {
     }
 }
 
-/// Checks a free-text field's length; `field` names it in the error.
-fn check_text_len(field: &'static str, value: &str, max: usize) -> Result<(), DomainError> {
+/// Longest client request id or idempotency key, in bytes.
+const MAX_KEY_BYTES: usize = 255;
+
+/// Checks a key (a client request id, an idempotency key): at most [`MAX_KEY_BYTES`], and
+/// no control characters (PostgreSQL cannot store NUL, and keys are echoed in answers and
+/// logs); `field` names it in the error.
+fn check_key(field: &'static str, value: &str) -> Result<(), DomainError> {
+    check_text(field, value, MAX_KEY_BYTES)?;
+    if value.chars().any(char::is_control) {
+        return Err(DomainError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a free-text field: at most `max` bytes, and no NUL (which PostgreSQL cannot
+/// store); `field` names it in the error.
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), DomainError> {
     if value.len() > max {
         return Err(DomainError::invalid(
             field,
             format!("must be at most {max} bytes"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(DomainError::invalid(
+            field,
+            "must not contain NUL characters",
         ));
     }
     Ok(())

@@ -5,7 +5,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
 use super::settlement::{order_total_cents, settle};
-use super::{Checkout, DomainError, check_text_len, retryable};
+use super::{Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
     EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
@@ -87,8 +87,8 @@ fn validate_webhook(webhook: &PaymentWebhook) -> Result<(), DomainError> {
     if webhook.idempotency_key.is_empty() {
         return Err(DomainError::invalid("idempotency_key", "must not be empty"));
     }
-    check_text_len("idempotency_key", &webhook.idempotency_key, 255)?;
-    check_text_len("failure_reason", &webhook.failure_reason, 1000)?;
+    check_key("idempotency_key", &webhook.idempotency_key)?;
+    check_text("failure_reason", &webhook.failure_reason, 1000)?;
     if webhook.amount_cents < 0 {
         return Err(DomainError::invalid("amount_cents", "must not be negative"));
     }

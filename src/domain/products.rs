@@ -3,7 +3,7 @@
 use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
-use super::{Checkout, DomainError, check_text_len};
+use super::{Checkout, DomainError, check_text};
 use crate::db::audit::{AuditRow, audit_products};
 use crate::db::models::Product;
 use crate::db::movements::fold_movements;
@@ -15,6 +15,9 @@ pub const MAX_PAGE_SIZE: i64 = 1000;
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
 /// Largest stock a product may carry; keeps every sum of counters far from overflow.
 pub const MAX_STOCK: i64 = 1_000_000_000_000;
+/// Largest price of a unit; the total of the largest hold (see
+/// [`super::MAX_QTY_PER_HOLD`]) stays far from overflow.
+pub const MAX_PRICE_CENTS: i64 = 1_000_000_000_000;
 
 /// A product to create.
 #[derive(Debug, Clone)]
@@ -38,9 +41,12 @@ impl Checkout {
         if new.name.trim().is_empty() {
             return Err(DomainError::invalid("name", "must not be empty"));
         }
-        check_text_len("name", &new.name, 200)?;
-        if new.price_cents < 0 {
-            return Err(DomainError::invalid("price_cents", "must not be negative"));
+        check_text("name", &new.name, 200)?;
+        if !(0..=MAX_PRICE_CENTS).contains(&new.price_cents) {
+            return Err(DomainError::invalid(
+                "price_cents",
+                format!("must be between 0 and {MAX_PRICE_CENTS}"),
+            ));
         }
         if !(0..=MAX_STOCK).contains(&new.stock_total) {
             return Err(DomainError::invalid(
@@ -111,7 +117,7 @@ impl Checkout {
 
     /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold.
     pub async fn adjust_stock(&self, product_id: Uuid, delta: i64) -> Result<Product, DomainError> {
-        if delta == 0 || delta.abs() > MAX_STOCK {
+        if delta == 0 || delta.unsigned_abs() > MAX_STOCK.unsigned_abs() {
             return Err(DomainError::invalid(
                 "delta",
                 format!("must be non-zero and within ±{MAX_STOCK}"),

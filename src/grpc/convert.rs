@@ -16,8 +16,26 @@ pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, DomainError> {
     if value.is_empty() {
         return Err(DomainError::invalid(field, "must not be empty"));
     }
-    Uuid::parse_str(value)
-        .map_err(|_| DomainError::invalid(field, format!("{value:?} is not a valid id (a UUID)")))
+    Uuid::parse_str(value).map_err(|_| {
+        DomainError::invalid(
+            field,
+            format!("{} is not a valid id (a UUID)", preview(value)),
+        )
+    })
+}
+
+/// How many characters of a bad value an error quotes.
+const PREVIEW_CHARS: usize = 40;
+
+/// A bad value as an error quotes it: escaped, and only its first [`PREVIEW_CHARS`]
+/// characters, so a hostile value cannot bloat the answer or the logs.
+pub fn preview(value: &str) -> String {
+    let mut chars = value.chars();
+    let head: String = chars.by_ref().take(PREVIEW_CHARS).collect();
+    match chars.next() {
+        None => format!("{head:?}"),
+        Some(_) => format!("{head:?}... ({} bytes)", value.len()),
+    }
 }
 
 /// Parses a list of ids; the error names the field and the position.

@@ -11,8 +11,8 @@ use flashsale::grpc::pb::{
 };
 
 use crate::support::{
-    Admin, Checkout, TestServer, check_invalid, deliver, get_hold, get_order, on_order,
-    pending_order, success, try_hold,
+    Admin, Checkout, Counters, TestServer, assert_counters, check_invalid, deliver, get_hold,
+    get_order, on_order, pending_order, success, try_hold,
 };
 
 /// The per-hold maximum the fixture's server runs with.
@@ -185,10 +185,17 @@ impl Fixture {
             rows("qty", ["req-too-many"], |key| {
                 create_hold(product_id, MAX_QTY + 1, key)
             }),
-            // 256 ASCII bytes, and 256 bytes in only 128 characters.
+            // 256 ASCII bytes, 256 bytes in only 128 characters, control characters.
             rows(
                 "client_request_id",
-                ["k".repeat(256), "é".repeat(128)],
+                [
+                    "k".repeat(256),
+                    "é".repeat(128),
+                    "cart\0".into(),
+                    "cart\u{1}42".into(),
+                    "cart\n42".into(),
+                    "cart\u{7f}".into(),
+                ],
                 |key| create_hold(product_id, 1, &key),
             ),
             rows("hold_id", MALFORMED_IDS, |id| {
@@ -207,7 +214,13 @@ impl Fixture {
             }),
             rows(
                 "idempotency_key",
-                [String::new(), "e".repeat(256), "é".repeat(128)],
+                [
+                    String::new(),
+                    "e".repeat(256),
+                    "é".repeat(128),
+                    "evt\0".into(),
+                    "evt\u{1b}[2J".into(),
+                ],
                 |idempotency_key| {
                     webhook(HandlePaymentWebhookRequest {
                         idempotency_key,
@@ -251,7 +264,7 @@ impl Fixture {
             }),
             rows(
                 "failure_reason",
-                ["r".repeat(1001), "é".repeat(501)],
+                ["r".repeat(1001), "é".repeat(501), "card\0declined".into()],
                 |failure_reason| {
                     webhook(HandlePaymentWebhookRequest {
                         result: PaymentResult::Failure.into(),
@@ -263,6 +276,13 @@ impl Fixture {
             rows("product_ids", MALFORMED_IDS, |id| {
                 Call::WatchAvailability(WatchAvailabilityRequest {
                     product_ids: vec![product_id.into(), id.into()],
+                })
+            }),
+            // More than the server's limit of watched products (1,000 by default), even of
+            // one product named again and again.
+            rows("product_ids", [1_001, 100_000], |count| {
+                Call::WatchAvailability(WatchAvailabilityRequest {
+                    product_ids: vec![product_id.to_string(); count],
                 })
             }),
             // InventoryAdminService.
@@ -278,16 +298,20 @@ impl Fixture {
                     "   ".into(),
                     "n".repeat(201),
                     "é".repeat(101),
+                    "sneaker\0".into(),
                 ],
                 |name| create_product(&name, 100, 1),
             ),
-            rows("price_cents", [-1, i64::MIN], |price_cents| {
-                create_product("bad price", price_cents, 1)
-            }),
+            // Above the largest price (10^12 cents), whose total for the largest hold fits.
+            rows(
+                "price_cents",
+                [-1, i64::MIN, 1 << 62, i64::MAX],
+                |price_cents| create_product("bad price", price_cents, 1),
+            ),
             rows("stock_total", [-1, i64::MIN], |stock_total| {
                 create_product("bad stock", 100, stock_total)
             }),
-            rows("delta", [0], |delta| {
+            rows("delta", [0, i64::MIN, i64::MAX, i64::MIN + 1], |delta| {
                 Call::AdjustStock(AdjustStockRequest {
                     product_id: product_id.into(),
                     delta,
@@ -446,4 +470,95 @@ async fn the_limits_themselves_are_allowed() {
         .expect("200 bytes are allowed")
         .into_inner();
     assert_eq!(longest.name.len(), 200);
+
+    // The largest price: an order of the largest hold still has a total.
+    let dearest = fx.server.product("dearest", 1_000_000_000_000, 10).await;
+    let order = pending_order(&mut fx.checkout, &dearest.id, MAX_QTY).await;
+    assert_eq!(order.total_cents, 5_000_000_000_000);
+
+    // As many watched products as the limit allows, even one product named again and again.
+    let watched = fx
+        .checkout
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: vec![product_id.clone(); 1_000],
+        })
+        .await
+        .expect("1,000 watched products are allowed")
+        .into_inner()
+        .message()
+        .await
+        .expect("a first update")
+        .expect("the product's state");
+    assert_eq!(watched.product_id, product_id);
+}
+
+/// A hostile value (here 100,000 control characters, about 600 KB once escaped) is not
+/// echoed whole: the status quotes a short prefix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_quotes_only_a_short_prefix_of_the_bad_value() {
+    let mut fx = Fixture::new().await;
+    let hostile = "\u{1}".repeat(100_000);
+
+    let status = fx
+        .checkout
+        .get_hold(GetHoldRequest {
+            hold_id: hostile.clone(),
+        })
+        .await
+        .expect_err("not an id");
+
+    assert_eq!(
+        check_invalid(Err::<(), _>(status.clone()), "hold_id"),
+        Ok(())
+    );
+    assert!(
+        status.message().len() < 1024 && status.details().len() < 4096,
+        "the status echoes {} bytes of message and {} of details",
+        status.message().len(),
+        status.details().len()
+    );
+}
+
+/// One crafted request among a crowd of concurrent holds on one product (the same batch,
+/// if they coalesce) is refused alone: every honest caller gets its hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nul_key_in_a_crowd_of_holds_fails_only_its_own_call() {
+    let server = TestServer::start().await;
+    let product = server.product("crowded", 100, 1_000).await;
+    let mut calls = Vec::new();
+    for caller in 0..64 {
+        let mut checkout = server.checkout().await;
+        let product_id = product.id.clone();
+        let key = if caller == 31 {
+            "crafted\0key".to_string()
+        } else {
+            format!("honest-{caller}")
+        };
+        calls.push(tokio::spawn(async move {
+            (
+                caller,
+                try_hold(&mut checkout, &product_id, 1, Some(&key)).await,
+            )
+        }));
+    }
+
+    let mut held = 0;
+    for call in calls {
+        let (caller, answer) = call.await.unwrap();
+        if caller == 31 {
+            assert_eq!(check_invalid(answer, "client_request_id"), Ok(()));
+        } else {
+            answer.unwrap_or_else(|status| panic!("honest caller {caller} refused: {status:?}"));
+            held += 1;
+        }
+    }
+
+    assert_eq!(held, 63);
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(1_000).reserved(63).sold(0),
+    )
+    .await;
+    server.assert_consistent().await;
 }
