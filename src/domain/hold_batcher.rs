@@ -87,21 +87,36 @@ impl HoldBatcher {
             .into_iter()
             .map(|pending| (pending.request, pending.reply))
             .unzip();
-        let outcome = self.reserve(&requests).await;
+        let answers = self.answer(&requests).await;
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
-        match outcome {
-            Ok(answers) => {
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    // A caller that went away does not need its answer.
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(error) => {
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // A caller that went away does not need its answer.
+            let _ = reply.send(answer);
         }
+    }
+
+    /// One answer per request. A batch the database refused as a whole (for a reason other
+    /// than being unreachable) may have been refused because of one request: each request
+    /// then runs alone, so that request gets its error and the others are served.
+    async fn answer(&self, requests: &[NewHold]) -> Vec<Result<Hold, DomainError>> {
+        let error = match self.reserve(requests).await {
+            Ok(answers) => return answers,
+            Err(error) => error,
+        };
+        if requests.len() == 1 || matches!(error, DomainError::Unavailable(_)) {
+            return vec![Err(error); requests.len()];
+        }
+        tracing::warn!(%error, size = requests.len(), "hold batch refused; serving its requests one by one");
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let alone = self.reserve(std::slice::from_ref(request)).await;
+            answers.push(alone.and_then(|mut answer| {
+                answer
+                    .pop()
+                    .unwrap_or_else(|| Err(DomainError::internal("hold request left unanswered")))
+            }));
+        }
+        answers
     }
 
     /// Reserves a batch in one statement (one round trip, one commit); one answer per

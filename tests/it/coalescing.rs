@@ -361,3 +361,75 @@ async fn a_batch_naming_a_missing_product_still_serves_the_others_in_arrival_ord
     .await;
     server.assert_consistent().await;
 }
+
+/// Defence in depth: should one request pass validation and still make the database refuse
+/// its batch (here a constraint the test adds refuses the key "poison"), only that request
+/// fails; the rest of its batch is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_refused_because_of_one_request_serves_the_others() {
+    let server = TestServer::start().await;
+    let product = server.product("hot", 100, 100).await;
+    let mut other = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query(
+        "ALTER TABLE holds ADD CONSTRAINT test_poison \
+         CHECK (client_request_id IS DISTINCT FROM 'poison')",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    // Hold the product's row, so the first batch waits and the crowd queues up behind it
+    // into one batch.
+    diesel::sql_query("BEGIN")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    diesel::sql_query("SELECT 1 FROM products WHERE id = $1 FOR UPDATE")
+        .bind::<SqlUuid, _>(Uuid::parse_str(&product.id).unwrap())
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let first = {
+        let mut checkout = server.checkout().await;
+        let product_id = product.id.clone();
+        tokio::spawn(async move { checkout.create_hold(request(&product_id, 1)).await })
+    };
+    eventually("the first batch waits for the product's row", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    let mut crowd = Vec::new();
+    for caller in 0..20 {
+        let mut checkout = server.checkout().await;
+        let key = if caller == 7 {
+            "poison".to_string()
+        } else {
+            format!("honest-{caller}")
+        };
+        let request = CreateHoldRequest {
+            client_request_id: key.clone(),
+            ..request(&product.id, 1)
+        };
+        crowd.push(tokio::spawn(async move {
+            (key, checkout.create_hold(request).await)
+        }));
+    }
+    // Let the crowd's calls reach the lane's queue behind the waiting batch.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    diesel::sql_query("COMMIT")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    first.await.unwrap().expect("the first hold");
+    for call in crowd {
+        let (key, answer) = call.await.unwrap();
+        match (key.as_str(), answer) {
+            ("poison", answer) => assert!(answer.is_err(), "the poisoned request was served"),
+            (key, answer) => {
+                answer.unwrap_or_else(|status| panic!("{key} refused: {status:?}"));
+            }
+        }
+    }
+    assert_counters(&server, &product, Counters::stock(100).reserved(20).sold(0)).await;
+    server.assert_consistent().await;
+}
