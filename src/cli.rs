@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use crate::auth::Scope;
 use crate::config::{DatabaseConfig, ServerConfig};
 use crate::db;
 use crate::grpc::pb::CreateProductRequest;
@@ -38,6 +39,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Add demo products through a running server's admin API and print them.
     Seed(SeedArgs),
+    /// Print a new random token on the first line and its [[token]] entry for the tokens
+    /// file after it.
+    Token(TokenArgs),
 }
 
 /// Where the data lives.
@@ -61,6 +65,16 @@ pub struct SeedArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The token's name, shown in logs instead of the token.
+    #[arg(long)]
+    pub name: String,
+    /// What the token may do: checkout, payments or admin (repeat for several).
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<Scope>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -91,6 +105,13 @@ pub struct ServeArgs {
     /// Database connections in the pool.
     #[arg(long, env = "FLASHSALE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub pool_size: u16,
+    /// The tokens callers must present (TOML, hashes only; re-read on SIGHUP). Unset: every
+    /// caller may call everything, allowed on loopback addresses only.
+    #[arg(long, env = "FLASHSALE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve without a tokens file on a non-loopback address.
+    #[arg(long, env = "FLASHSALE_ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
     /// Longest wait for a database connection before a call fails with UNAVAILABLE.
     #[arg(long, env = "FLASHSALE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
@@ -105,6 +126,7 @@ impl ServeArgs {
             reaper_batch_size: self.reaper_batch_size,
             max_qty_per_hold: self.max_qty_per_hold,
             max_watched_products: self.max_watched_products as usize,
+            tokens_file: self.tokens_file.clone(),
             hold_batch_lanes: self.hold_batch_lanes.into(),
             pool_size: self.pool_size.into(),
             db_timeout: self.db_timeout,
@@ -120,6 +142,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Seed(args) => seed(args).await,
+            Command::Token(args) => token(args),
         }
     })
 }
@@ -153,8 +176,35 @@ pub fn run_command(
     }
 }
 
+/// `flashsale token`.
+fn token(args: TokenArgs) -> Result<(), CliError> {
+    let (token, entry) = crate::auth::new_token(&args.name, &args.scopes)?;
+    println!("{token}");
+    print!("{entry}");
+    Ok(())
+}
+
+/// Without a tokens file the server is open to every caller: allowed on loopback, refused
+/// elsewhere unless the operator says so.
+fn check_open_server(args: &ServeArgs) -> Result<(), CliError> {
+    if args.tokens_file.is_some() {
+        return Ok(());
+    }
+    let addr = args.listen_addr;
+    if !addr.ip().is_loopback() && !args.allow_unauthenticated {
+        return Err(format!(
+            "refusing to serve {addr} without --tokens-file (FLASHSALE_TOKENS_FILE): every \
+             caller could call everything; set FLASHSALE_ALLOW_UNAUTHENTICATED=true to allow it"
+        )
+        .into());
+    }
+    tracing::warn!(%addr, "no tokens file: every caller may call everything");
+    Ok(())
+}
+
 /// `flashsale serve`.
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    check_open_server(&args)?;
     let (database, local) = open_database(&args.database).await?;
     let listener = TcpListener::bind(args.listen_addr)
         .await

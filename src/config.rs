@@ -2,6 +2,7 @@
 //! (flags, environment, tests).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -96,6 +97,9 @@ pub struct ServerConfig {
     pub db_timeout: Duration,
     /// How often health re-checks that the database answers.
     pub health_check_interval: Duration,
+    /// The tokens callers must present (see [`crate::auth`]); `None`: every caller may
+    /// call everything.
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -112,6 +116,7 @@ impl ServerConfig {
             pool_size: 16,
             db_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),
+            tokens_file: None,
         }
     }
 }

@@ -7,8 +7,10 @@
 //!   and a shutdown future (SIGTERM from `main`, a oneshot from tests).
 //! - [`transport`]: accepted connections whose small writes (one HTTP/2 frame per
 //!   streamed update) are coalesced into few syscalls.
-//! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), thin handlers, proto <->
-//!   domain conversions, and the one `From<DomainError> for Status`.
+//! - [`grpc`]: the API surface: generated code ([`grpc::pb`]), the token check in front
+//!   of each service, thin handlers, proto <-> domain conversions, and the one
+//!   `From<DomainError> for Status`.
+//! - [`auth`]: who may call what: scoped bearer tokens from a file of hashes.
 //! - [`domain`]: the checkout rules, transport-neutral: holds, orders, settlement,
 //!   payments, products, the reaper and the availability fan-out, and the coalesced paths
 //!   (hold batches, stock folds) on shared lanes; every operation returns
@@ -27,6 +29,7 @@
 //! The load generator and the benchmark are a package of their own, `tools/`
 //! (`flashsale-tools load`, `flashsale-tools bench`).
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
+use crate::auth::Authorizer;
 use crate::config::ServerConfig;
 use crate::db::change_feed::run_change_feed;
 use crate::db::io_thread::IoThread;
@@ -21,6 +22,7 @@ use crate::domain::reaper::{ReaperSettings, run_reaper};
 use crate::domain::{Checkout, CheckoutSettings};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::checkout::CheckoutApi;
+use crate::grpc::guard::{Guarded, admin_scope, checkout_scope};
 use crate::grpc::pb::{
     self, checkout_service_server::CheckoutServiceServer,
     inventory_admin_service_server::InventoryAdminServiceServer,
@@ -38,6 +40,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("grpc transport failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokensFileError),
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains: health goes
@@ -62,6 +66,8 @@ pub struct App {
     pool: DbPool,
     /// The operations behind both services, the reaper and the stream fan-out.
     checkout: Arc<Checkout>,
+    /// Who may call what; re-read on SIGHUP.
+    authorizer: Arc<Authorizer>,
 }
 
 impl App {
@@ -82,10 +88,15 @@ impl App {
             hold_batch_lanes: config.hold_batch_lanes,
         };
         let checkout = Arc::new(Checkout::new(pool.clone(), settings, io));
+        let authorizer = Arc::new(match &config.tokens_file {
+            Some(path) => Authorizer::from_file(path)?,
+            None => Authorizer::open(),
+        });
         Ok(App {
             config,
             pool,
             checkout,
+            authorizer,
         })
     }
 
@@ -104,11 +115,18 @@ impl App {
             config,
             pool,
             checkout,
+            authorizer,
         } = self;
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
         let mut tasks = JoinSet::new();
+        if config.tokens_file.is_some() {
+            tasks.spawn(reload_tokens_on_sighup(
+                authorizer.clone(),
+                stopping.clone(),
+            ));
+        }
         tasks.spawn(start_when_migrated(
             config,
             checkout.clone(),
@@ -140,10 +158,16 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(CheckoutServiceServer::new(CheckoutApi::new(
-                checkout.clone(),
-            )))
-            .add_service(InventoryAdminServiceServer::new(AdminApi::new(checkout)))
+            .add_service(Guarded::new(
+                CheckoutServiceServer::new(CheckoutApi::new(checkout.clone())),
+                authorizer.clone(),
+                checkout_scope,
+            ))
+            .add_service(Guarded::new(
+                InventoryAdminServiceServer::new(AdminApi::new(checkout)),
+                authorizer,
+                admin_scope,
+            ))
             .serve_with_incoming_shutdown(coalescing_incoming(listener), on_shutdown)
             .await;
         stopping.cancel();
@@ -205,6 +229,28 @@ async fn migrate_with_retries(config: &ServerConfig, stopping: &CancellationToke
         tokio::select! {
             _ = stopping.cancelled() => return false,
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Re-reads the tokens file on every SIGHUP until shutdown; a file that fails to parse
+/// keeps the tokens in force, and the log says why.
+async fn reload_tokens_on_sighup(authorizer: Arc<Authorizer>, stopping: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP: tokens are not re-read until a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        match authorizer.reload() {
+            Ok(tokens) => tracing::info!(tokens, "tokens file re-read"),
+            Err(error) => {
+                tracing::error!(%error, "tokens file not re-read; the tokens in force stay")
+            }
         }
     }
 }

@@ -65,6 +65,14 @@ pub enum DomainError {
     #[error("unique constraint {constraint} refused a duplicate")]
     UniqueViolation { constraint: String },
 
+    /// The call carried no token, or one nobody knows.
+    #[error("a valid bearer token is required (authorization: Bearer <token>)")]
+    Unauthenticated,
+
+    /// The caller's token lacks the scope the call needs.
+    #[error("token {token:?} lacks the scope {scope:?}")]
+    MissingScope { token: String, scope: &'static str },
+
     /// The database cannot be reached or went away mid-call; nothing was applied.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] Source),
@@ -129,6 +137,8 @@ impl DomainError {
             DomainError::UniqueViolation { .. } => "DUPLICATE",
             DomainError::Unavailable(_) => "DATABASE_UNAVAILABLE",
             DomainError::ShuttingDown => "SHUTTING_DOWN",
+            DomainError::Unauthenticated => "UNAUTHENTICATED",
+            DomainError::MissingScope { .. } => "MISSING_SCOPE",
             DomainError::Conflict(_) => "TRANSACTION_CONFLICT",
             DomainError::Internal(_) => "INTERNAL",
         }

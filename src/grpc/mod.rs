@@ -5,6 +5,7 @@ pub mod admin;
 pub mod checkout;
 pub mod codec;
 pub mod convert;
+pub mod guard;
 pub mod status;
 
 /// Code generated from `proto/flashsale/v1` by `build.rs`.

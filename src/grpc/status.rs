@@ -42,6 +42,8 @@ fn status_code(error: &DomainError) -> Code {
         DomainError::IdempotencyKeyReused { .. } => Code::AlreadyExists,
         DomainError::UniqueViolation { .. } | DomainError::Conflict(_) => Code::Aborted,
         DomainError::Unavailable(_) | DomainError::ShuttingDown => Code::Unavailable,
+        DomainError::Unauthenticated => Code::Unauthenticated,
+        DomainError::MissingScope { .. } => Code::PermissionDenied,
         DomainError::Internal(_) => Code::Internal,
     }
 }
@@ -62,6 +64,7 @@ fn metadata(error: &DomainError) -> HashMap<String, String> {
             ("requested", requested.to_string()),
             ("available", available.to_string()),
         ],
+        DomainError::MissingScope { scope, .. } => vec![("scope", scope.to_string())],
         DomainError::HoldConverted { hold_id }
         | DomainError::HoldExpired { hold_id }
         | DomainError::HoldReleased { hold_id } => vec![("hold_id", hold_id.to_string())],

@@ -3,6 +3,8 @@
 
 mod support;
 
+mod auth;
+
 mod coalescing;
 mod flash_crowd;
 mod holds;

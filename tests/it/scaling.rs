@@ -1,8 +1,6 @@
 //! Several server processes on one database, and live availability that survives a lost
 //! listener connection and frees what a departed watcher held.
 
-use std::net::TcpListener as StdListener;
-use std::process::Stdio;
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -11,99 +9,12 @@ use flashsale::grpc::pb::{
     AdjustStockRequest, AvailabilityUpdate, HoldStatus, WatchAvailabilityRequest,
 };
 use futures::StreamExt;
-use tokio::process::{Child, Command};
 use tonic::Streaming;
-use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::support::{
-    Checkout, Counters, TestDb, TestServer, assert_counters, assert_counters_shown, get_hold,
-    get_product, hold,
+    Checkout, Counters, ServerProcess, TestDb, TestServer, assert_counters, assert_counters_shown,
+    get_hold, get_product, hold,
 };
-
-/// A `flashsale serve` process of its own, killed when dropped.
-struct ServerProcess {
-    /// The running binary.
-    child: Child,
-    /// `http://127.0.0.1:PORT`.
-    url: String,
-}
-
-impl ServerProcess {
-    /// Starts the real binary on `database_url` with a short hold TTL and a quick reaper, and
-    /// waits until its health says SERVING.
-    async fn start(database_url: &str) -> ServerProcess {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
-            .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
-            .env("DATABASE_URL", database_url)
-            .env("FLASHSALE_HOLD_TTL", "1s")
-            .env("FLASHSALE_REAPER_INTERVAL", "50ms")
-            .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn flashsale serve");
-        let process = ServerProcess {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        process.wait_serving().await;
-        process
-    }
-
-    /// Polls health until SERVING (30 s at most).
-    async fn wait_serving(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(channel) = Channel::from_shared(self.url.clone())
-                .unwrap()
-                .connect()
-                .await
-            {
-                let mut health = HealthClient::new(channel);
-                let request = HealthCheckRequest {
-                    service: String::new(),
-                };
-                if let Ok(response) = health.check(request).await
-                    && response.into_inner().status() == ServingStatus::Serving
-                {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server process never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// A checkout client of this process.
-    async fn checkout(&self) -> Checkout {
-        CheckoutServiceClient::connect(self.url.clone())
-            .await
-            .expect("connect")
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn stop(mut self) {
-        let pid = self.child.id().expect("running") as libc::pid_t;
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("server exits within 30 s after SIGTERM")
-            .expect("wait");
-        assert!(status.success(), "server exited with {status}");
-    }
-}
 
 /// Opens a WatchAvailability stream on one product.
 async fn watch(checkout: &mut Checkout, product_id: &str) -> Streaming<AvailabilityUpdate> {

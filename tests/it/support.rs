@@ -3,7 +3,8 @@
 //! server on `127.0.0.1:0`, and real tonic clients over the network; then the calls the tests
 //! share (hold, order, pay...) and the assertions on their answers.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +21,7 @@ use flashsale::grpc::pb::{
     ReleaseHoldRequest,
 };
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
+use tokio::process::{Child, Command};
 use tokio::sync::{OnceCell, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -758,5 +760,99 @@ where
     while !done().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `flashsale serve` process of its own, killed when dropped.
+pub struct ServerProcess {
+    /// The running binary.
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Starts the real binary on `database_url` with a short hold TTL and a quick reaper, and
+    /// waits until its health says SERVING.
+    pub async fn start(database_url: &str) -> ServerProcess {
+        Self::start_with(database_url, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with more environment variables.
+    pub async fn start_with(database_url: &str, env: &[(&str, &str)]) -> ServerProcess {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", database_url)
+            .env("FLASHSALE_HOLD_TTL", "1s")
+            .env("FLASHSALE_REAPER_INTERVAL", "50ms")
+            .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn flashsale serve");
+        let process = ServerProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        process.wait_serving().await;
+        process
+    }
+
+    /// Polls health until SERVING (30 s at most).
+    pub async fn wait_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = HealthClient::new(channel);
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                if let Ok(response) = health.check(request).await
+                    && response.into_inner().status() == ServingStatus::Serving
+                {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server process never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A checkout client of this process.
+    pub async fn checkout(&self) -> Checkout {
+        CheckoutServiceClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("server exits within 30 s after SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "server exited with {status}");
     }
 }

@@ -1,0 +1,319 @@
+//! Who may call what: scoped bearer tokens, checked before any handler runs, re-read on
+//! SIGHUP; health and reflection stay open; without tokens only loopback is served.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flashsale::auth::{Scope, new_token};
+use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
+use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
+use flashsale::grpc::pb::{
+    AdjustStockRequest, AuditInventoryRequest, CreateHoldRequest, CreateOrderRequest,
+    CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
+    HandlePaymentWebhookRequest, ListProductsRequest, ReleaseHoldRequest, WatchAvailabilityRequest,
+};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::support::{ServerProcess, TestDb, TestServer, reason};
+
+/// Adds `authorization: Bearer <token>` to every call (nothing when `None`).
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value = MetadataValue::try_from(format!("Bearer {token}")).expect("ascii");
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// Clients that present one token.
+struct Caller {
+    checkout: CheckoutServiceClient<InterceptedService<Channel, Bearer>>,
+    admin: InventoryAdminServiceClient<InterceptedService<Channel, Bearer>>,
+}
+
+impl Caller {
+    async fn new(url: &str, token: Option<&str>) -> Caller {
+        let channel = Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        let bearer = Bearer(token.map(str::to_owned));
+        Caller {
+            checkout: CheckoutServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: InventoryAdminServiceClient::with_interceptor(channel, bearer),
+        }
+    }
+
+    /// Calls one RPC (by name) with a request that does nothing; the status, if refused.
+    async fn call(&mut self, rpc: &str) -> Option<Status> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let (checkout, admin) = (&mut self.checkout, &mut self.admin);
+        let outcome = match rpc {
+            "GetProduct" => checkout
+                .get_product(GetProductRequest { product_id: id })
+                .await
+                .map(drop),
+            "ListProducts" => checkout
+                .list_products(ListProductsRequest::default())
+                .await
+                .map(drop),
+            "CreateHold" => checkout
+                .create_hold(CreateHoldRequest {
+                    product_id: id,
+                    qty: 1,
+                    client_request_id: String::new(),
+                })
+                .await
+                .map(drop),
+            "GetHold" => checkout
+                .get_hold(GetHoldRequest { hold_id: id })
+                .await
+                .map(drop),
+            "ReleaseHold" => checkout
+                .release_hold(ReleaseHoldRequest { hold_id: id })
+                .await
+                .map(drop),
+            "CreateOrder" => checkout
+                .create_order(CreateOrderRequest { hold_id: id })
+                .await
+                .map(drop),
+            "GetOrder" => checkout
+                .get_order(GetOrderRequest { order_id: id })
+                .await
+                .map(drop),
+            "HandlePaymentWebhook" => checkout
+                .handle_payment_webhook(HandlePaymentWebhookRequest::default())
+                .await
+                .map(drop),
+            "WatchAvailability" => checkout
+                .watch_availability(WatchAvailabilityRequest {
+                    product_ids: vec![id],
+                })
+                .await
+                .map(drop),
+            "CreateProduct" => admin
+                .create_product(CreateProductRequest::default())
+                .await
+                .map(drop),
+            "AdjustStock" => admin
+                .adjust_stock(AdjustStockRequest {
+                    product_id: id,
+                    delta: 0,
+                })
+                .await
+                .map(drop),
+            "AuditInventory" => admin
+                .audit_inventory(AuditInventoryRequest::default())
+                .await
+                .map(drop),
+            other => panic!("no such rpc {other}"),
+        };
+        outcome.err()
+    }
+}
+
+/// Every RPC and the scope it needs.
+const RPCS: [(&str, Scope); 12] = [
+    ("GetProduct", Scope::Checkout),
+    ("ListProducts", Scope::Checkout),
+    ("CreateHold", Scope::Checkout),
+    ("GetHold", Scope::Checkout),
+    ("ReleaseHold", Scope::Checkout),
+    ("CreateOrder", Scope::Checkout),
+    ("GetOrder", Scope::Checkout),
+    ("HandlePaymentWebhook", Scope::Payments),
+    ("WatchAvailability", Scope::Checkout),
+    ("CreateProduct", Scope::Admin),
+    ("AdjustStock", Scope::Admin),
+    ("AuditInventory", Scope::Admin),
+];
+
+/// Writes a tokens file with one token per entry; returns the tokens.
+fn write_tokens(path: &Path, entries: &[(&str, &[Scope])]) -> Vec<String> {
+    let mut file = String::new();
+    let mut tokens = Vec::new();
+    for (name, scopes) in entries {
+        let (token, entry) = new_token(name, scopes).unwrap();
+        file.push_str(&entry);
+        tokens.push(token);
+    }
+    std::fs::write(path, file).unwrap();
+    tokens
+}
+
+/// Whether a refusal is about who called (as opposed to what was asked).
+fn refused_for_auth(status: &Option<Status>) -> bool {
+    status
+        .as_ref()
+        .is_some_and(|s| matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_rpc_needs_a_known_token_with_its_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let tokens = write_tokens(
+        &path,
+        &[
+            ("shop", &[Scope::Checkout]),
+            ("psp", &[Scope::Payments]),
+            ("ops", &[Scope::Admin]),
+        ],
+    );
+    let server = TestServer::start_with(|config| config.tokens_file = Some(path.clone())).await;
+    let url = format!("http://{}", server.addr);
+    let scopes = [Scope::Checkout, Scope::Payments, Scope::Admin];
+
+    let mut failures = Vec::new();
+    for (rpc, needed) in RPCS {
+        for token in [None, Some("not-a-known-token")] {
+            let status = Caller::new(&url, token).await.call(rpc).await;
+            if status.as_ref().map(Status::code) != Some(Code::Unauthenticated) {
+                failures.push(format!("{rpc} with {token:?}: {status:?}"));
+            }
+        }
+        for (token, scope) in tokens.iter().zip(scopes) {
+            let status = Caller::new(&url, Some(token)).await.call(rpc).await;
+            if scope == needed {
+                if refused_for_auth(&status) {
+                    failures.push(format!("{rpc} with a {scope} token refused: {status:?}"));
+                }
+            } else {
+                let denied = status.as_ref().is_some_and(|s| {
+                    s.code() == Code::PermissionDenied
+                        && reason(s) == "MISSING_SCOPE"
+                        && tonic_types::StatusExt::get_details_error_info(s).is_some_and(|info| {
+                            info.metadata.get("scope") == Some(&needed.to_string())
+                        })
+                });
+                if !denied {
+                    failures.push(format!("{rpc} with a {scope} token: {status:?}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_stay_open() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    write_tokens(&path, &[("shop", &[Scope::Checkout])]);
+    // start_with waits for SERVING through health, without a token.
+    let server = TestServer::start_with(|config| config.tokens_file = Some(path.clone())).await;
+
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("reflection answers without a token")
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    assert!(format!("{answer:?}").contains("flashsale.v1.CheckoutService"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rotates_tokens_and_a_broken_file_keeps_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let old = write_tokens(&path, &[("shop", &[Scope::Checkout])]).remove(0);
+    let db = TestDb::new().await;
+    let server = ServerProcess::start_with(
+        &db.url,
+        &[("FLASHSALE_TOKENS_FILE", path.to_str().unwrap())],
+    )
+    .await;
+    let allowed = |status: Option<Status>| !refused_for_auth(&status);
+    assert!(allowed(
+        Caller::new(&server.url, Some(&old))
+            .await
+            .call("ListProducts")
+            .await
+    ));
+
+    let new = write_tokens(&path, &[("shop-2", &[Scope::Checkout])]).remove(0);
+    server.signal(libc::SIGHUP);
+    crate::support::eventually("the old token to be refused", || {
+        let (url, old) = (server.url.clone(), old.clone());
+        async move {
+            !allowed(
+                Caller::new(&url, Some(&old))
+                    .await
+                    .call("ListProducts")
+                    .await,
+            )
+        }
+    })
+    .await;
+    assert!(allowed(
+        Caller::new(&server.url, Some(&new))
+            .await
+            .call("ListProducts")
+            .await
+    ));
+
+    std::fs::write(&path, "[[token]]\nname = \"broken\"\n").unwrap();
+    server.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        allowed(
+            Caller::new(&server.url, Some(&new))
+                .await
+                .call("ListProducts")
+                .await
+        ),
+        "a file that fails to parse keeps the tokens in force"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_tokens_only_loopback_is_served_unless_allowed() {
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["serve", "--listen-addr", "0.0.0.0:0"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env_remove("FLASHSALE_TOKENS_FILE")
+        .env_remove("FLASHSALE_ALLOW_UNAUTHENTICATED")
+        .output()
+        .expect("run flashsale serve");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("FLASHSALE_TOKENS_FILE"), "{said}");
+
+    let db = TestDb::new().await;
+    let mut allowed = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["serve", "--listen-addr", "0.0.0.0:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("FLASHSALE_ALLOW_UNAUTHENTICATED", "true")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        allowed.try_wait().unwrap().is_none(),
+        "allowed to serve open, it keeps running"
+    );
+    allowed.kill().await.unwrap();
+}
