@@ -2,10 +2,11 @@
 //! follows from its method, and a refusal is answered without reaching the handler.
 
 use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
+use futures::future::Either;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -50,11 +51,11 @@ pub fn admin_scope(_method: &str) -> Scope {
 impl<S> tower::Service<http::Request<Body>> for Guarded<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+    /// The service's own future when allowed, the refusal at once when not: no allocation.
+    type Future = Either<S::Future, Ready<Result<Self::Response, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -68,12 +69,9 @@ where
         {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
+                Either::Left(self.inner.call(request))
             }
-            Err(refusal) => {
-                let status = Status::from(refusal);
-                Box::pin(async move { Ok(status.into_http()) })
-            }
+            Err(refusal) => Either::Right(ready(Ok(Status::from(refusal).into_http()))),
         }
     }
 }
