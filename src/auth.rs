@@ -178,13 +178,6 @@ fn parse_digest(hex: &str) -> Option<[u8; 32]> {
     Some(digest)
 }
 
-/// Who made a call, as the handlers and logs see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The token's name; `None` when the server runs without tokens.
-    pub name: Option<String>,
-}
-
 /// Decides whether a call may proceed; the tokens can be re-read while serving.
 pub struct Authorizer {
     /// The tokens file; `None`: the server is open.
@@ -224,13 +217,9 @@ impl Authorizer {
     }
 
     /// Checks the `authorization` header of a call that needs `scope`.
-    pub fn authorize(
-        &self,
-        headers: &http::HeaderMap,
-        scope: Scope,
-    ) -> Result<Caller, DomainError> {
+    pub fn authorize(&self, headers: &http::HeaderMap, scope: Scope) -> Result<(), DomainError> {
         if self.path.is_none() {
-            return Ok(Caller { name: None });
+            return Ok(());
         }
         let presented = headers
             .get(http::header::AUTHORIZATION)
@@ -251,9 +240,7 @@ impl Authorizer {
                 scope: scope.into(),
             });
         }
-        Ok(Caller {
-            name: Some(token.name.clone()),
-        })
+        Ok(())
     }
 }
 

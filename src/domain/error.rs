@@ -117,11 +117,6 @@ impl DomainError {
         DomainError::Conflict(message_source(message))
     }
 
-    /// Shorthand for [`DomainError::Unavailable`] with a message of our own.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        DomainError::Unavailable(message_source(message))
-    }
-
     /// The machine-readable reason clients switch on (`google.rpc.ErrorInfo.reason`).
     pub fn reason(&self) -> &'static str {
         match self {

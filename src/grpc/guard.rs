@@ -61,16 +61,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
         match self
             .authorizer
             .authorize(request.headers(), (self.scope_of)(method))
         {
-            Ok(caller) => {
-                request.extensions_mut().insert(caller);
-                Either::Left(self.inner.call(request))
-            }
+            Ok(()) => Either::Left(self.inner.call(request)),
             Err(refusal) => Either::Right(ready(Ok(Status::from(refusal).into_http()))),
         }
     }
