@@ -68,8 +68,9 @@ CREATE INDEX stock_adjustments_product_id ON stock_adjustments (product_id);
 -- Guarantees:
 -- - qty > 0 and status is one of 'active', 'converted', 'expired', 'released' (the schema
 --   checks the values, not the transitions between them).
--- - At most one hold per client_request_id (holds_client_request_id_key): the caller's
---   retry key, so the same key always finds the same hold.
+-- - At most one hold per caller and client_request_id (holds_client_request_id_key): the
+--   caller's retry key, so the same key from the same caller always finds the same hold,
+--   and another caller's same key is another key.
 -- - Its product exists when the hold is inserted, never changes, and cannot be deleted or
 --   re-keyed while the hold exists (deleting at READ COMMITTED: see products_keep_held).
 --   No foreign key enforces this, three triggers do
@@ -90,9 +91,12 @@ CREATE TABLE holds (
     client_request_id TEXT COLLATE "C",
     expires_at        TIMESTAMPTZ NOT NULL,
     created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at        TIMESTAMPTZ NOT NULL DEFAULT now()
+    updated_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- the name of the token that created the hold ('' on a server without tokens): its
+    -- client_request_id is unique among that caller's holds only
+    caller            TEXT COLLATE "C" NOT NULL
 );
-CREATE UNIQUE INDEX holds_client_request_id_key ON holds (client_request_id)
+CREATE UNIQUE INDEX holds_client_request_id_key ON holds (caller, client_request_id)
     WHERE client_request_id IS NOT NULL;
 -- the reaper's queue: active holds by expiry; also the audit's one pass over active holds
 CREATE INDEX holds_active_expires_at ON holds (expires_at) WHERE status = 'active';
@@ -132,8 +136,9 @@ CREATE TABLE orders (
 -- the audit's sums of pending and paid orders per product
 CREATE INDEX orders_product_id ON orders (product_id);
 
--- One row per payment webhook idempotency key: one key, one effect (a redelivery finds the
--- row and changes nothing).
+-- One row per payment webhook idempotency key of each caller: one key, one effect (a
+-- redelivery finds the row and changes nothing). The key is the caller's (the payment
+-- adapter's token name): another caller's same key is another event.
 --
 -- Guarantees:
 -- - Exactly one target, an order or a hold that may not be an order yet
@@ -142,7 +147,7 @@ CREATE INDEX orders_product_id ON orders (product_id);
 --   time (payment_events_deferred_unresolved).
 -- idempotency_key has collation "C", for the reason given at holds.client_request_id.
 CREATE TABLE payment_events (
-    idempotency_key  TEXT COLLATE "C" PRIMARY KEY,
+    idempotency_key  TEXT COLLATE "C" NOT NULL,
     -- the target exactly as delivered: an order, or a hold that may not be an order yet
     target_order_id  UUID REFERENCES orders (id),
     target_hold_id   UUID REFERENCES holds (id),
@@ -157,6 +162,9 @@ CREATE TABLE payment_events (
     received_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     -- when the event was applied or ignored; NULL while deferred
     processed_at     TIMESTAMPTZ,
+    -- the name of the token that delivered it ('' on a server without tokens)
+    caller           TEXT COLLATE "C" NOT NULL,
+    CONSTRAINT payment_events_pkey PRIMARY KEY (caller, idempotency_key),
     CONSTRAINT payment_events_one_target CHECK ((target_order_id IS NULL) <> (target_hold_id IS NULL)),
     CONSTRAINT payment_events_deferred_unresolved CHECK (outcome <> 'deferred' OR (order_id IS NULL AND processed_at IS NULL))
 );
@@ -394,11 +402,12 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 -- transaction it is one round trip and one transaction: one row lock per product, one
 -- multi-row insert, one counter update per product, one commit.
 --
--- Arguments, one element per request in request_ids, request_products, request_qtys and
--- request_keys (parallel arrays): the id the hold gets if granted, the 1-based index of
--- its product in product_ids, the units asked, and the client request id (NULL for none;
--- a key appears at most once per call). product_ids: the batch's distinct products, in
--- ascending order. ttl: granted holds expire at now() + ttl.
+-- Arguments, one element per request in request_ids, request_products, request_qtys,
+-- request_callers and request_keys (parallel arrays): the id the hold gets if granted, the
+-- 1-based index of its product in product_ids, the units asked, the caller's name and its
+-- client request id (NULL for none; a caller's key appears at most once per call).
+-- product_ids: the batch's distinct products, in ascending order. ttl: granted holds expire
+-- at now() + ttl.
 --
 -- Guarantees:
 -- - Locks: the existing products among product_ids are locked FOR NO KEY UPDATE, in id
@@ -414,7 +423,7 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --   call too (holds_qty_check).
 -- - Exactly one result row per request; ord is its 1-based position. Rows come in no
 --   useful order: callers place them by ord. Outcomes:
---     'existing'     its key already names a hold: the hold_* columns are that hold, as
+--     'existing'     its caller's key already names a hold: the hold_* columns are that hold, as
 --                    it is, whatever product or quantity the request asked; no stock is
 --                    taken and nothing is written for it.
 --     'granted'      the hold_* columns are the new active hold; its units are added to
@@ -443,7 +452,7 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --   then searched among the locked ones instead of taken by index.
 CREATE FUNCTION reserve_holds(
     request_ids uuid[], product_ids uuid[], request_products int4[], request_qtys int8[],
-    request_keys text[], ttl interval, skip_taken_keys bool
+    request_callers text[], request_keys text[], ttl interval, skip_taken_keys bool
 ) RETURNS TABLE (ord int4, outcome text, units_left int8, hold_id uuid,
                 hold_product_id uuid, hold_qty int8, hold_status text,
                 hold_client_request_id text, hold_expires_at timestamptz,
@@ -464,8 +473,8 @@ BEGIN
     FOR known IN
         SELECT r.at::int4 AS at, h.id, h.product_id, h.qty, h.status, h.client_request_id,
                h.expires_at, h.created_at, h.updated_at
-          FROM unnest(request_keys) WITH ORDINALITY AS r(key, at)
-          JOIN holds h ON h.client_request_id = r.key
+          FROM unnest(request_callers, request_keys) WITH ORDINALITY AS r(caller, key, at)
+          JOIN holds h ON h.caller = r.caller AND h.client_request_id = r.key
          WHERE r.key IS NOT NULL
     LOOP
         decided[known.at] := true;
@@ -509,11 +518,12 @@ BEGIN
     IF NOT skip_taken_keys THEN
         RETURN QUERY
         WITH rows AS (
-            INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at,
-                               created_at, updated_at)
-            SELECT r.id, product_ids[r.product], r.qty, 'active', r.key, now() + ttl, now(), now()
-              FROM unnest(request_ids, request_products, request_qtys, request_keys)
-                   WITH ORDINALITY AS r(id, product, qty, key, at)
+            INSERT INTO holds (id, product_id, qty, status, caller, client_request_id,
+                               expires_at, created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, now() + ttl,
+                   now(), now()
+              FROM unnest(request_ids, request_products, request_qtys, request_callers,
+                          request_keys) WITH ORDINALITY AS r(id, product, qty, caller, key, at)
               JOIN unnest(granted) AS g ON g = r.at
             RETURNING *
         ), units AS (
@@ -533,11 +543,12 @@ BEGIN
         -- A key a concurrent transaction took is skipped, and its units with it.
         RETURN QUERY
         WITH rows AS (
-            INSERT INTO holds (id, product_id, qty, status, client_request_id, expires_at,
-                               created_at, updated_at)
-            SELECT r.id, product_ids[r.product], r.qty, 'active', r.key, now() + ttl, now(), now()
-              FROM unnest(request_ids, request_products, request_qtys, request_keys)
-                   WITH ORDINALITY AS r(id, product, qty, key, at)
+            INSERT INTO holds (id, product_id, qty, status, caller, client_request_id,
+                               expires_at, created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, now() + ttl,
+                   now(), now()
+              FROM unnest(request_ids, request_products, request_qtys, request_callers,
+                          request_keys) WITH ORDINALITY AS r(id, product, qty, caller, key, at)
               JOIN unnest(granted) AS g ON g = r.at
             ON CONFLICT DO NOTHING
             RETURNING *

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::domain::DomainError;
+use crate::domain::{Caller, DomainError};
 
 /// What a token may do.
 #[derive(
@@ -68,11 +68,15 @@ struct TokensFile {
     token: Vec<TokenEntry>,
 }
 
+/// Longest token name, in bytes.
+const MAX_NAME_BYTES: usize = 64;
+
 /// A known token: its name, its hash, its scopes.
 #[derive(Debug, Clone)]
 struct KnownToken {
-    /// Shown in logs; the token itself never is.
-    name: String,
+    /// Its name: the caller its holder is, shown in logs (the token itself never is) and
+    /// owning the keys its holder sends.
+    caller: Caller,
     /// SHA-256 of the token's bytes.
     digest: [u8; 32],
     /// What it may do.
@@ -117,8 +121,9 @@ impl TokenSet {
         let file: TokensFile = toml::from_str(text).map_err(|error| error.to_string())?;
         let mut tokens: Vec<KnownToken> = Vec::with_capacity(file.token.len());
         for entry in file.token {
-            if entry.name.trim().is_empty() || tokens.iter().any(|t| t.name == entry.name) {
-                return Err(format!("token name {:?} is empty or repeated", entry.name));
+            let name = parse_token_name(&entry.name)?;
+            if tokens.iter().any(|t| t.caller.name() == name) {
+                return Err(format!("token name {name:?} is repeated"));
             }
             if entry.scopes.is_empty() {
                 return Err(format!("token {:?} has no scopes", entry.name));
@@ -130,7 +135,7 @@ impl TokenSet {
                 )
             })?;
             tokens.push(KnownToken {
-                name: entry.name,
+                caller: Caller::named(&name),
                 digest,
                 scopes: entry.scopes,
             });
@@ -159,6 +164,20 @@ impl TokenSet {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+}
+
+/// A token's name as the tokens file and `flashsale token --name` accept it: not blank, at
+/// most [`MAX_NAME_BYTES`], no control characters (it appears in logs).
+pub fn parse_token_name(name: &str) -> Result<String, String> {
+    if name.trim().is_empty() {
+        return Err("a token name must not be empty".into());
+    }
+    if name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(format!(
+            "token name {name:?} must be at most {MAX_NAME_BYTES} bytes, without control characters"
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 /// 64 lowercase hex digits as 32 bytes.
@@ -216,10 +235,14 @@ impl Authorizer {
         Ok(count)
     }
 
-    /// Checks the `authorization` header of a call that needs `scope`.
-    pub fn authorize(&self, headers: &http::HeaderMap, scope: Scope) -> Result<(), DomainError> {
+    /// Checks the `authorization` header of a call that needs `scope`; who is calling.
+    pub fn authorize(
+        &self,
+        headers: &http::HeaderMap,
+        scope: Scope,
+    ) -> Result<Caller, DomainError> {
         if self.path.is_none() {
-            return Ok(());
+            return Ok(Caller::anonymous());
         }
         let presented = headers
             .get(http::header::AUTHORIZATION)
@@ -236,11 +259,11 @@ impl Authorizer {
             .ok_or(DomainError::Unauthenticated)?;
         if !token.scopes.contains(&scope) {
             return Err(DomainError::MissingScope {
-                token: token.name.clone(),
+                token: token.caller.name().to_owned(),
                 scope: scope.into(),
             });
         }
-        Ok(())
+        Ok(token.caller.clone())
     }
 }
 
@@ -275,7 +298,7 @@ mod tests {
         );
         let set = TokenSet::parse(&entry).unwrap();
         let found = set.find(&token).expect("its own token");
-        assert_eq!(found.name, "storefront");
+        assert_eq!(found.caller.name(), "storefront");
         assert_eq!(found.scopes, vec![Scope::Checkout]);
         assert!(set.find(&format!("{token}x")).is_none());
     }
@@ -298,6 +321,10 @@ mod tests {
             (
                 "[[token]]\nname = \"\"\nsha256 = \"\"\nscopes = [\"admin\"]\n",
                 "empty",
+            ),
+            (
+                "[[token]]\nname = \"a\\u0007b\"\nsha256 = \"\"\nscopes = [\"admin\"]\n",
+                "control characters",
             ),
         ] {
             let error = TokenSet::parse(text).expect_err(text);

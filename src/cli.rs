@@ -70,7 +70,7 @@ pub struct SeedArgs {
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
     /// The token's name, shown in logs instead of the token.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::auth::parse_token_name)]
     pub name: String,
     /// What the token may do: checkout, payments or admin (repeat for several).
     #[arg(long = "scope", required = true)]

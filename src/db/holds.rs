@@ -37,12 +37,14 @@ pub async fn lock_hold(
         .optional()
 }
 
-/// The hold created with this client request id, if any.
+/// The hold `caller` created with this client request id, if any.
 pub async fn find_hold_by_client_request_id(
     conn: &mut AsyncPgConnection,
+    caller: &str,
     client_request_id: &str,
 ) -> QueryResult<Option<Hold>> {
     holds::table
+        .filter(holds::caller.eq(caller))
         .filter(holds::client_request_id.eq(client_request_id))
         .select(Hold::as_select())
         .first(conn)
@@ -94,14 +96,16 @@ pub struct HoldRequestRow<'a> {
     pub id: Uuid,
     pub product_id: Uuid,
     pub qty: i64,
-    /// At most once per batch.
+    /// The name of the token asking; its client request id is unique among its holds.
+    pub caller: &'a str,
+    /// At most once per caller per batch.
     pub client_request_id: Option<&'a str>,
 }
 
 /// What [`reserve_holds`] did with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reservation {
-    /// Its client request id already named this hold; nothing was written.
+    /// Its caller's client request id already named this hold; nothing was written.
     Existing(Hold),
     /// The new hold.
     Granted(Hold),
@@ -178,6 +182,7 @@ async fn reserve_holds_once(
     let ids: Vec<Uuid> = requests.iter().map(|row| row.id).collect();
     let (product_ids, request_products) = index_products(requests);
     let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
+    let callers: Vec<&str> = requests.iter().map(|row| row.caller).collect();
     let keys: Vec<Option<&str>> = requests.iter().map(|row| row.client_request_id).collect();
     // Arrays rather than a VALUES list, so the statement's text does not depend on the
     // batch size and stays prepared.
@@ -189,6 +194,8 @@ async fn reserve_holds_once(
         .bind::<Array<Integer>, _>(request_products)
         .sql(", ")
         .bind::<Array<BigInt>, _>(qtys)
+        .sql(", ")
+        .bind::<Array<Text>, _>(callers)
         .sql(", ")
         .bind::<Array<Nullable<Text>>, _>(keys)
         .sql(", ")
@@ -266,6 +273,7 @@ mod tests {
             id: Uuid::now_v7(),
             product_id,
             qty: 1,
+            caller: "",
             client_request_id: None,
         }
     }

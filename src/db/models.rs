@@ -136,4 +136,6 @@ pub struct PaymentEvent {
     pub order_status: Option<OrderStatus>,
     pub received_at: DateTime<Utc>,
     pub processed_at: Option<DateTime<Utc>>,
+    /// The name of the token that delivered it; the key is unique per caller.
+    pub caller: String,
 }

@@ -11,6 +11,8 @@ use super::schema::payment_events;
 /// A payment event as first recorded.
 #[derive(Debug, Clone)]
 pub struct NewPaymentEvent<'a> {
+    /// The name of the token that delivered it.
+    pub caller: &'a str,
     pub idempotency_key: &'a str,
     pub target_order_id: Option<Uuid>,
     pub target_hold_id: Option<Uuid>,
@@ -23,20 +25,21 @@ pub struct NewPaymentEvent<'a> {
     pub processed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The event stored under this idempotency key, if any.
+/// The event `caller` stored under this idempotency key, if any.
 pub async fn find_event(
     conn: &mut AsyncPgConnection,
+    caller: &str,
     key: &str,
 ) -> QueryResult<Option<PaymentEvent>> {
     payment_events::table
-        .find(key)
+        .find((caller, key))
         .select(PaymentEvent::as_select())
         .first(conn)
         .await
         .optional()
 }
 
-/// Stores an event; `false` if its key is already taken (by a concurrent delivery).
+/// Stores an event; `false` if its caller's key is already taken (by a concurrent delivery).
 pub async fn insert_event(
     conn: &mut AsyncPgConnection,
     event: &NewPaymentEvent<'_>,
@@ -45,6 +48,7 @@ pub async fn insert_event(
     // and such inserts are never kept prepared.
     let inserted = diesel::insert_into(payment_events::table)
         .values((
+            payment_events::caller.eq(event.caller),
             payment_events::idempotency_key.eq(event.idempotency_key),
             payment_events::target_order_id.eq(event.target_order_id),
             payment_events::target_hold_id.eq(event.target_hold_id),
@@ -70,7 +74,11 @@ pub async fn lock_deferred_events(
     payment_events::table
         .filter(payment_events::target_hold_id.eq(hold_id))
         .filter(payment_events::outcome.eq(EventOutcome::Deferred))
-        .order((payment_events::received_at, payment_events::idempotency_key))
+        .order((
+            payment_events::received_at,
+            payment_events::caller,
+            payment_events::idempotency_key,
+        ))
         .select(PaymentEvent::as_select())
         .for_update()
         .load(conn)
@@ -80,12 +88,12 @@ pub async fn lock_deferred_events(
 /// Resolves a deferred event: it was applied to (or ignored by) `order_id`.
 pub async fn resolve_event(
     conn: &mut AsyncPgConnection,
-    key: &str,
+    event: &PaymentEvent,
     outcome: EventOutcome,
     order_id: Option<Uuid>,
     order_status: Option<OrderStatus>,
 ) -> QueryResult<()> {
-    diesel::update(payment_events::table.find(key))
+    diesel::update(payment_events::table.find((&event.caller, &event.idempotency_key)))
         .set((
             payment_events::outcome.eq(outcome),
             payment_events::order_id.eq(order_id),

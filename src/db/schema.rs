@@ -10,6 +10,7 @@ diesel::table! {
         expires_at -> Timestamptz,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        caller -> Text,
     }
 }
 
@@ -28,7 +29,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    payment_events (idempotency_key) {
+    payment_events (caller, idempotency_key) {
         idempotency_key -> Text,
         target_order_id -> Nullable<Uuid>,
         target_hold_id -> Nullable<Uuid>,
@@ -40,6 +41,7 @@ diesel::table! {
         order_status -> Nullable<Text>,
         received_at -> Timestamptz,
         processed_at -> Nullable<Timestamptz>,
+        caller -> Text,
     }
 }
 

@@ -160,15 +160,16 @@ impl HoldBatcher {
     }
 }
 
-/// For each request, the earlier request of the batch with the same client request id, if any.
+/// For each request, the earlier request of the batch with the same caller and client
+/// request id, if any.
 fn first_with_same_key(requests: &[NewHold]) -> Vec<Option<usize>> {
-    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
     requests
         .iter()
         .enumerate()
         .map(|(index, request)| {
-            let key = request.client_request_id.as_deref()?;
-            match first_with_key.get(key) {
+            let key = (request.caller.name(), request.client_request_id.as_deref()?);
+            match first_with_key.get(&key) {
                 Some(&first) => Some(first),
                 None => {
                     first_with_key.insert(key, index);
@@ -185,6 +186,7 @@ fn hold_request_row(request: &NewHold) -> HoldRequestRow<'_> {
         id: Uuid::now_v7(),
         product_id: request.product_id,
         qty: request.qty,
+        caller: request.caller.name(),
         client_request_id: request.client_request_id.as_deref(),
     }
 }
@@ -214,7 +216,7 @@ async fn taken_key_hold(
     request: &NewHold,
 ) -> Result<Hold, DomainError> {
     let key = request.client_request_id.as_deref().unwrap_or_default();
-    find_hold_by_client_request_id(conn, key)
+    find_hold_by_client_request_id(conn, request.caller.name(), key)
         .await?
         .ok_or_else(|| DomainError::conflict(format!("client_request_id {key:?} raced; retry")))
 }

@@ -3,7 +3,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::{Checkout, DomainError, check_key};
+use super::{Caller, Checkout, DomainError, check_key};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
 use crate::db::movements::{NewMovement, fold_movements, insert_movements};
@@ -15,7 +15,9 @@ use crate::db::products::StockChange;
 pub struct NewHold {
     pub product_id: Uuid,
     pub qty: i64,
-    /// The caller's retry key: the same key returns the same hold.
+    /// Who asks; its keys are its own.
+    pub caller: Caller,
+    /// The caller's retry key: the same key from the same caller returns the same hold.
     pub client_request_id: Option<String>,
 }
 

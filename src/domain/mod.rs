@@ -29,6 +29,29 @@ use hold_batcher::HoldBatcher;
 use stock_folder::StockFolder;
 use uuid::Uuid;
 
+/// Who is calling: the name of the token the call presented (`""` on a server without
+/// tokens). The keys a caller chooses (client request ids, webhook idempotency keys) are its
+/// own: the same key from another caller is another key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Caller(Arc<str>);
+
+impl Caller {
+    /// The caller holding the token named `name`.
+    pub fn named(name: &str) -> Caller {
+        Caller(name.into())
+    }
+
+    /// A caller on a server without tokens.
+    pub fn anonymous() -> Caller {
+        Caller::default()
+    }
+
+    /// The token's name (`""` when anonymous).
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Business limits that shape holds.
 #[derive(Debug, Clone)]
 pub struct CheckoutSettings {

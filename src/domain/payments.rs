@@ -5,7 +5,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
 use super::settlement::{order_total_cents, settle};
-use super::{Checkout, DomainError, check_key, check_text, retryable};
+use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
     EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
@@ -25,12 +25,15 @@ pub enum PaymentTarget {
 /// A payment provider's webhook, as forwarded by the payment adapter.
 #[derive(Debug, Clone)]
 pub struct PaymentWebhook {
-    /// The provider's event id: one key, one effect.
+    /// Who delivers it (the payment adapter's token); its keys are its own.
+    pub caller: Caller,
+    /// The provider's event id: one key per caller, one effect.
     pub idempotency_key: String,
     pub target: PaymentTarget,
     pub result: PaymentResult,
     pub failure_reason: String,
-    /// What the provider charged; 0 when not reported.
+    /// What the provider charged: required for a success (it must equal the order's total),
+    /// 0 when not reported for a failure.
     pub amount_cents: i64,
 }
 
@@ -92,6 +95,12 @@ fn validate_webhook(webhook: &PaymentWebhook) -> Result<(), DomainError> {
     if webhook.amount_cents < 0 {
         return Err(DomainError::invalid("amount_cents", "must not be negative"));
     }
+    if webhook.result == PaymentResult::Success && webhook.amount_cents == 0 {
+        return Err(DomainError::invalid(
+            "amount_cents",
+            "a successful payment must report the amount charged (the order's total)",
+        ));
+    }
     Ok(())
 }
 
@@ -102,7 +111,7 @@ async fn process_webhook(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
 ) -> Result<(WebhookReceipt, Option<Uuid>), DomainError> {
-    if let Some(event) = find_event(conn, &webhook.idempotency_key).await? {
+    if let Some(event) = find_event(conn, webhook.caller.name(), &webhook.idempotency_key).await? {
         return Ok((duplicate_receipt(event, webhook)?, None));
     }
     let Decision {
@@ -208,7 +217,8 @@ async fn apply_to_hold(
     }
 }
 
-/// A non-zero reported amount must equal what the order costs.
+/// A reported amount (always there for a success, see [`validate_webhook`]) must equal
+/// what the order costs.
 fn check_amount(reported: i64, expected: i64) -> Result<(), DomainError> {
     if reported != 0 && reported != expected {
         return Err(DomainError::AmountMismatch { expected, reported });
@@ -250,6 +260,7 @@ fn new_event(
 ) -> NewPaymentEvent<'_> {
     let (target_order_id, target_hold_id) = target_ids(webhook.target);
     NewPaymentEvent {
+        caller: webhook.caller.name(),
         idempotency_key: &webhook.idempotency_key,
         target_order_id,
         target_hold_id,

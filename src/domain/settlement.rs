@@ -55,14 +55,7 @@ pub(super) async fn apply_deferred_events(
             settled_product = Some(order.product_id);
             EventOutcome::Applied
         };
-        resolve_event(
-            conn,
-            &event.idempotency_key,
-            outcome,
-            Some(order.id),
-            Some(order.status),
-        )
-        .await?;
+        resolve_event(conn, &event, outcome, Some(order.id), Some(order.status)).await?;
     }
     Ok((order, settled_product))
 }

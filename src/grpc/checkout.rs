@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::convert::{optional_text, parse_id, parse_ids, payment_result};
+use super::convert::{caller, optional_text, parse_id, parse_ids, payment_result};
 use super::pb::checkout_service_server::CheckoutService;
 use super::pb::{self, handle_payment_webhook_request::Target};
 use crate::domain::holds::NewHold;
@@ -61,10 +61,12 @@ impl CheckoutService for CheckoutApi {
         &self,
         request: Request<pb::CreateHoldRequest>,
     ) -> Result<Response<pb::Hold>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let new = NewHold {
             product_id: parse_id("product_id", &request.product_id)?,
             qty: request.qty,
+            caller,
             client_request_id: optional_text(request.client_request_id),
         };
         Ok(Response::new(self.checkout.create_hold(new).await?.into()))
@@ -106,6 +108,7 @@ impl CheckoutService for CheckoutApi {
         &self,
         request: Request<pb::HandlePaymentWebhookRequest>,
     ) -> Result<Response<pb::HandlePaymentWebhookResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let target = match request.target {
             Some(Target::OrderId(id)) => PaymentTarget::Order(parse_id("order_id", &id)?),
@@ -113,6 +116,7 @@ impl CheckoutService for CheckoutApi {
             None => return Err(DomainError::invalid("target", "set order_id or hold_id").into()),
         };
         let webhook = PaymentWebhook {
+            caller,
             idempotency_key: request.idempotency_key,
             target,
             result: payment_result(request.result)?,

@@ -7,9 +7,19 @@ use uuid::Uuid;
 use super::pb;
 use crate::db::audit::AuditRow;
 use crate::db::models::{Hold, HoldStatus, Order, OrderStatus, PaymentResult, Product};
-use crate::domain::DomainError;
 use crate::domain::availability::StockSnapshot;
 use crate::domain::payments::{WebhookOutcome, WebhookReceipt};
+use crate::domain::{Caller, DomainError};
+
+/// Who sent a call, as the guard in front of the service found out
+/// ([`super::guard::Guarded`]); a call that did not pass a guard is refused.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, DomainError> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| DomainError::internal("the call did not pass the token guard"))
+}
 
 /// Parses an id field; `field` names it in the error.
 pub fn parse_id(field: &'static str, value: &str) -> Result<Uuid, DomainError> {

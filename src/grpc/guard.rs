@@ -1,5 +1,7 @@
 //! Every call to a guarded service passes the [`Authorizer`] first: the scope it needs
-//! follows from its method, and a refusal is answered without reaching the handler.
+//! follows from its method, and a refusal is answered without reaching the handler. An
+//! allowed call carries its [`Caller`] in the request's extensions, for the handler
+//! ([`super::convert::caller`]).
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
@@ -12,6 +14,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 
 use crate::auth::{Authorizer, Scope};
+use crate::domain::Caller;
 
 /// A service whose calls need a token with the scope `scope_of` gives for their method.
 #[derive(Clone)]
@@ -61,13 +64,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
         match self
             .authorizer
             .authorize(request.headers(), (self.scope_of)(method))
         {
-            Ok(()) => Either::Left(self.inner.call(request)),
+            Ok(caller) => {
+                request.extensions_mut().insert::<Caller>(caller);
+                Either::Left(self.inner.call(request))
+            }
             Err(refusal) => Either::Right(ready(Ok(Status::from(refusal).into_http()))),
         }
     }

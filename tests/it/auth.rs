@@ -317,3 +317,111 @@ async fn without_tokens_only_loopback_is_served_unless_allowed() {
     );
     allowed.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_belong_to_the_token_that_sent_them() {
+    use flashsale::grpc::pb::{HandlePaymentWebhookResponse, Hold, WebhookOutcome};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let tokens = write_tokens(
+        &path,
+        &[
+            ("shop-a", &[Scope::Checkout]),
+            ("shop-b", &[Scope::Checkout]),
+            ("psp-a", &[Scope::Payments]),
+            ("psp-b", &[Scope::Payments]),
+            ("ops", &[Scope::Admin]),
+        ],
+    );
+    let server = TestServer::start_with(|config| config.tokens_file = Some(path.clone())).await;
+    let url = format!("http://{}", server.addr);
+    let mut callers = Vec::new();
+    for token in &tokens {
+        callers.push(Caller::new(&url, Some(token)).await);
+    }
+    let [shop_a, shop_b, psp_a, psp_b, ops] = &mut callers[..] else {
+        unreachable!()
+    };
+    let product_id = ops
+        .admin
+        .create_product(CreateProductRequest {
+            name: "ticket".into(),
+            price_cents: 250,
+            stock_total: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let hold = async |caller: &mut Caller, qty: i64| -> Hold {
+        let request = CreateHoldRequest {
+            product_id: product_id.clone(),
+            qty,
+            client_request_id: "cart-1".into(),
+        };
+        caller
+            .checkout
+            .create_hold(request)
+            .await
+            .unwrap()
+            .into_inner()
+    };
+
+    // The same client_request_id from two storefronts: two holds, neither sees the other's.
+    let of_a = hold(shop_a, 1).await;
+    let of_b = hold(shop_b, 2).await;
+    assert_ne!(of_a.hold_id, of_b.hold_id);
+    assert_eq!(of_b.qty, 2);
+    assert_eq!(
+        hold(shop_a, 1).await.hold_id,
+        of_a.hold_id,
+        "a retry finds its own"
+    );
+
+    // The same idempotency key from two payment adapters: two payments, each applied once.
+    let mut orders = Vec::new();
+    for (shop, of) in [(&mut *shop_a, &of_a), (&mut *shop_b, &of_b)] {
+        let request = CreateOrderRequest {
+            hold_id: of.hold_id.clone(),
+        };
+        orders.push(
+            shop.checkout
+                .create_order(request)
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let pay = async |psp: &mut Caller, order: &flashsale::grpc::pb::Order| {
+        let webhook = crate::support::success(
+            "evt-1",
+            crate::support::on_order(&order.order_id),
+            order.total_cents,
+        );
+        let answer: HandlePaymentWebhookResponse = psp
+            .checkout
+            .handle_payment_webhook(webhook)
+            .await
+            .unwrap()
+            .into_inner();
+        answer.outcome()
+    };
+    assert_eq!(pay(psp_a, &orders[0]).await, WebhookOutcome::Applied);
+    assert_eq!(pay(psp_b, &orders[1]).await, WebhookOutcome::Applied);
+    assert_eq!(pay(psp_a, &orders[0]).await, WebhookOutcome::Duplicate);
+    let audit = ops
+        .admin
+        .audit_inventory(AuditInventoryRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.consistent, "{audit:?}");
+    let product = shop_a
+        .checkout
+        .get_product(GetProductRequest { product_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((product.reserved, product.sold), (0, 3));
+}

@@ -250,8 +250,8 @@ async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
         .unwrap();
     let other_hold_id = Uuid::now_v7();
     diesel::sql_query(
-        "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[1], ARRAY[2::int8], ARRAY['race'], \
-         '1 minute', false)",
+        "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[1], ARRAY[2::int8], ARRAY[''], \
+         ARRAY['race'], '1 minute', false)",
     )
     .bind::<SqlUuid, _>(other_hold_id)
     .bind::<SqlUuid, _>(product_id)
@@ -321,6 +321,7 @@ async fn a_batch_naming_a_missing_product_still_serves_the_others_in_arrival_ord
         id: Uuid::now_v7(),
         product_id,
         qty,
+        caller: "",
         client_request_id: None,
     };
     // One call, as one batch: the missing product makes the function look each request's

@@ -100,7 +100,7 @@ async fn buy(
         .await
         .map_err(|status| format!("CreateOrder: {status:?}"))?;
     let webhook = if pays {
-        success(&key, on_order(&order.order_id))
+        success(&key, on_order(&order.order_id), order.total_cents)
     } else {
         failure(&key, on_order(&order.order_id), "card declined")
     };

@@ -12,7 +12,7 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     Counters, TestServer, assert_counters, assert_counters_shown, assert_status, decline, deliver,
-    get_product, hold, on_order, order, pay, pending_order, release, success, with_amount,
+    get_product, hold, on_order, order, pay, pending_order, release, success,
 };
 
 /// AdjustStock through the admin API.
@@ -272,8 +272,8 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
     // 4 units reserved by a hold, 3 sold.
     hold(&mut checkout, &product.id, 4).await;
     let order = pending_order(&mut checkout, &product.id, 3).await;
-    let payment = success("evt-withdraw", on_order(&order.order_id));
-    deliver(&mut checkout, with_amount(payment, 15_000)).await;
+    let payment = success("evt-withdraw", on_order(&order.order_id), order.total_cents);
+    deliver(&mut checkout, payment).await;
     let before = assert_counters(&server, &product, Counters::stock(10).reserved(4).sold(3)).await;
 
     let status = assert_status(
@@ -455,8 +455,8 @@ async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
     let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
     let insert_for = |product_id: &str| {
         format!(
-            "INSERT INTO holds (id, product_id, qty, expires_at)
-             VALUES (gen_random_uuid(), '{product_id}', 1, now() + interval '1 minute')"
+            "INSERT INTO holds (id, product_id, qty, expires_at, caller)
+             VALUES (gen_random_uuid(), '{product_id}', 1, now() + interval '1 minute', '')"
         )
     };
 
@@ -466,8 +466,8 @@ async fn the_database_keeps_every_hold_pointing_at_an_existing_product() {
     for statement in [
         insert_for(&missing),
         format!(
-            "INSERT INTO holds (id, product_id, qty, expires_at)
-             SELECT gen_random_uuid(), named, 1, now() FROM unnest(ARRAY['{}', '{missing}']::uuid[]) AS named",
+            "INSERT INTO holds (id, product_id, qty, expires_at, caller)
+             SELECT gen_random_uuid(), named, 1, now(), '' FROM unnest(ARRAY['{}', '{missing}']::uuid[]) AS named",
             other.id
         ),
         format!("DELETE FROM products WHERE id = '{}'", product.id),

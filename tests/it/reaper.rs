@@ -230,7 +230,7 @@ async fn reaper_closes_a_payment_deferred_on_the_hold_it_expires() {
     let product = server.product("mug", 400, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
-    let webhook = success("evt-early", on_hold(&hold.hold_id));
+    let webhook = success("evt-early", on_hold(&hold.hold_id), 800);
     assert_eq!(
         deliver(&mut checkout, webhook.clone()).await.outcome(),
         WebhookOutcome::Deferred

@@ -112,7 +112,7 @@ struct Column {
     is_nullable: String,
 }
 
-/// A table's primary key column, or a foreign key as `child -> parent (column)`.
+/// A table's primary key columns, or a foreign key as `child -> parent (column)`.
 #[derive(QueryableByName)]
 struct Key {
     #[diesel(sql_type = Text)]
@@ -133,10 +133,14 @@ async fn print_schema(conn: &mut AsyncPgConnection) -> Vec<String> {
     .await
     .unwrap();
     let keys: Vec<Key> = diesel::sql_query(
-        "SELECT format('%s (%s)', c.conrelid::regclass, a.attname) AS key
-           FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+        "SELECT format('%s (%s)', c.conrelid::regclass,
+                       string_agg(a.attname, ', ' ORDER BY k.position)) AS key
+           FROM pg_constraint c
+           CROSS JOIN unnest(c.conkey) WITH ORDINALITY AS k(attnum, position)
+           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
           WHERE c.contype = 'p' AND c.connamespace = 'public'::regnamespace
             AND c.conrelid <> '__diesel_schema_migrations'::regclass
+          GROUP BY c.conrelid
          UNION ALL
          SELECT format('joinable!(%s -> %s (%s))', c.conrelid::regclass, c.confrelid::regclass, min(a.attname))
            FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]

@@ -3,7 +3,7 @@
 use flashsale::grpc::pb::{HoldStatus, OrderStatus, WebhookOutcome};
 
 use crate::support::{
-    Counters, TestServer, assert_counters, deliver, hold, on_order, order, success, with_amount,
+    Counters, TestServer, assert_counters, deliver, hold, on_order, order, success,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -19,8 +19,8 @@ async fn hold_order_pay_sells_the_units() {
     assert_eq!(order.status(), OrderStatus::Pending);
     assert_eq!(order.total_cents, 25_800);
 
-    let payment = success("evt_1", on_order(&order.order_id));
-    let paid = deliver(&mut checkout, with_amount(payment, 25_800)).await;
+    let payment = success("evt_1", on_order(&order.order_id), order.total_cents);
+    let paid = deliver(&mut checkout, payment).await;
     assert_eq!(paid.outcome(), WebhookOutcome::Applied);
     assert_eq!(paid.order_status(), OrderStatus::Paid);
 

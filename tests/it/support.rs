@@ -479,14 +479,14 @@ pub fn on_hold(hold_id: &str) -> Target {
     Target::HoldId(hold_id.into())
 }
 
-/// A successful payment webhook that reports no amount.
-pub fn success(key: &str, target: Target) -> HandlePaymentWebhookRequest {
+/// A successful payment webhook reporting the amount charged.
+pub fn success(key: &str, target: Target, amount_cents: i64) -> HandlePaymentWebhookRequest {
     HandlePaymentWebhookRequest {
         idempotency_key: key.into(),
         target: Some(target),
         result: PaymentResult::Success.into(),
         failure_reason: String::new(),
-        amount_cents: 0,
+        amount_cents,
     }
 }
 
@@ -537,7 +537,11 @@ pub async fn pay(
     order: &pb::Order,
     key: &str,
 ) -> pb::HandlePaymentWebhookResponse {
-    deliver(checkout, success(key, on_order(&order.order_id))).await
+    deliver(
+        checkout,
+        success(key, on_order(&order.order_id), order.total_cents),
+    )
+    .await
 }
 
 /// Declines an order's payment: a failed payment webhook under `key`; panics if the server

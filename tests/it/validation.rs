@@ -150,7 +150,11 @@ impl Fixture {
 
     /// A webhook that would be accepted: success for the fixture's pending order.
     fn webhook(&self) -> HandlePaymentWebhookRequest {
-        success("evt-valid", on_order(&self.order.order_id))
+        success(
+            "evt-valid",
+            on_order(&self.order.order_id),
+            self.order.total_cents,
+        )
     }
 
     /// Every bad request the fixture can make, with the field its refusal must name.
@@ -256,7 +260,7 @@ impl Fixture {
                     })
                 },
             ),
-            rows("amount_cents", [-1, -5, i64::MIN], |amount_cents| {
+            rows("amount_cents", [0, -1, -5, i64::MIN], |amount_cents| {
                 webhook(HandlePaymentWebhookRequest {
                     amount_cents,
                     ..valid.clone()

@@ -8,9 +8,9 @@ use flashsale::grpc::pb::{HandlePaymentWebhookRequest, OrderStatus, WebhookOutco
 use tonic::Code;
 
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_status, decline, deliver, failure, get_order,
-    get_product, hold, on_hold, on_order, order, pay, pending_order, release, sleep_past, success,
-    try_deliver, try_order, with_amount,
+    Counters, TestServer, assert_counters, assert_invalid, assert_status, decline, deliver,
+    failure, get_order, get_product, hold, on_hold, on_order, order, pay, pending_order, release,
+    sleep_past, success, try_deliver, try_order, with_amount,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ async fn duplicate_delivery_answers_like_the_first_and_changes_nothing() {
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
     let order = pending_order(&mut checkout, &product.id, 2).await;
-    let webhook = with_amount(success("evt-1", on_order(&order.order_id)), 500);
+    let webhook = success("evt-1", on_order(&order.order_id), 500);
     let first = deliver(&mut checkout, webhook.clone()).await;
     assert_eq!(first.outcome(), WebhookOutcome::Applied);
     let settled = assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
@@ -48,7 +48,7 @@ async fn concurrent_deliveries_of_one_key_apply_exactly_once() {
     let mut calls = Vec::new();
     for _ in 0..10 {
         let mut client = server.checkout().await;
-        let webhook = success("evt-race", on_order(&order.order_id));
+        let webhook = success("evt-race", on_order(&order.order_id), order.total_cents);
         calls.push(tokio::spawn(async move {
             try_deliver(&mut client, webhook).await
         }));
@@ -127,7 +127,11 @@ async fn reused_key_with_another_payload_is_refused_and_changes_nothing() {
     let mut checkout = server.checkout().await;
     let first_order = pending_order(&mut checkout, &product.id, 2).await;
     let other_order = pending_order(&mut checkout, &product.id, 1).await;
-    let original = success("evt-1", on_order(&first_order.order_id));
+    let original = success(
+        "evt-1",
+        on_order(&first_order.order_id),
+        first_order.total_cents,
+    );
     deliver(&mut checkout, original.clone()).await;
     let before = get_product(&mut checkout, &product.id).await;
 
@@ -135,11 +139,19 @@ async fn reused_key_with_another_payload_is_refused_and_changes_nothing() {
         // another result
         failure("evt-1", on_order(&first_order.order_id), ""),
         // another amount
-        with_amount(original.clone(), first_order.total_cents),
+        with_amount(original.clone(), first_order.total_cents + 1),
         // another order
-        success("evt-1", on_order(&other_order.order_id)),
+        success(
+            "evt-1",
+            on_order(&other_order.order_id),
+            other_order.total_cents,
+        ),
         // the same order, but named through its hold
-        success("evt-1", on_hold(&first_order.hold_id)),
+        success(
+            "evt-1",
+            on_hold(&first_order.hold_id),
+            first_order.total_cents,
+        ),
         // another failure reason on an otherwise equal payload
         HandlePaymentWebhookRequest {
             failure_reason: "extra".into(),
@@ -192,7 +204,7 @@ async fn amount_other_than_the_order_total_is_refused_and_not_stored() {
     let status = assert_status(
         try_deliver(
             &mut checkout,
-            with_amount(success("evt-1", on_order(&order.order_id)), 499),
+            success("evt-1", on_order(&order.order_id), 499),
         )
         .await,
         Code::FailedPrecondition,
@@ -208,7 +220,7 @@ async fn amount_other_than_the_order_total_is_refused_and_not_stored() {
     // Nothing was stored under the key: the corrected delivery applies.
     let retry = deliver(
         &mut checkout,
-        with_amount(success("evt-1", on_order(&order.order_id)), 500),
+        success("evt-1", on_order(&order.order_id), 500),
     )
     .await;
     assert_eq!(retry.outcome(), WebhookOutcome::Applied);
@@ -225,11 +237,7 @@ async fn amount_mismatch_on_a_hold_payment_is_refused_before_it_is_deferred() {
     let hold = hold(&mut checkout, &product.id, 2).await;
 
     assert_status(
-        try_deliver(
-            &mut checkout,
-            with_amount(success("evt-1", on_hold(&hold.hold_id)), 250),
-        )
-        .await,
+        try_deliver(&mut checkout, success("evt-1", on_hold(&hold.hold_id), 250)).await,
         Code::FailedPrecondition,
         "AMOUNT_MISMATCH",
     );
@@ -239,7 +247,7 @@ async fn amount_mismatch_on_a_hold_payment_is_refused_before_it_is_deferred() {
     assert_eq!(order.status(), OrderStatus::Pending);
     let retry = deliver(
         &mut checkout,
-        with_amount(success("evt-1", on_order(&order.order_id)), 500),
+        success("evt-1", on_order(&order.order_id), 500),
     )
     .await;
     assert_eq!(retry.outcome(), WebhookOutcome::Applied);
@@ -247,20 +255,33 @@ async fn amount_mismatch_on_a_hold_payment_is_refused_before_it_is_deferred() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn zero_amount_means_not_reported_and_is_accepted() {
+async fn a_success_without_the_amount_is_refused_naming_it_and_stores_nothing() {
     let server = TestServer::start().await;
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
     let order = pending_order(&mut checkout, &product.id, 2).await;
+    let before = get_product(&mut checkout, &product.id).await;
 
-    let receipt = deliver(
-        &mut checkout,
-        with_amount(success("evt-1", on_order(&order.order_id)), 0),
-    )
-    .await;
+    // A forged "paid" with no money behind it, aimed at the order or at its hold.
+    for target in [on_order(&order.order_id), on_hold(&order.hold_id)] {
+        assert_invalid(
+            try_deliver(&mut checkout, success("evt-1", target, 0)).await,
+            "amount_cents",
+        );
+    }
 
-    assert_eq!(receipt.outcome(), WebhookOutcome::Applied);
-    assert_eq!(receipt.order_status(), OrderStatus::Paid);
+    assert_eq!(
+        get_order(&mut checkout, &order.order_id).await.status(),
+        OrderStatus::Pending
+    );
+    assert_eq!(get_product(&mut checkout, &product.id).await, before);
+    // Nothing was stored under the key: the real payment applies.
+    let real = pay(&mut checkout, &order, "evt-1").await;
+    assert_eq!(real.outcome(), WebhookOutcome::Applied);
+    // A declined payment took no money and needs no amount.
+    let other = pending_order(&mut checkout, &product.id, 1).await;
+    let declined = decline(&mut checkout, &other, "evt-2", "card declined").await;
+    assert_eq!(declined.order_status(), OrderStatus::Cancelled);
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(2)).await;
     server.assert_consistent().await;
 }
@@ -274,19 +295,23 @@ async fn unknown_order_or_hold_is_not_found_and_the_key_stays_unused() {
     let unknown = uuid::Uuid::now_v7().to_string();
 
     assert_status(
-        try_deliver(&mut checkout, success("evt-1", on_order(&unknown))).await,
+        try_deliver(&mut checkout, success("evt-1", on_order(&unknown), 500)).await,
         Code::NotFound,
         "NOT_FOUND",
     );
     // Had the first delivery been stored, this other payload would be ALREADY_EXISTS.
     assert_status(
-        try_deliver(&mut checkout, success("evt-1", on_hold(&unknown))).await,
+        try_deliver(&mut checkout, success("evt-1", on_hold(&unknown), 500)).await,
         Code::NotFound,
         "NOT_FOUND",
     );
     // An order id is not a hold id.
     assert_status(
-        try_deliver(&mut checkout, success("evt-1", on_hold(&order.order_id))).await,
+        try_deliver(
+            &mut checkout,
+            success("evt-1", on_hold(&order.order_id), 500),
+        )
+        .await,
         Code::NotFound,
         "NOT_FOUND",
     );
@@ -308,7 +333,7 @@ async fn payment_before_the_order_is_deferred_then_pays_the_order_on_creation() 
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
-    let webhook = with_amount(success("evt-early", on_hold(&hold.hold_id)), 500);
+    let webhook = success("evt-early", on_hold(&hold.hold_id), 500);
 
     let deferred = deliver(&mut checkout, webhook.clone()).await;
     assert_eq!(deferred.outcome(), WebhookOutcome::Deferred);
@@ -362,7 +387,7 @@ async fn two_deferred_payments_settle_the_order_once_in_arrival_order() {
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
     let declined = failure("evt-1", on_hold(&hold.hold_id), "declined");
-    let paid = success("evt-2", on_hold(&hold.hold_id));
+    let paid = success("evt-2", on_hold(&hold.hold_id), 500);
     assert_eq!(
         deliver(&mut checkout, declined.clone()).await.outcome(),
         WebhookOutcome::Deferred
@@ -397,7 +422,7 @@ async fn deferred_payment_on_a_released_hold_is_closed_and_stock_comes_back_once
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
-    let webhook = success("evt-early", on_hold(&hold.hold_id));
+    let webhook = success("evt-early", on_hold(&hold.hold_id), 500);
     assert_eq!(
         deliver(&mut checkout, webhook.clone()).await.outcome(),
         WebhookOutcome::Deferred
@@ -428,7 +453,7 @@ async fn deferred_payment_on_a_hold_that_expires_is_closed_and_stock_comes_back_
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
     let hold = hold(&mut checkout, &product.id, 2).await;
-    let webhook = success("evt-early", on_hold(&hold.hold_id));
+    let webhook = success("evt-early", on_hold(&hold.hold_id), 500);
     assert_eq!(
         deliver(&mut checkout, webhook.clone()).await.outcome(),
         WebhookOutcome::Deferred
@@ -458,7 +483,7 @@ async fn payment_aimed_at_a_converted_hold_applies_to_its_order() {
 
     let receipt = deliver(
         &mut checkout,
-        with_amount(success("evt-1", on_hold(&order.hold_id)), 500),
+        success("evt-1", on_hold(&order.hold_id), 500),
     )
     .await;
 
@@ -483,7 +508,7 @@ async fn concurrent_deliveries_of_one_key_on_a_hold_defer_it_once() {
     let mut calls = Vec::new();
     for _ in 0..10 {
         let mut client = server.checkout().await;
-        let webhook = success("evt-early", on_hold(&hold.hold_id));
+        let webhook = success("evt-early", on_hold(&hold.hold_id), 500);
         calls.push(tokio::spawn(async move {
             try_deliver(&mut client, webhook).await
         }));
@@ -516,7 +541,7 @@ async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_onc
     for i in 0..BUYERS {
         let hold = hold(&mut checkout, &product.id, 1).await;
         let (mut orders, mut payments) = (server.checkout().await, server.checkout().await);
-        let webhook = success(&format!("evt-{i}"), on_hold(&hold.hold_id));
+        let webhook = success(&format!("evt-{i}"), on_hold(&hold.hold_id), 250);
         let (order_start, payment_start) = (start.clone(), start.clone());
         let hold_id = hold.hold_id.clone();
         let ordering = tokio::spawn(async move {
@@ -549,7 +574,7 @@ async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_onc
         );
         let again = deliver(
             &mut checkout,
-            success(&format!("evt-{i}"), on_hold(&order.hold_id)),
+            success(&format!("evt-{i}"), on_hold(&order.hold_id), 250),
         )
         .await;
         assert_eq!(again.outcome(), WebhookOutcome::Duplicate);
