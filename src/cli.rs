@@ -266,7 +266,7 @@ async fn open_database(
     db::create_database_if_missing(&server, LOCAL_DATABASE).await?;
     tracing::info!(
         data_dir = %local.data_dir().display(),
-        port = local.port(),
+        socket_dir = %local.socket_dir().display(),
         "DATABASE_URL is unset: using a private postgresql (stopped on exit; data kept)"
     );
     Ok((server.with_database(LOCAL_DATABASE), Some(local)))

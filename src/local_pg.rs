@@ -1,22 +1,40 @@
 //! A private PostgreSQL cluster started from the machine's own server binaries.
 //!
 //! Used by `serve` when `DATABASE_URL` is unset (persistent data directory, durable
-//! settings) and by the integration-test harness (throwaway directory, fsync and
-//! friends off). The postmaster runs as a child process that listens on 127.0.0.1
-//! only (no unix socket) with trust authentication, writes its output to
-//! `<data_dir>.log`, and never outlives the process that started it: it is spawned
-//! from one long-lived keeper thread with `PR_SET_PDEATHSIG` set to SIGINT.
-//! When running as root, initdb and postgres run as the `postgres` system user.
+//! settings), by the integration-test harness (throwaway directory, fsync and friends off)
+//! and by `flashsale-tools bench`.
+//!
+//! Private means that only the user the server runs as (and root) can connect. The
+//! postmaster listens on no TCP address (`listen_addresses` is empty), only on a Unix
+//! socket inside the data directory, which PostgreSQL keeps at mode 0700 (0750 at most);
+//! the socket itself is 0700 too, and a new cluster's `pg_hba.conf` has only `local` lines.
+//! Authentication is `trust`: whoever can open the socket may connect as any role, and only
+//! the data directory's owner and root can open it.
+//!
+//! A socket's path holds at most [`MAX_SOCKET_PATH`] bytes. When
+//! `<data_dir>/.s.PGSQL.5432` is longer, the socket goes into a fresh directory of the
+//! server's user in the temp dir instead (mode 0700, named `flashsale-pgsock-<pid>-<n>`),
+//! removed when the cluster stops (and, if this process was killed first, by the next
+//! start that needs one). [`LocalPostgres::url`] names the socket directory as the URL's
+//! host, percent-encoded (`postgres://postgres@%2Fsrv%2Fpg:5432/db`), a form libpq,
+//! tokio-postgres and the `url` crate all read the same way.
+//!
+//! The postmaster runs as a child process that writes its output to `<data_dir>.log`, and
+//! never outlives the process that started it: it is spawned from one long-lived keeper
+//! thread with `PR_SET_PDEATHSIG` set to SIGINT. When running as root, initdb and postgres
+//! run as the `postgres` system user.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::net::TcpListener;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -26,6 +44,13 @@ use tokio::sync::oneshot;
 pub const DEFAULT_DATA_DIR: &str = ".flashsale/pg";
 /// Environment variable naming the directory that holds initdb and postgres.
 pub const PG_BIN_ENV: &str = "FLASHSALE_PG_BIN";
+/// The port number of every private cluster. Nothing listens on TCP, so it only names the
+/// socket file, `.s.PGSQL.5432`, in a directory of the cluster's own: PostgreSQL's default
+/// serves every cluster, and `psql -h <socket dir>` needs no `-p`.
+pub const SOCKET_PORT: u16 = 5432;
+/// The longest Unix socket path PostgreSQL and the kernel accept: `sun_path`'s 108 bytes
+/// less the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// How long a start may take before we give up on the server.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +60,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long SIGQUIT and SIGKILL each get before we report failure.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many launches we try when the port gets taken meanwhile or an earlier server was still stopping.
+/// How many launches we try when an earlier server in the same data directory was still stopping.
 const START_ATTEMPTS: u32 = 5;
 /// How many server log lines go into startup errors.
 const LOG_TAIL_LINES: usize = 20;
@@ -43,8 +68,17 @@ const LOG_TAIL_LINES: usize = 20;
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the keeper thread reaps children handed over by `Drop`.
 const REAP_INTERVAL: Duration = Duration::from_millis(500);
-/// Log lines by which postgres says it could not listen on its port.
-const PORT_CONFLICT_MARKERS: [&str; 2] = ["could not bind", "Address already in use"];
+/// Name prefix of the fallback socket directories in the temp dir; `<pid>-<n>` follows.
+const SOCKET_DIR_PREFIX: &str = "flashsale-pgsock-";
+/// How many names we try for a fallback socket directory before giving up.
+const SOCKET_DIR_ATTEMPTS: u32 = 100;
+/// The `pg_hba.conf` of a new cluster: Unix-socket connections only, no `host` lines.
+const PG_HBA: &str = "\
+# Written by flashsale. The private cluster takes connections only on its Unix socket,
+# which only the data directory's owner (and root) can reach; it listens on no TCP address.
+local all all trust
+local replication all trust
+";
 
 /// Errors of the private PostgreSQL cluster.
 #[derive(Debug, thiserror::Error)]
@@ -136,11 +170,19 @@ pub enum LocalPgError {
         /// what the operating system reported
         error: io::Error,
     },
-    /// No free TCP port could be reserved.
-    #[error("could not pick a free tcp port on 127.0.0.1: {error}")]
-    Port {
-        /// what the operating system reported
-        error: io::Error,
+    /// The data directory's path is too long for a socket inside it, and so is the temp dir's.
+    #[error(
+        "the postgresql socket path {} would be longer than {MAX_SOCKET_PATH} bytes, the limit \
+         of a Unix socket address, and so would one in the temp dir ({}): use a data directory \
+         with a shorter path, or set TMPDIR to a directory with a shorter one",
+        socket_path(data_dir).display(),
+        socket_path(fallback).display()
+    )]
+    SocketPathTooLong {
+        /// the data directory, where the socket would go
+        data_dir: PathBuf,
+        /// the fallback socket directory in the temp dir that is too long as well
+        fallback: PathBuf,
     },
     /// initdb exited unsuccessfully.
     #[error("initdb of {} failed ({status}); last lines of {}:\n{tail}", path.display(), log.display())]
@@ -198,19 +240,6 @@ pub enum LocalPgError {
     },
 }
 
-impl LocalPgError {
-    /// Whether launching again may help: the port was taken meanwhile, or an earlier server is now stopping.
-    fn is_retryable(&self, data_dir: &Path) -> bool {
-        self.is_port_conflict() || stopping_postmaster(data_dir).is_some()
-    }
-
-    /// Whether this is a startup failure caused by the port being taken meanwhile.
-    fn is_port_conflict(&self) -> bool {
-        matches!(self, LocalPgError::ExitedDuringStartup { tail, .. }
-            if PORT_CONFLICT_MARKERS.iter().any(|marker| tail.contains(marker)))
-    }
-}
-
 /// How to start a private cluster.
 #[derive(Debug, Clone)]
 pub struct LocalPostgresOptions {
@@ -249,8 +278,9 @@ pub struct LocalPostgres {
     data_dir: PathBuf,
     /// the server log file, quoted in errors and logs
     log_path: PathBuf,
-    /// the TCP port on 127.0.0.1 the server listens on, used to build URLs
-    port: u16,
+    /// where the server's only socket is, used to build URLs; shared with the keeper thread
+    /// when it reaps a dropped postmaster, so a fallback directory goes only once that has exited
+    socket_dir: Arc<SocketDir>,
     /// the postmaster; None once it has been stopped or handed to the keeper for reaping
     child: Option<Child>,
 }
@@ -264,11 +294,15 @@ impl LocalPostgres {
         let log_path = with_suffix(&data_dir, ".log");
         prepare_parent(&data_dir, run_as)?;
         ensure_cluster(&bin, &data_dir, &log_path, run_as, options.durable).await?;
+        let socket_dir = Arc::new(SocketDir::choose(&data_dir, run_as)?);
         let mut attempt = 1;
         loop {
             wait_for_stopping_predecessor(&data_dir).await;
-            match Self::launch(&bin, &data_dir, &log_path, &options, run_as).await {
-                Err(error) if attempt < START_ATTEMPTS && error.is_retryable(&data_dir) => {
+            let launched = Self::launch(&bin, &data_dir, &log_path, &socket_dir, &options, run_as);
+            match launched.await {
+                Err(error)
+                    if attempt < START_ATTEMPTS && stopping_postmaster(&data_dir).is_some() =>
+                {
                     tracing::warn!(attempt, %error, "postgresql did not start, retrying");
                     attempt += 1;
                 }
@@ -277,14 +311,27 @@ impl LocalPostgres {
         }
     }
 
-    /// postgres://postgres@127.0.0.1:PORT/<database>
+    /// `postgres://postgres@<socket dir, percent-encoded>:5432/<database>`, e.g.
+    /// `postgres://postgres@%2Ftmp%2Fpg:5432/postgres`: the socket directory is the host,
+    /// as libpq (psql, pgbench), tokio-postgres and diesel-async read it.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres@{}:{SOCKET_PORT}/{}",
+            percent_encode(self.socket_dir.path.as_os_str().as_bytes()),
+            percent_encode(database.as_bytes())
+        )
     }
 
-    /// The TCP port on 127.0.0.1 the server listens on.
+    /// The directory holding the server's Unix socket (`-h` of psql and pgbench): the data
+    /// directory, or a private directory in the temp dir when that path is too long.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir.path
+    }
+
+    /// The port number in the socket's name (`-p` of psql and pgbench), [`SOCKET_PORT`];
+    /// nothing listens on it over TCP.
     pub fn port(&self) -> u16 {
-        self.port
+        SOCKET_PORT
     }
 
     /// The absolute data directory of the cluster.
@@ -306,27 +353,27 @@ impl LocalPostgres {
     pub async fn stop(mut self) -> Result<(), LocalPgError> {
         let result = self.shutdown().await;
         if result.is_ok() {
-            tracing::info!(data_dir = %self.data_dir.display(), port = self.port, "stopped private postgresql");
+            tracing::info!(data_dir = %self.data_dir.display(), "stopped private postgresql");
         }
         result
     }
 
-    /// Spawns a postmaster on a fresh port and waits until it is ready, shutting it down on failure.
+    /// Spawns a postmaster and waits until it is ready, shutting it down on failure.
     async fn launch(
         bin: &Path,
         data_dir: &Path,
         log_path: &Path,
+        socket_dir: &Arc<SocketDir>,
         options: &LocalPostgresOptions,
         run_as: RunAs,
     ) -> Result<LocalPostgres, LocalPgError> {
-        let port = free_port()?;
         let log_offset = file_len(log_path);
-        let command = postgres_command(bin, data_dir, log_path, port, options, run_as)?;
+        let command = postgres_command(bin, data_dir, log_path, &socket_dir.path, options, run_as)?;
         let child = spawn_kept(command).await?;
         let mut server = LocalPostgres {
             data_dir: data_dir.to_owned(),
             log_path: log_path.to_owned(),
-            port,
+            socket_dir: Arc::clone(socket_dir),
             child: Some(child),
         };
         match server.wait_ready(log_offset).await {
@@ -365,7 +412,7 @@ impl LocalPostgres {
         }
     }
 
-    /// Whether postmaster.pid names our child and says "ready" (so the port is ours, not a stranger's).
+    /// Whether postmaster.pid names our child and says "ready" (not an earlier server's leftover file).
     fn pid_file_says_ready(&self) -> bool {
         let ours = self.pid();
         matches!(postmaster_status(&self.data_dir), Some((pid, status)) if Some(pid) == ours && status == "ready")
@@ -402,13 +449,13 @@ impl LocalPostgres {
                     "postgresql has not exited yet, escalating"
                 ),
                 Err(error) => {
-                    hand_to_keeper(child);
+                    hand_to_keeper(child, Some(Arc::clone(&self.socket_dir)));
                     return Err(error);
                 }
             }
         }
         let pid = child.id();
-        hand_to_keeper(child);
+        hand_to_keeper(child, Some(Arc::clone(&self.socket_dir)));
         Err(LocalPgError::StopFailed { pid })
     }
 
@@ -416,7 +463,7 @@ impl LocalPostgres {
     fn log_started(&self) {
         tracing::info!(
             data_dir = %self.data_dir.display(),
-            port = self.port,
+            socket_dir = %self.socket_dir.path.display(),
             log = %self.log_path.display(),
             "started private postgresql"
         );
@@ -424,7 +471,8 @@ impl LocalPostgres {
 }
 
 impl Drop for LocalPostgres {
-    /// Best effort: SIGINT a still-running postmaster and let the keeper thread reap it, without blocking.
+    /// Best effort: SIGINT a still-running postmaster and let the keeper thread reap it (and
+    /// then remove a fallback socket directory), without blocking.
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -435,7 +483,7 @@ impl Drop for LocalPostgres {
                 "private postgresql dropped without stop, sending sigint"
             );
             signal_child(&child, libc::SIGINT);
-            hand_to_keeper(child);
+            hand_to_keeper(child, Some(Arc::clone(&self.socket_dir)));
         }
     }
 }
@@ -605,10 +653,16 @@ fn prepare_parent(data_dir: &Path, run_as: RunAs) -> Result<(), LocalPgError> {
     };
     fs::create_dir_all(parent)
         .map_err(|error| io_error("could not create directory", parent, error))?;
+    check_traversable(parent, run_as)
+}
+
+/// Fails unless the server's user can enter `dir` and each of its parents (only checked
+/// when we are root and the server runs as another user; otherwise we just entered them).
+fn check_traversable(dir: &Path, run_as: RunAs) -> Result<(), LocalPgError> {
     if !run_as.switch {
         return Ok(());
     }
-    for dir in parent.ancestors() {
+    for dir in dir.ancestors() {
         let meta = fs::metadata(dir).map_err(|error| io_error("could not inspect", dir, error))?;
         if !run_as.can_enter(&meta) {
             return Err(LocalPgError::NotTraversable {
@@ -645,6 +699,8 @@ async fn ensure_cluster(
     create_private_dir(&staging, run_as)?;
     tracing::info!(data_dir = %data_dir.display(), "initializing private postgresql cluster");
     run_initdb(bin, &staging, log_path, run_as, durable).await?;
+    let hba = staging.join("pg_hba.conf");
+    fs::write(&hba, PG_HBA).map_err(|error| io_error("could not write", &hba, error))?;
     fs::rename(&staging, data_dir).map_err(|error| match error.kind() {
         io::ErrorKind::DirectoryNotEmpty => LocalPgError::NotACluster {
             path: data_dir.to_owned(),
@@ -677,9 +733,12 @@ fn remove_leftover(dir: &Path) -> Result<(), LocalPgError> {
     }
 }
 
-/// Creates `dir` with mode 0700, owned by the server's user.
+/// Creates `dir` with mode 0700, owned by the server's user; fails if it exists.
 fn create_private_dir(dir: &Path, run_as: RunAs) -> Result<(), LocalPgError> {
-    fs::create_dir(dir).map_err(|error| io_error("could not create directory", dir, error))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|error| io_error("could not create directory", dir, error))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .map_err(|error| io_error("could not set permissions of", dir, error))?;
     if run_as.switch {
@@ -765,22 +824,13 @@ fn log_tail(log_path: &Path, offset: u64) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Reserves a currently free port on 127.0.0.1 (the listener is dropped, so it can be raced).
-fn free_port() -> Result<u16, LocalPgError> {
-    let listener =
-        TcpListener::bind(("127.0.0.1", 0)).map_err(|error| LocalPgError::Port { error })?;
-    let address = listener
-        .local_addr()
-        .map_err(|error| LocalPgError::Port { error })?;
-    Ok(address.port())
-}
-
-/// Builds the postmaster command: TCP on 127.0.0.1:`port` only, own process group, dies with its parent.
+/// Builds the postmaster command: no TCP, one Unix socket (mode 0700) in `socket_dir`, own
+/// process group, dies with its parent.
 fn postgres_command(
     bin: &Path,
     data_dir: &Path,
     log_path: &Path,
-    port: u16,
+    socket_dir: &Path,
     options: &LocalPostgresOptions,
     run_as: RunAs,
 ) -> Result<Command, LocalPgError> {
@@ -790,13 +840,17 @@ fn postgres_command(
         .arg("-D")
         .arg(data_dir)
         .arg("-p")
-        .arg(port.to_string());
+        .arg(SOCKET_PORT.to_string());
+    // given on the command line, these override postgresql.conf and ALTER SYSTEM
     command.args([
         "-c",
-        "listen_addresses=127.0.0.1",
+        "listen_addresses=",
         "-c",
-        "unix_socket_directories=",
+        "unix_socket_permissions=0700",
     ]);
+    command
+        .arg("-c")
+        .arg(socket_directories_setting(socket_dir));
     command
         .arg("-c")
         .arg(format!("max_connections={}", options.max_connections));
@@ -916,7 +970,16 @@ enum KeeperJob {
     /// spawn this command from the keeper thread (so PDEATHSIG follows the process) and send back the child
     Spawn(Box<Command>, oneshot::Sender<io::Result<Child>>),
     /// an already-signalled child to wait for in the background so it does not linger as a zombie
-    Reap(Child),
+    Reap(Orphan),
+}
+
+/// A signalled postmaster the keeper thread waits for.
+struct Orphan {
+    /// the postmaster, reaped once it exits
+    child: Child,
+    /// its socket directory, only held until then: a fallback one is removed when its last
+    /// holder drops it, so not while this postmaster may still be using it
+    _socket_dir: Option<Arc<SocketDir>>,
 }
 
 /// The channel to this process's keeper thread, started on first use and never stopped.
@@ -939,7 +1002,7 @@ fn keeper() -> Result<mpsc::Sender<KeeperJob>, LocalPgError> {
 
 /// The keeper thread: spawns postmasters and reaps dropped ones; it must never return.
 fn keeper_loop(jobs: mpsc::Receiver<KeeperJob>) {
-    let mut orphans: Vec<Child> = Vec::new();
+    let mut orphans: Vec<Orphan> = Vec::new();
     loop {
         let wait = if orphans.is_empty() {
             Duration::from_secs(3600)
@@ -951,17 +1014,20 @@ fn keeper_loop(jobs: mpsc::Receiver<KeeperJob>) {
                 if let Err(Ok(child)) = reply.send(command.spawn()) {
                     // the starter gave up waiting: don't leave an unowned server behind
                     signal_child(&child, libc::SIGQUIT);
-                    orphans.push(child);
+                    orphans.push(Orphan {
+                        child,
+                        _socket_dir: None,
+                    });
                 }
             }
-            Ok(KeeperJob::Reap(child)) => orphans.push(child),
+            Ok(KeeperJob::Reap(orphan)) => orphans.push(orphan),
             Err(RecvTimeoutError::Timeout) => {}
             // cannot happen (KEEPER keeps a sender), but returning would fire PDEATHSIG on every server
             Err(RecvTimeoutError::Disconnected) => loop {
                 std::thread::park();
             },
         }
-        orphans.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        orphans.retain_mut(|orphan| matches!(orphan.child.try_wait(), Ok(None)));
     }
 }
 
@@ -981,11 +1047,156 @@ async fn spawn_kept(command: Command) -> Result<Child, LocalPgError> {
         .map_err(|error| LocalPgError::Spawn { program, error })
 }
 
-/// Gives a child to the keeper thread to reap; if that fails it stays a zombie until we exit.
-fn hand_to_keeper(child: Child) {
+/// Gives a child (and its socket directory, to drop once it has exited) to the keeper thread
+/// to reap; if that fails it stays a zombie until we exit.
+fn hand_to_keeper(child: Child, socket_dir: Option<Arc<SocketDir>>) {
     if let Ok(jobs) = keeper() {
-        let _ = jobs.send(KeeperJob::Reap(child));
+        let _ = jobs.send(KeeperJob::Reap(Orphan {
+            child,
+            _socket_dir: socket_dir,
+        }));
     }
+}
+
+/// Numbers the fallback socket directories of this process.
+static NEXT_SOCKET_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// The directory of the server's Unix socket.
+#[derive(Debug)]
+struct SocketDir {
+    /// the absolute directory: the data directory, or a fallback in the temp dir when the
+    /// data directory's socket path would be too long
+    path: PathBuf,
+    /// whether `path` is a fallback of ours, removed with its content when this value drops
+    /// (after the postmaster has exited: its holders are the server and the keeper's orphan)
+    temporary: bool,
+}
+
+impl SocketDir {
+    /// The data directory if its socket path fits in [`MAX_SOCKET_PATH`], else a fresh
+    /// private directory (0700, the server's user's) in the temp dir.
+    fn choose(data_dir: &Path, run_as: RunAs) -> Result<SocketDir, LocalPgError> {
+        if socket_path_fits(data_dir) {
+            return Ok(SocketDir {
+                path: data_dir.to_owned(),
+                temporary: false,
+            });
+        }
+        let temp = absolute_dir(&std::env::temp_dir())?;
+        check_traversable(&temp, run_as)?;
+        remove_stale_socket_dirs(&temp, run_as);
+        let mut last_error = None;
+        for _ in 0..SOCKET_DIR_ATTEMPTS {
+            let n = NEXT_SOCKET_DIR.fetch_add(1, Ordering::Relaxed);
+            let path = temp.join(format!("{SOCKET_DIR_PREFIX}{}-{n}", std::process::id()));
+            if !socket_path_fits(&path) {
+                return Err(LocalPgError::SocketPathTooLong {
+                    data_dir: data_dir.to_owned(),
+                    fallback: path,
+                });
+            }
+            match create_private_dir(&path, run_as) {
+                Ok(()) => {
+                    tracing::info!(
+                        data_dir = %data_dir.display(),
+                        socket_dir = %path.display(),
+                        "the data directory's path is too long for a unix socket: using a private directory in the temp dir"
+                    );
+                    return Ok(SocketDir {
+                        path,
+                        temporary: true,
+                    });
+                }
+                // a name left by a dead process of another user, or taken meanwhile: try the next
+                Err(LocalPgError::Io { error, .. })
+                    if error.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    last_error = Some(error);
+                }
+                Err(error) => {
+                    // a half-made directory (e.g. chown failed) must not stay behind
+                    let _ = fs::remove_dir(&path);
+                    return Err(error);
+                }
+            }
+        }
+        Err(io_error(
+            "could not create a socket directory in",
+            &temp,
+            last_error.unwrap_or_else(|| io::Error::other("every name was taken")),
+        ))
+    }
+}
+
+impl Drop for SocketDir {
+    /// Removes a fallback directory (and a socket a killed postmaster left in it).
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The socket file PostgreSQL creates in `dir`: `<dir>/.s.PGSQL.5432`.
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{SOCKET_PORT}"))
+}
+
+/// Whether a socket in `dir` has a path PostgreSQL and the kernel accept.
+fn socket_path_fits(dir: &Path) -> bool {
+    socket_path(dir).as_os_str().len() <= MAX_SOCKET_PATH
+}
+
+/// Removes the fallback socket directories of the server's user whose process is gone
+/// (killed before it could remove its own).
+fn remove_stale_socket_dirs(temp: &Path, run_as: RunAs) {
+    let Ok(entries) = fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(SOCKET_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else {
+            continue;
+        };
+        let path = entry.path();
+        let ours =
+            fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_dir() && meta.uid() == run_as.uid);
+        if ours && !process_exists(pid) {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// `unix_socket_directories=<dir>`, the directory double-quoted (PostgreSQL splits the
+/// setting at commas and trims blanks outside quotes; `"` doubles inside them).
+fn socket_directories_setting(dir: &Path) -> OsString {
+    let mut setting = b"unix_socket_directories=\"".to_vec();
+    for &byte in dir.as_os_str().as_bytes() {
+        if byte == b'"' {
+            setting.push(b'"');
+        }
+        setting.push(byte);
+    }
+    setting.push(b'"');
+    OsString::from_vec(setting)
+}
+
+/// Percent-encodes every byte but ASCII letters, digits and `-._~`, for a URL's host or path.
+fn percent_encode(bytes: &[u8]) -> String {
+    let mut encoded = String::with_capacity(bytes.len() * 3);
+    for &byte in bytes {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 #[cfg(test)]
@@ -1008,16 +1219,47 @@ mod tests {
     }
 
     #[test]
-    fn port_conflicts_are_recognized_from_the_log() {
-        let exited = |tail: &str| LocalPgError::ExitedDuringStartup {
-            status: ExitStatus::default(),
-            log: PathBuf::from("pg.log"),
-            tail: tail.to_owned(),
+    fn socket_paths_up_to_107_bytes_fit() {
+        // "/.s.PGSQL.5432" is 14 bytes: a 93-byte directory gives exactly 107
+        let dir = |len: usize| PathBuf::from(format!("/{}", "d".repeat(len - 1)));
+        assert_eq!(socket_path(&dir(93)).as_os_str().len(), MAX_SOCKET_PATH);
+        assert!(socket_path_fits(&dir(93)));
+        assert!(!socket_path_fits(&dir(94)));
+    }
+
+    #[test]
+    fn urls_name_the_socket_directory_as_tokio_postgres_reads_it() {
+        use tokio_postgres::config::Host;
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(
+            b"/tmp/odd dir,with@:%?#/\"quotes\"/caf\xc3\xa9/\xff",
+        ));
+        let server = LocalPostgres {
+            data_dir: dir.clone(),
+            log_path: with_suffix(&dir, ".log"),
+            socket_dir: Arc::new(SocketDir {
+                path: dir.clone(),
+                temporary: false,
+            }),
+            child: None,
         };
-        let bind = "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use\n\
-                    FATAL:  could not create any TCP/IP sockets";
-        assert!(exited(bind).is_port_conflict());
-        assert!(!exited("FATAL:  lock file \"postmaster.pid\" already exists").is_port_conflict());
+        let url = server.url("flash sale");
+        assert!(
+            url.starts_with("postgres://postgres@%2Ftmp%2Fodd%20dir"),
+            "{url}"
+        );
+        let config: tokio_postgres::Config = url.parse().expect("tokio-postgres parses the url");
+        assert_eq!(config.get_hosts(), [Host::Unix(dir)]);
+        assert_eq!(config.get_ports(), [SOCKET_PORT]);
+        assert_eq!(config.get_dbname(), Some("flash sale"));
+        assert_eq!(config.get_user(), Some("postgres"));
+    }
+
+    #[test]
+    fn socket_directories_setting_quotes_the_directory() {
+        assert_eq!(
+            socket_directories_setting(Path::new("/srv/a,b \"c\"")),
+            OsString::from("unix_socket_directories=\"/srv/a,b \"\"c\"\"\"")
+        );
     }
 
     #[test]

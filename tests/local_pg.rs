@@ -1,12 +1,19 @@
 //! Tests of the private PostgreSQL cluster against the machine's real server binaries.
 
+use std::collections::HashSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use diesel::sql_types::Integer;
+use diesel::sql_types::{Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use flashsale::local_pg::{LocalPgError, LocalPostgres, LocalPostgresOptions, find_postgres_bin};
+use flashsale::config::DatabaseConfig;
+use flashsale::db;
+use flashsale::local_pg::{
+    LocalPgError, LocalPostgres, LocalPostgresOptions, MAX_SOCKET_PATH, SOCKET_PORT,
+    find_postgres_bin,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Env var telling a re-executed test binary to run the child side of a test in this directory.
@@ -92,6 +99,168 @@ async fn select_int(conn: &mut AsyncPgConnection, expression: &str) -> i32 {
         .expect("select")
 }
 
+/// Runs `SELECT <value>` through diesel's typed sql and returns the text.
+async fn select_text(conn: &mut AsyncPgConnection, expression: &str) -> String {
+    diesel::select(diesel::dsl::sql::<Text>(expression))
+        .get_result(conn)
+        .await
+        .expect("select")
+}
+
+/// Whether this test process runs as root.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The uid the private cluster runs as: the `postgres` user's when root, else ours.
+fn server_uid() -> u32 {
+    if !is_root() {
+        // SAFETY: geteuid has no preconditions.
+        return unsafe { libc::geteuid() };
+    }
+    let output = std::process::Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .expect("run id -u postgres");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("uid of the postgres user")
+}
+
+/// The socket inodes among the open files of process `pid`.
+fn socket_inodes_of(pid: u32) -> HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the postmaster's open files")
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?.to_owned();
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Column `column` (whitespace-separated, 0-based) of every entry of `/proc/<pid>/net/<table>`
+/// together with its inode (column `inode_column`).
+fn proc_net_column(
+    pid: u32,
+    table: &str,
+    inode_column: usize,
+    column: usize,
+) -> Vec<(u64, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(inode_column)?.parse().ok()?;
+            Some((inode, fields.get(column).copied().unwrap_or("").to_owned()))
+        })
+        .collect()
+}
+
+/// Whether a TCP connection to `host:port` reaches the cluster in `data_dir` (a server of
+/// someone else's on that port does not count: it is not the private cluster).
+async fn tcp_reaches(host: &str, port: u16, data_dir: &Path) -> bool {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await else {
+        return false;
+    };
+    tokio::spawn(connection);
+    let Ok(row) = client.query_one("SHOW data_directory", &[]).await else {
+        return false;
+    };
+    Path::new(&row.get::<_, String>(0)) == data_dir
+}
+
+/// Checks that only the cluster's own user (and root) can reach its socket: the socket
+/// directory and the socket are the server user's, mode 0700; when we are root, psql run as
+/// `nobody` is refused with "Permission denied" while psql run as the server's user connects.
+async fn assert_socket_is_private(pg: &LocalPostgres) {
+    let uid = server_uid();
+    let dir = std::fs::metadata(pg.socket_dir()).expect("socket dir");
+    assert_eq!(dir.uid(), uid, "socket dir owner");
+    assert_eq!(
+        dir.mode() & 0o777,
+        0o700,
+        "socket dir mode {:o}",
+        dir.mode()
+    );
+    let socket_path = pg.socket_dir().join(format!(".s.PGSQL.{SOCKET_PORT}"));
+    let socket = std::fs::metadata(&socket_path).expect("socket file");
+    assert!(socket.file_type().is_socket(), "{}", socket_path.display());
+    assert_eq!(socket.uid(), uid, "socket owner");
+    assert_eq!(
+        socket.mode() & 0o777,
+        0o700,
+        "socket mode {:o}",
+        socket.mode()
+    );
+    if !is_root() {
+        println!("not root: cannot try the socket as another user; checked modes and owners");
+        return;
+    }
+    let psql = find_postgres_bin()
+        .map(|bin| bin.join("psql"))
+        .ok()
+        .filter(|psql| psql.is_file());
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output();
+    let (Some(psql), Ok(nobody)) = (psql, nobody) else {
+        println!("no psql next to the server binaries or no id: skipped connecting as nobody");
+        return;
+    };
+    if !nobody.status.success() || which("runuser").is_none() {
+        println!("no `nobody` user or no runuser: skipped connecting as nobody");
+        return;
+    }
+    let url = pg.url("postgres");
+    let psql_as = |user: &str| {
+        std::process::Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(&psql)
+            .args(["-X", "-w", "-At", "-c", "SELECT 1", &url])
+            .current_dir("/")
+            .output()
+            .expect("run psql through runuser")
+    };
+    let owner = psql_as("postgres");
+    assert!(
+        owner.status.success() && String::from_utf8_lossy(&owner.stdout).trim() == "1",
+        "psql as postgres failed: {}",
+        String::from_utf8_lossy(&owner.stderr)
+    );
+    let stranger = psql_as("nobody");
+    let stderr = String::from_utf8_lossy(&stranger.stderr);
+    assert!(
+        !stranger.status.success(),
+        "nobody connected to the private cluster: {}",
+        String::from_utf8_lossy(&stranger.stdout)
+    );
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+}
+
+/// The first `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn start_query_stop() {
     init_tracing();
@@ -100,10 +269,22 @@ async fn start_query_stop() {
         .await
         .expect("start");
     assert!(pg.data_dir().join("PG_VERSION").is_file());
+    assert_eq!(pg.socket_dir(), pg.data_dir());
+    let encoded = pg.data_dir().to_str().expect("utf-8").replace('/', "%2F");
     assert_eq!(
         pg.url("flashsale"),
-        format!("postgres://postgres@127.0.0.1:{}/flashsale", pg.port())
+        format!("postgres://postgres@{encoded}:{SOCKET_PORT}/flashsale")
     );
+    // every consumer takes the URL: the url crate's edits (the it harness), DatabaseConfig
+    // (serve), diesel-async
+    let mut edited = url::Url::parse(&pg.url("flashsale")).expect("the url crate parses it");
+    edited.set_path("postgres");
+    let edited = String::from(edited);
+    assert_eq!(edited, pg.url("postgres"));
+    let config: DatabaseConfig = edited.parse().expect("a DatabaseConfig");
+    db::connect(&config)
+        .await
+        .expect("connect with DatabaseConfig");
     let mut conn = AsyncPgConnection::establish(&pg.url("postgres"))
         .await
         .expect("connect");
@@ -320,9 +501,132 @@ async fn child_holds_cluster() {
         .await
         .expect("join")
         .expect("start");
-    println!("LOCALPG CHILD READY {}", pg.port());
+    println!("LOCALPG CHILD READY {}", pg.socket_dir().display());
     tokio::time::sleep(Duration::from_secs(600)).await;
     drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_reaches_the_cluster_over_tcp() {
+    init_tracing();
+    let scratch = Scratch::new("no-tcp");
+    let pg = LocalPostgres::start(LocalPostgresOptions::throwaway(scratch.data_dir()))
+        .await
+        .expect("start");
+    let mut conn = AsyncPgConnection::establish(&pg.url("postgres"))
+        .await
+        .expect("connect over the socket");
+    assert_eq!(
+        select_text(&mut conn, "current_setting('listen_addresses')").await,
+        ""
+    );
+    assert_eq!(
+        select_text(&mut conn, "current_setting('unix_socket_permissions')").await,
+        "0700"
+    );
+    let host_rules = select_int(
+        &mut conn,
+        "(SELECT count(*)::int FROM pg_hba_file_rules WHERE type <> 'local')",
+    )
+    .await;
+    assert_eq!(host_rules, 0, "pg_hba.conf has lines for TCP connections");
+    drop(conn);
+
+    // the postmaster's listening socket is the Unix one, and none of its sockets is TCP
+    let pid = pg.pid().expect("pid");
+    let sockets = socket_inodes_of(pid);
+    let socket_path = pg.socket_dir().join(format!(".s.PGSQL.{SOCKET_PORT}"));
+    let unix_paths: Vec<String> = proc_net_column(pid, "unix", 6, 7)
+        .into_iter()
+        .filter(|(inode, _)| sockets.contains(inode))
+        .map(|(_, path)| path)
+        .collect();
+    assert!(
+        unix_paths.contains(&socket_path.display().to_string()),
+        "postmaster sockets {unix_paths:?}"
+    );
+    for table in ["tcp", "tcp6"] {
+        let tcp: Vec<(u64, String)> = proc_net_column(pid, table, 9, 1)
+            .into_iter()
+            .filter(|(inode, _)| sockets.contains(inode))
+            .collect();
+        assert!(tcp.is_empty(), "postmaster has {table} sockets: {tcp:?}");
+    }
+
+    // and a TCP connection attempt on its port does not reach it
+    for host in ["127.0.0.1", "::1", "localhost"] {
+        assert!(
+            !tcp_reaches(host, pg.port(), pg.data_dir()).await,
+            "connected to the private cluster over TCP at {host}:{}",
+            pg.port()
+        );
+    }
+    pg.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_owner_and_root_reach_the_socket() {
+    init_tracing();
+    let scratch = Scratch::new("private-socket");
+    let pg = LocalPostgres::start(LocalPostgresOptions::throwaway(scratch.data_dir()))
+        .await
+        .expect("start");
+    assert_eq!(pg.socket_dir(), pg.data_dir());
+    assert_socket_is_private(&pg).await;
+    pg.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_data_dir_gets_a_private_socket_dir_of_its_own() {
+    init_tracing();
+    let scratch = Scratch::new("long");
+    let data_dir = scratch
+        .0
+        .join("a-data-directory-whose-path-is-too-long-for-a-unix-socket");
+    let socket_in_data_dir = data_dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
+    assert!(socket_in_data_dir.as_os_str().len() > MAX_SOCKET_PATH);
+    // a fallback directory left by a killed process is cleared on the way (i32::MAX is
+    // above any pid_max, so no process has that pid)
+    let stale = std::env::temp_dir().join(format!("flashsale-pgsock-{}-0", i32::MAX));
+    std::fs::create_dir_all(&stale).expect("make a stale socket dir");
+    std::os::unix::fs::chown(&stale, Some(server_uid()), None).expect("chown the stale dir");
+
+    let options = LocalPostgresOptions::throwaway(&data_dir);
+    let pg = LocalPostgres::start(options.clone()).await.expect("start");
+    let socket_dir = pg.socket_dir().to_owned();
+    assert_ne!(socket_dir, pg.data_dir());
+    assert!(
+        socket_dir.starts_with(std::env::temp_dir()),
+        "{}",
+        socket_dir.display()
+    );
+    assert!(!stale.exists(), "the stale socket dir was left");
+    assert_socket_is_private(&pg).await;
+    let mut conn = AsyncPgConnection::establish(&pg.url("postgres"))
+        .await
+        .expect("connect");
+    assert_eq!(
+        select_text(&mut conn, "current_setting('unix_socket_directories')").await,
+        format!("\"{}\"", socket_dir.display())
+    );
+    assert_eq!(
+        select_text(&mut conn, "current_setting('data_directory')").await,
+        data_dir.display().to_string()
+    );
+    drop(conn);
+    pg.stop().await.expect("stop");
+    assert!(!socket_dir.exists(), "socket dir left after stop");
+
+    // dropped without stop: removed once the keeper has reaped the postmaster
+    let pg = LocalPostgres::start(options).await.expect("restart");
+    let socket_dir = pg.socket_dir().to_owned();
+    assert!(socket_dir.is_dir());
+    drop(pg);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while socket_dir.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!socket_dir.exists(), "socket dir left after drop");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -224,7 +224,7 @@ async fn pgbench_baseline(
     let pgbench = find_postgres_bin()?.join("pgbench");
     let mut best = (0, 0.0);
     for &clients in &args.pgbench_clients {
-        let tps = run_pgbench(&pgbench, postgres.port(), clients, args.duration, &script).await?;
+        let tps = run_pgbench(&pgbench, postgres, clients, args.duration, &script).await?;
         println!("baseline pgbench atomic: {clients} clients: {tps:.0} holds/s");
         if tps > best.1 {
             best = (clients, tps);
@@ -242,31 +242,25 @@ async fn rerun_pgbench(
 ) -> Result<f64, BenchError> {
     let pgbench = find_postgres_bin()?.join("pgbench");
     let script = workdir.join("atomic.sql");
-    let tps = run_pgbench(&pgbench, postgres.port(), clients, args.duration, &script).await?;
+    let tps = run_pgbench(&pgbench, postgres, clients, args.duration, &script).await?;
     println!("baseline pgbench atomic again: {clients} clients: {tps:.0} holds/s");
     Ok(tps)
 }
 
-/// One pgbench run; its transactions per second (one hold each).
+/// One pgbench run over the private cluster's Unix socket; its transactions per second
+/// (one hold each).
 async fn run_pgbench(
     pgbench: &PathBuf,
-    port: u16,
+    postgres: &LocalPostgres,
     clients: u32,
     duration: Duration,
     script: &Path,
 ) -> Result<f64, BenchError> {
     let output = Command::new(pgbench)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-n",
-            "-M",
-            "prepared",
-        ])
+        .arg("-h")
+        .arg(postgres.socket_dir())
+        .args(["-p", &postgres.port().to_string()])
+        .args(["-U", "postgres", "-n", "-M", "prepared"])
         .args([
             "-c",
             &clients.to_string(),
