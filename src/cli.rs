@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::auth::Scope;
-use crate::config::{DatabaseConfig, ServerConfig};
+use crate::config::{DatabaseConfig, ServerConfig, TlsFiles, TransportConfig};
 use crate::db;
 use crate::grpc::pb::CreateProductRequest;
 use crate::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Add demo products through a running server's admin API and print them.
     Seed(SeedArgs),
     /// Print a new random token on the first line and its [[token]] entry for the tokens
@@ -115,6 +115,30 @@ pub struct ServeArgs {
     /// Longest wait for a database connection before a call fails with UNAVAILABLE.
     #[arg(long, env = "FLASHSALE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
+    /// The server's TLS certificate chain (PEM); with --tls-key, serves TLS only.
+    #[arg(long, env = "FLASHSALE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FLASHSALE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM): clients must present a certificate it signed (mutual TLS).
+    #[arg(long, env = "FLASHSALE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Most connections open at once; more wait in the kernel's backlog.
+    #[arg(long, env = "FLASHSALE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Most concurrent calls (HTTP/2 streams) on one connection.
+    #[arg(long, env = "FLASHSALE_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+    /// Largest request message, in bytes; larger ones are refused with OUT_OF_RANGE.
+    #[arg(long, env = "FLASHSALE_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
+    pub max_message_bytes: u32,
+    /// Idle time after which the server pings a connection to see that its peer is alive.
+    #[arg(long, env = "FLASHSALE_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long such a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "FLASHSALE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -130,7 +154,28 @@ impl ServeArgs {
             hold_batch_lanes: self.hold_batch_lanes.into(),
             pool_size: self.pool_size.into(),
             db_timeout: self.db_timeout,
+            transport: self.transport_config(),
             ..ServerConfig::new(database)
+        }
+    }
+
+    /// TLS and the connection limits.
+    fn transport_config(&self) -> TransportConfig {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        TransportConfig {
+            tls,
+            max_connections: self.max_connections as usize,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_message_bytes: self.max_message_bytes as usize,
+            keepalive_interval: self.http2_keepalive_interval,
+            keepalive_timeout: self.http2_keepalive_timeout,
         }
     }
 }
@@ -140,7 +185,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     run_command("info", async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Seed(args) => seed(args).await,
             Command::Token(args) => token(args),
         }
@@ -202,9 +247,53 @@ fn check_open_server(args: &ServeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Bytes one product id takes in a WatchAvailability request (a UUID and its framing).
+const WATCHED_ID_BYTES: u64 = 40;
+
+/// Settings that only make sense together: a WatchAvailability naming as many products as
+/// allowed must fit in a message; plaintext off loopback is said out loud.
+fn check_transport(args: &ServeArgs) -> Result<(), CliError> {
+    let largest_watch = u64::from(args.max_watched_products) * WATCHED_ID_BYTES;
+    if largest_watch > u64::from(args.max_message_bytes) {
+        return Err(format!(
+            "--max-watched-products {} needs requests of up to {largest_watch} bytes, more than \
+             --max-message-bytes (FLASHSALE_MAX_MESSAGE_BYTES) {}: raise it",
+            args.max_watched_products, args.max_message_bytes
+        )
+        .into());
+    }
+    if args.tls_cert.is_none() && !args.listen_addr.ip().is_loopback() {
+        tracing::warn!(addr = %args.listen_addr, "serving plaintext off loopback: tokens and data cross the network unencrypted (set FLASHSALE_TLS_CERT and FLASHSALE_TLS_KEY)");
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit to the most it may have (as Go's runtime does),
+/// so `--max-connections` is not cut short by a small default; says what it got.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "open-file limit raised");
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+    }
+}
+
 /// `flashsale serve`.
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     check_open_server(&args)?;
+    check_transport(&args)?;
+    raise_open_file_limit();
     let (database, local) = open_database(&args.database).await?;
     let listener = TcpListener::bind(args.listen_addr)
         .await

@@ -100,6 +100,50 @@ pub struct ServerConfig {
     /// The tokens callers must present (see [`crate::auth`]); `None`: every caller may
     /// call everything.
     pub tokens_file: Option<PathBuf>,
+    /// TLS and the limits every connection lives within.
+    pub transport: TransportConfig,
+}
+
+/// How callers reach the server: TLS, and the limits that keep one caller's connections
+/// from exhausting what the others need.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Certificate and key to serve TLS with; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// Most connections open at once; past it, new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Most concurrent calls (streams) on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// Largest request message accepted, in bytes (larger: `OUT_OF_RANGE`).
+    pub max_message_bytes: usize,
+    /// Idle time after which the server pings a connection.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            tls: None,
+            max_connections: 10_000,
+            max_concurrent_streams: 1024,
+            max_message_bytes: 256 * 1024,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// PEM files that turn TLS on.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -117,6 +161,7 @@ impl ServerConfig {
             db_timeout: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(5),
             tokens_file: None,
+            transport: TransportConfig::default(),
         }
     }
 }

@@ -9,11 +9,11 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
 use crate::auth::Authorizer;
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, TlsFiles, TransportConfig};
 use crate::db::change_feed::run_change_feed;
 use crate::db::io_thread::IoThread;
 use crate::db::{self, DbPool};
@@ -27,7 +27,7 @@ use crate::grpc::pb::{
     self, checkout_service_server::CheckoutServiceServer,
     inventory_admin_service_server::InventoryAdminServiceServer,
 };
-use crate::transport::coalescing_incoming;
+use crate::transport::Incoming;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,24 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tokens(#[from] crate::auth::TokensFileError),
+    #[error("cannot read the TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve TLS with --tls-cert, --tls-key and --tls-client-ca: {0}")]
+    Tls(#[source] tonic::transport::Error),
 }
+
+/// How long a client may take to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a connection may reset before the server accepted them, before it is closed
+/// (h2's defence against rapid-reset floods).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the server may reset on one connection for the client's protocol errors before
+/// it is closed.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains: health goes
 /// NOT_SERVING, streams end, in-flight calls finish, background tasks stop.
@@ -117,6 +134,11 @@ impl App {
             checkout,
             authorizer,
         } = self;
+        let mut server = server_builder(&config.transport)?;
+        let local_addr = listener.local_addr().ok();
+        let tls = config.transport.tls.is_some();
+        let incoming = Incoming::new(listener, config.transport.max_connections);
+        let max_message = config.transport.max_message_bytes;
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
@@ -143,7 +165,7 @@ impl App {
         };
         let (reflection_v1, reflection_v1alpha) =
             (reflection().build_v1()?, reflection().build_v1alpha()?);
-        tracing::info!(addr = ?listener.local_addr().ok(), "serving grpc");
+        tracing::info!(addr = ?local_addr, tls, "serving grpc");
         let on_shutdown = {
             let (health, stopping, checkout) = (health.clone(), stopping.clone(), checkout.clone());
             async move {
@@ -154,27 +176,64 @@ impl App {
                 checkout.close_streams();
             }
         };
-        let served = Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+        let served = server
+            .add_service(health_service.max_decoding_message_size(max_message))
+            .add_service(reflection_v1.max_decoding_message_size(max_message))
+            .add_service(reflection_v1alpha.max_decoding_message_size(max_message))
             .add_service(Guarded::new(
-                CheckoutServiceServer::new(CheckoutApi::new(checkout.clone())),
+                CheckoutServiceServer::new(CheckoutApi::new(checkout.clone()))
+                    .max_decoding_message_size(max_message),
                 authorizer.clone(),
                 checkout_scope,
             ))
             .add_service(Guarded::new(
-                InventoryAdminServiceServer::new(AdminApi::new(checkout)),
+                InventoryAdminServiceServer::new(AdminApi::new(checkout))
+                    .max_decoding_message_size(max_message),
                 authorizer,
                 admin_scope,
             ))
-            .serve_with_incoming_shutdown(coalescing_incoming(listener), on_shutdown)
+            .serve_with_incoming_shutdown(incoming, on_shutdown)
             .await;
         stopping.cancel();
         while tasks.join_next().await.is_some() {}
         tracing::info!("server stopped");
         Ok(served?)
     }
+}
+
+/// The HTTP/2 server with the transport's limits, and TLS if configured.
+fn server_builder(transport: &TransportConfig) -> Result<Server, ServerError> {
+    let server = Server::builder()
+        .max_concurrent_streams(transport.max_concurrent_streams)
+        .http2_keepalive_interval(Some(transport.keepalive_interval))
+        .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+    match &transport.tls {
+        None => Ok(server),
+        Some(files) => server
+            .tls_config(tls_config(files)?)
+            .map_err(ServerError::Tls),
+    }
+}
+
+/// The server's certificate and key, and the CA its clients' certificates must be signed
+/// by, if mutual TLS is asked for.
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::TlsFile {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let mut config = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(client_ca) = &files.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(client_ca)?));
+    }
+    Ok(config)
 }
 
 /// Applies migrations (retrying while the database is unreachable), then starts the

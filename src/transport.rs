@@ -1,4 +1,11 @@
-//! Accepted connections whose writes are coalesced across one scheduler round.
+//! Accepted connections: at most so many open at once, accept errors paused on rather than
+//! spun on, and writes coalesced across one scheduler round.
+//!
+//! [`Incoming`] takes a connection slot before it accepts, so past the limit new
+//! connections wait in the kernel's backlog instead of taking file descriptors and memory
+//! from the connections already served; a connection gives its slot back when it closes.
+//! An accept that fails for want of file descriptors or memory would fail again at once,
+//! so accepting pauses (doubling up to a second) instead of spinning.
 //!
 //! When a stock change fans out to thousands of WatchAvailability streams, each stream's
 //! task hands one small frame to its HTTP/2 connection and wakes the connection's task,
@@ -10,15 +17,20 @@
 //! no wait. The load generator's client connections use the same stream
 //! ([`coalescing_connect`]), so a crowd of calls leaves it in a few writes too.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_util::sync::PollSemaphore;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Pending bytes past which a write goes out at once instead of waiting for the flush.
@@ -26,12 +38,92 @@ const MAX_PENDING: usize = 64 * 1024;
 /// Buffer capacity kept by an idle connection; a larger one (after a burst) is freed.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
-/// The accepted connections of `listener`, with `TCP_NODELAY` set (writes are coalesced
-/// here, so Nagle's algorithm would only add delay) and coalesced writes.
-pub fn coalescing_incoming(
+/// First pause after an accept failed for want of resources.
+const MIN_ACCEPT_PAUSE: Duration = Duration::from_millis(5);
+/// Longest pause between accept attempts while resources stay exhausted.
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
+/// The connections accepted on a listener, at most `max_connections` open at once, each
+/// with `TCP_NODELAY` set (writes are coalesced here, so Nagle's algorithm would only add
+/// delay) and coalesced writes. Never ends and never yields an error: failed accepts are
+/// logged and retried.
+pub struct Incoming {
+    /// Where connections arrive.
     listener: TcpListener,
-) -> impl Stream<Item = io::Result<CoalescingStream>> {
-    TcpListenerStream::new(listener).map(|accepted| CoalescingStream::new(accepted?))
+    /// One permit per open connection: accepting waits for one.
+    slots: PollSemaphore,
+    /// The slot taken for the next connection, held while waiting to accept it.
+    slot: Option<OwnedSemaphorePermit>,
+    /// While resources are exhausted: the pause before the next accept.
+    pause: Option<Pin<Box<Sleep>>>,
+    /// The next such pause; doubles up to [`MAX_ACCEPT_PAUSE`], reset by an accept.
+    next_pause: Duration,
+}
+
+impl Incoming {
+    /// Accepts on `listener`, at most `max_connections` (at least one) open at once.
+    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
+        let slots = Arc::new(Semaphore::new(
+            max_connections.clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        Incoming {
+            listener,
+            slots: PollSemaphore::new(slots),
+            slot: None,
+            pause: None,
+            next_pause: MIN_ACCEPT_PAUSE,
+        }
+    }
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<CoalescingStream>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(pause) = &mut this.pause {
+                ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
+            if this.slot.is_none() {
+                match ready!(this.slots.poll_acquire(cx)) {
+                    Some(slot) => this.slot = Some(slot),
+                    // Never closed: every permit comes back when its connection closes.
+                    None => return Poll::Ready(None),
+                }
+            }
+            match ready!(this.listener.poll_accept(cx)) {
+                Ok((stream, _)) => {
+                    this.next_pause = MIN_ACCEPT_PAUSE;
+                    match CoalescingStream::new(stream) {
+                        Ok(stream) => {
+                            let slot = this.slot.take();
+                            return Poll::Ready(Some(Ok(stream.holding(slot))));
+                        }
+                        // The peer is gone already (e.g. reset): nothing to serve.
+                        Err(error) => tracing::debug!(%error, "accepted connection unusable"),
+                    }
+                }
+                Err(error) if exhausts_resources(&error) => {
+                    tracing::warn!(%error, pause = ?this.next_pause, "cannot accept connections; pausing");
+                    this.pause = Some(Box::pin(tokio::time::sleep(this.next_pause)));
+                    this.next_pause = (this.next_pause * 2).min(MAX_ACCEPT_PAUSE);
+                }
+                // One connection's trouble (aborted before accept, ...): try the next.
+                Err(error) => tracing::debug!(%error, "accept failed"),
+            }
+        }
+    }
+}
+
+/// Whether an accept failed for want of file descriptors, buffers or memory: retrying at
+/// once would fail the same way.
+fn exhausts_resources(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Connects to `addr` with `TCP_NODELAY` set and coalesced writes; for a client's
@@ -48,6 +140,9 @@ pub struct CoalescingStream {
     pending: BytesMut,
     /// Whether the flush asked for was deferred by one scheduler turn already.
     flush_deferred: bool,
+    /// The server's connection slot this connection occupies, given back when it closes
+    /// (see [`Incoming`]); `None` on the client side.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl CoalescingStream {
@@ -59,7 +154,16 @@ impl CoalescingStream {
             inner,
             pending: BytesMut::new(),
             flush_deferred: false,
+            _slot: None,
         })
+    }
+
+    /// The same stream, occupying `slot` until it is dropped.
+    fn holding(self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        CoalescingStream {
+            _slot: slot,
+            ..self
+        }
     }
 
     /// Sends every pending byte.
@@ -160,6 +264,7 @@ impl Connected for CoalescingStream {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -168,7 +273,7 @@ mod tests {
     async fn connected_pair() -> (CoalescingStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
-        let mut incoming = Box::pin(coalescing_incoming(listener));
+        let mut incoming = Incoming::new(listener, 10);
         let (server, client) = tokio::join!(incoming.next(), client);
         (server.unwrap().unwrap(), client.unwrap())
     }

@@ -17,5 +17,6 @@ mod service;
 mod settlements;
 mod smoke;
 mod stream;
+mod transport;
 mod validation;
 mod webhooks;

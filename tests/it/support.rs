@@ -784,12 +784,36 @@ impl ServerProcess {
 
     /// [`ServerProcess::start`] with more environment variables.
     pub async fn start_with(database_url: &str, env: &[(&str, &str)]) -> ServerProcess {
+        Self::start_limited(database_url, env, None).await
+    }
+
+    /// [`ServerProcess::start_with`], allowed at most `open_files` file descriptors (soft
+    /// and hard limit) if given.
+    pub async fn start_limited(
+        database_url: &str,
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> ServerProcess {
         let port = StdListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flashsale"));
+        if let Some(open_files) = open_files {
+            let limit = libc::rlimit {
+                rlim_cur: open_files,
+                rlim_max: open_files,
+            };
+            // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let child = command
             .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
             .env("DATABASE_URL", database_url)
             .env("FLASHSALE_HOLD_TTL", "1s")
@@ -841,6 +865,11 @@ impl ServerProcess {
         CheckoutServiceClient::connect(self.url.clone())
             .await
             .expect("connect")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
     }
 
     /// Sends `signal` (e.g. `libc::SIGHUP`).
