@@ -65,6 +65,9 @@ pub struct SeedArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+    /// A token with the admin scope, for a server with a tokens file.
+    #[arg(long, env = "FLASHSALE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -308,7 +311,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 
 /// `flashsale seed`: creates a few demo products through the admin API.
 async fn seed(args: SeedArgs) -> Result<(), CliError> {
-    let mut admin = InventoryAdminServiceClient::connect(args.server.clone())
+    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())
+        .map_err(|error| format!("invalid --server {:?}: {error}", args.server))?
+        .connect()
         .await
         .map_err(|error| {
             format!(
@@ -316,6 +321,25 @@ async fn seed(args: SeedArgs) -> Result<(), CliError> {
                 args.server
             )
         })?;
+    let authorization = match &args.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse::<tonic::metadata::MetadataValue<_>>()
+                .map_err(|_| "--token (FLASHSALE_TOKEN) is not a valid header value")?,
+        ),
+        None => None,
+    };
+    let mut admin = InventoryAdminServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            if let Some(value) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        },
+    );
     let demo = [
         ("Limited sneaker drop", 12_900, 100),
         ("Concert ticket, front row", 8_500, 500),

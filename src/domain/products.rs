@@ -1,5 +1,7 @@
 //! Products: catalogue, stock adjustments, listing, and the inventory audit.
 
+use std::collections::HashSet;
+
 use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
@@ -11,6 +13,8 @@ use crate::db::products::{self as queries, StockChange};
 
 /// Largest page ListProducts returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
+/// Most products one AuditInventory call may name (none audits them all).
+pub const MAX_AUDITED_PRODUCTS: usize = 1000;
 /// Page size when the caller asks for none.
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
 /// Largest stock a product may carry; keeps every sum of counters far from overflow.
@@ -153,15 +157,20 @@ impl Checkout {
         .await
     }
 
-    /// Recomputes the counters of `ids` (all products when empty) from holds, orders and
-    /// stock adjustments, in one snapshot.
+    /// Recomputes the counters of `ids` (all products when empty; at most
+    /// [`MAX_AUDITED_PRODUCTS`] named) from holds, orders and stock adjustments, in one
+    /// snapshot.
     pub async fn audit(&self, ids: &[Uuid]) -> Result<Vec<AuditRow>, DomainError> {
+        if ids.len() > MAX_AUDITED_PRODUCTS {
+            return Err(DomainError::invalid(
+                "product_ids",
+                format!("must name at most {MAX_AUDITED_PRODUCTS} products (none audits all)"),
+            ));
+        }
         let mut conn = self.conn().await?;
         let rows = audit_products(&mut conn, ids).await?;
-        if let Some(missing) = ids
-            .iter()
-            .find(|id| !rows.iter().any(|r| r.product_id == **id))
-        {
+        let audited: HashSet<Uuid> = rows.iter().map(|row| row.product_id).collect();
+        if let Some(missing) = ids.iter().find(|id| !audited.contains(id)) {
             return Err(DomainError::not_found("product", missing));
         }
         Ok(rows)

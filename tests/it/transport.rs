@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flashsale::config::{ServerConfig, TlsFiles};
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
-use flashsale::grpc::pb::{CreateHoldRequest, ListProductsRequest};
+use flashsale::grpc::pb::{CreateHoldRequest, ListProductsRequest, WatchAvailabilityRequest};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SigningKey,
 };
@@ -365,6 +365,18 @@ async fn a_request_over_the_size_limit_is_refused_and_changes_nothing() {
 
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
+
+    // A watch naming one product 100,000 times is never read, let alone held.
+    let watch = WatchAvailabilityRequest {
+        product_ids: vec![product.id.clone(); 100_000],
+    };
+    let refused = checkout
+        .watch_availability(watch)
+        .await
+        .map(drop)
+        .expect_err("an oversized watch is refused");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_eq!(server.hub.open_streams(), 0);
 }
 
 /// CPU time (user and system) a process has used, from `/proc/<pid>/stat`.

@@ -283,8 +283,9 @@ impl Fixture {
                 })
             }),
             // More than the server's limit of watched products (1,000 by default), even of
-            // one product named again and again.
-            rows("product_ids", [1_001, 100_000], |count| {
+            // one product named again and again (within the message size limit: more is
+            // refused before it is read).
+            rows("product_ids", [1_001, 6_000], |count| {
                 Call::WatchAvailability(WatchAvailabilityRequest {
                     product_ids: vec![product_id.to_string(); count],
                 })
@@ -293,6 +294,11 @@ impl Fixture {
             rows("product_ids", MALFORMED_IDS, |id| {
                 Call::AuditInventory(AuditInventoryRequest {
                     product_ids: vec![id.into(), product_id.into()],
+                })
+            }),
+            rows("product_ids", [1_001], |count| {
+                Call::AuditInventory(AuditInventoryRequest {
+                    product_ids: vec![product_id.to_string(); count],
                 })
             }),
             rows(

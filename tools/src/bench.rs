@@ -19,7 +19,8 @@ use tokio::process::{Child, Command};
 
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
-use crate::load::{Budget, Crowd, procfs};
+
+use crate::load::{Budget, Crowd, Server, procfs};
 use flashsale::db;
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions, find_postgres_bin};
 
@@ -334,7 +335,7 @@ async fn holds_run(
     println!();
     let before = processes.cpu_seconds();
     let started = std::time::Instant::now();
-    let figures = run_plan(server, plan).await?;
+    let figures = run_plan(&Server::open(server), plan).await?;
     let wall = started.elapsed().as_secs_f64();
     let after = processes.cpu_seconds();
     let used: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();

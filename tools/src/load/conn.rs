@@ -8,12 +8,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use clap::Args;
 use futures::future::try_join_all;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tonic::body::Body;
-use tonic::codegen::http::{Request, Response, Uri, uri};
+use tonic::codegen::http::{HeaderValue, Request, Response, Uri, header, uri};
 
 use super::LoadError;
 use flashsale::grpc::pb::{self, inventory_admin_service_client::InventoryAdminServiceClient};
@@ -28,6 +29,34 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Price of the products the scenarios create.
 pub const PRICE_CENTS: i64 = 1_000;
 
+/// The server a run drives, and who the run calls as.
+#[derive(Debug, Clone, Args)]
+pub struct Server {
+    /// The server to drive.
+    #[arg(
+        long = "server",
+        global = true,
+        env = "FLASHSALE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub url: String,
+    /// The token every call presents (`authorization: Bearer`), for a server with a tokens
+    /// file: it needs the scopes the scenario calls (checkout; payments for flash-crowd;
+    /// admin to create its products).
+    #[arg(long, global = true, env = "FLASHSALE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Server {
+    /// An open server at `url`, called without a token.
+    pub fn open(url: impl Into<String>) -> Server {
+        Server {
+            url: url.into(),
+            token: None,
+        }
+    }
+}
+
 /// One HTTP/2 connection to the server, which the generated stubs call directly. tonic's
 /// `Channel` queues every call through a buffer task (and keeps reconnection machinery),
 /// which costs the load generator CPU that the server then cannot use on a shared machine.
@@ -38,6 +67,8 @@ pub struct Connection {
     /// `http` or `https` and host:port, set on every request's URI.
     scheme: uri::Scheme,
     authority: uri::Authority,
+    /// `Bearer <token>`, set on every request when the run has a token.
+    authorization: Option<HeaderValue>,
 }
 
 /// Opens `count` separate HTTP/2 connections to `server`.
@@ -46,7 +77,15 @@ pub struct Connection {
 /// clients starts in one scheduler turn leave in one write instead of one each. The
 /// flow-control windows are fixed and large instead of adaptive: the messages are tiny, so
 /// BDP probing would only add pings.
-pub async fn connect(server: &str, count: usize) -> Result<Vec<Connection>, LoadError> {
+pub async fn connect(server: &Server, count: usize) -> Result<Vec<Connection>, LoadError> {
+    let authorization = match &server.token {
+        Some(token) => Some(
+            HeaderValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| "--token (FLASHSALE_TOKEN) is not a valid header value")?,
+        ),
+        None => None,
+    };
+    let server = server.url.as_str();
     let target: Uri = server
         .parse()
         .map_err(|error| format!("invalid server address {server:?}: {error}"))?;
@@ -54,12 +93,11 @@ pub async fn connect(server: &str, count: usize) -> Result<Vec<Connection>, Load
     else {
         return Err(format!("invalid server address {server:?}: needs a scheme and a host").into());
     };
-    let connections = try_join_all((0..count).map(|_| Connection::open(&scheme, &authority)))
-        .await
-        .map_err(|error| {
-            let error = with_causes(error.as_ref());
-            format!("cannot reach {server}: {error} (is `flashsale serve` running?)")
-        })?;
+    let open = |_| Connection::open(&scheme, &authority, authorization.clone());
+    let connections = try_join_all((0..count).map(open)).await.map_err(|error| {
+        let error = with_causes(error.as_ref());
+        format!("cannot reach {server}: {error} (is `flashsale serve` running?)")
+    })?;
     Ok(connections)
 }
 
@@ -68,6 +106,7 @@ impl Connection {
     async fn open(
         scheme: &uri::Scheme,
         authority: &uri::Authority,
+        authorization: Option<HeaderValue>,
     ) -> Result<Connection, Box<dyn std::error::Error + Send + Sync>> {
         let host = authority
             .host()
@@ -92,6 +131,7 @@ impl Connection {
             sender,
             scheme: scheme.clone(),
             authority: authority.clone(),
+            authorization,
         })
     }
 }
@@ -111,6 +151,11 @@ impl tower::Service<Request<Body>> for Connection {
         parts.authority = Some(self.authority.clone());
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, authorization.clone());
         }
         Box::pin(self.sender.send_request(request))
     }

@@ -12,7 +12,7 @@ use rand::RngExt;
 use tokio::task::JoinSet;
 
 use super::checks::{Checks, read_products};
-use super::conn::{Connection, connect, create_products, expires_at};
+use super::conn::{Connection, Server, connect, create_products, expires_at};
 use super::hot_holds::INSUFFICIENT_STOCK;
 use super::stats::{Progress, Recorder, Rpc, Ticker, has_reason, option_name, per_second};
 use super::{Crowd, LoadError, actor_rng, positive, ratio, run_id};
@@ -59,7 +59,7 @@ pub enum Abandon {
 }
 
 /// `flashsale-tools load flash-crowd`.
-pub async fn run(server: &str, args: FlashCrowdArgs) -> Result<(), LoadError> {
+pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<(), LoadError> {
     let connections = connect(server, args.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("flash-crowd {run}");

@@ -10,7 +10,7 @@ use clap::Args;
 use tokio::task::JoinSet;
 
 use super::checks::Checks;
-use super::conn::{Connection, connect, create_products, hold_ttl};
+use super::conn::{Connection, Server, connect, create_products, hold_ttl};
 use super::many_products::{Pick, Picker};
 use super::stats::{OK, Progress, Recorder, Rpc, Ticker, option_name, per_second};
 use super::{Budget, Crowd, DEFAULT_DURATION, LoadError, run_id};
@@ -36,7 +36,7 @@ pub struct HotHoldsArgs {
 }
 
 /// `flashsale-tools load hot-holds`.
-pub async fn run(server: &str, args: HotHoldsArgs) -> Result<HoldsFigures, LoadError> {
+pub async fn run(server: &Server, args: HotHoldsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "hot-holds",
         products: 1,
@@ -78,7 +78,7 @@ pub struct HoldsFigures {
 }
 
 /// Runs a holds race: connect, create the products, race, print, check.
-pub async fn run_plan(server: &str, plan: HoldsPlan) -> Result<HoldsFigures, LoadError> {
+pub async fn run_plan(server: &Server, plan: HoldsPlan) -> Result<HoldsFigures, LoadError> {
     let connections = connect(server, plan.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("{} {run}", plan.scenario);

@@ -5,6 +5,7 @@ use clap::{Args, ValueEnum};
 use rand::RngExt;
 use rand::rngs::SmallRng;
 
+use super::conn::Server;
 use super::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use super::{Budget, Crowd, LoadError, actor_rng, positive};
 
@@ -38,7 +39,7 @@ pub enum Pick {
 }
 
 /// `flashsale-tools load many-products`.
-pub async fn run(server: &str, args: ManyProductsArgs) -> Result<HoldsFigures, LoadError> {
+pub async fn run(server: &Server, args: ManyProductsArgs) -> Result<HoldsFigures, LoadError> {
     let plan = HoldsPlan {
         scenario: "many-products",
         products: args.products,

@@ -18,6 +18,7 @@
 
 mod checks;
 mod conn;
+pub use conn::Server;
 mod flash_crowd;
 pub mod hot_holds;
 pub mod many_products;
@@ -45,14 +46,9 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 /// Options of `flashsale-tools load`.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// The server to drive.
-    #[arg(
-        long,
-        global = true,
-        env = "FLASHSALE_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub server: String,
+    /// The server to drive, and the token to call it with.
+    #[command(flatten)]
+    pub server: conn::Server,
     /// The scenario to run.
     #[command(subcommand)]
     pub scenario: Scenario,

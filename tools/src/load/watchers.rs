@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
 
 use super::checks::Checks;
-use super::conn::{Connection, connect, create_products};
+use super::conn::{Connection, Server, connect, create_products};
 use super::procfs;
 use super::stats::{Progress, Recorder, Rpc, Ticker, histogram, per_second, record_latency};
 use super::{LoadError, positive, run_id};
@@ -83,7 +83,7 @@ fn positive_rate(text: &str) -> Result<f64, String> {
 }
 
 /// `flashsale-tools load watchers`.
-pub async fn run(server: &str, args: WatchersArgs) -> Result<(), LoadError> {
+pub async fn run(server: &Server, args: WatchersArgs) -> Result<(), LoadError> {
     let limit = procfs::raise_open_file_limit()
         .map_err(|error| format!("cannot raise the open-file limit: {error}"))?;
     let connections = args
