@@ -47,8 +47,15 @@ CREATE TABLE products (
     -- the start time of the transaction that made the latest stock change
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     -- never oversell: available = stock_total - reserved - sold >= 0, whatever the code does
-    CONSTRAINT products_never_oversold CHECK (reserved + sold <= stock_total)
+    CONSTRAINT products_never_oversold CHECK (reserved + sold <= stock_total),
+    -- the name of the token that created it ('' on a server without tokens)
+    caller      TEXT COLLATE "C" NOT NULL,
+    -- the creator's retry key: the same key from the same caller finds this product
+    request_id  TEXT COLLATE "C"
 );
+-- one product per caller's CreateProduct request id
+CREATE UNIQUE INDEX products_request_id_key ON products (caller, request_id)
+    WHERE request_id IS NOT NULL;
 
 -- Every change of a product's stock_total, its initial stock included, so the audit can
 -- recompute stock_total as the sum of the deltas. The schema does not tie that sum to
@@ -58,10 +65,18 @@ CREATE TABLE stock_adjustments (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     product_id  UUID NOT NULL REFERENCES products (id),
     delta       BIGINT NOT NULL,
-    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- the name of the token that made the change ('' on a server without tokens)
+    caller      TEXT COLLATE "C" NOT NULL,
+    -- an AdjustStock's retry key: the same key from the same caller finds this change
+    -- (a product's initial stock carries none: CreateProduct's key is on the product)
+    request_id  TEXT COLLATE "C"
 );
 -- the audit's sum per product
 CREATE INDEX stock_adjustments_product_id ON stock_adjustments (product_id);
+-- one stock change per caller's AdjustStock request id
+CREATE UNIQUE INDEX stock_adjustments_request_id_key ON stock_adjustments (caller, request_id)
+    WHERE request_id IS NOT NULL;
 
 -- One row per hold: units of one product set aside for a buyer until expires_at.
 --
@@ -120,6 +135,9 @@ CREATE INDEX holds_active_expires_at ON holds (expires_at) WHERE status = 'activ
 --   same guarantee.
 -- - qty > 0, total_cents >= 0, status is 'pending', 'paid' or 'cancelled'. qty and
 --   total_cents are the caller's: not checked against the hold or the price.
+-- - A cancelled order says why, and only a cancelled one (orders_cancelled_with_reason):
+--   'payment_failed' (a failure webhook), 'payment_timeout' (unpaid at payment_due_at) or
+--   'buyer_cancelled' (CancelOrder).
 CREATE TABLE orders (
     id             UUID PRIMARY KEY,
     -- one hold, at most one order
@@ -131,10 +149,18 @@ CREATE TABLE orders (
                    CHECK (status IN ('pending', 'paid', 'cancelled')),
     failure_reason TEXT NOT NULL DEFAULT '',
     created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- the payment deadline, set at creation: still pending then, the order is cancelled
+    payment_due_at TIMESTAMPTZ NOT NULL,
+    -- why a cancelled order was cancelled; NULL for any other
+    cancel_reason  TEXT
+                   CHECK (cancel_reason IN ('payment_failed', 'payment_timeout', 'buyer_cancelled')),
+    CONSTRAINT orders_cancelled_with_reason CHECK ((status = 'cancelled') = (cancel_reason IS NOT NULL))
 );
 -- the audit's sums of pending and paid orders per product
 CREATE INDEX orders_product_id ON orders (product_id);
+-- the reaper's queue: pending orders by payment deadline
+CREATE INDEX orders_pending_payment_due_at ON orders (payment_due_at) WHERE status = 'pending';
 
 -- One row per payment webhook idempotency key of each caller: one key, one effect (a
 -- redelivery finds the row and changes nothing). The key is the caller's (the payment
@@ -145,6 +171,9 @@ CREATE INDEX orders_product_id ON orders (product_id);
 --   (payment_events_one_target), and it exists (foreign keys).
 -- - A 'deferred' event (its hold not an order yet) has no resolved order and no processing
 --   time (payment_events_deferred_unresolved).
+-- - 'refund_required': a success that could not be applied (its order was cancelled, or
+--   it waited on a hold that expired or was released): money was taken for no goods. Only
+--   such an event is ever marked refunded (payment_events_refunded_if_owed).
 -- idempotency_key has collation "C", for the reason given at holds.client_request_id.
 CREATE TABLE payment_events (
     idempotency_key  TEXT COLLATE "C" NOT NULL,
@@ -154,7 +183,9 @@ CREATE TABLE payment_events (
     result           TEXT NOT NULL CHECK (result IN ('success', 'failure')),
     failure_reason   TEXT NOT NULL DEFAULT '',
     amount_cents     BIGINT NOT NULL DEFAULT 0,
-    outcome          TEXT NOT NULL CHECK (outcome IN ('applied', 'deferred', 'ignored')),
+    outcome          TEXT NOT NULL
+                     CONSTRAINT payment_events_outcome_check
+                     CHECK (outcome IN ('applied', 'deferred', 'ignored', 'refund_required')),
     -- the order the event resolved to, and its status right after; NULL while deferred
     -- and when closed as ignored because its hold expired or was released
     order_id         UUID REFERENCES orders (id),
@@ -166,11 +197,19 @@ CREATE TABLE payment_events (
     caller           TEXT COLLATE "C" NOT NULL,
     CONSTRAINT payment_events_pkey PRIMARY KEY (caller, idempotency_key),
     CONSTRAINT payment_events_one_target CHECK ((target_order_id IS NULL) <> (target_hold_id IS NULL)),
-    CONSTRAINT payment_events_deferred_unresolved CHECK (outcome <> 'deferred' OR (order_id IS NULL AND processed_at IS NULL))
+    CONSTRAINT payment_events_deferred_unresolved CHECK (outcome <> 'deferred' OR (order_id IS NULL AND processed_at IS NULL)),
+    -- when an operator said the refund owed was made (MarkRefunded)
+    refunded_at      TIMESTAMPTZ,
+    CONSTRAINT payment_events_refunded_if_owed CHECK (refunded_at IS NULL OR outcome = 'refund_required')
 );
 -- a hold's deferred events in arrival order, found when the hold becomes an order
 CREATE INDEX payment_events_deferred_by_hold ON payment_events (target_hold_id, received_at)
     WHERE outcome = 'deferred';
+-- the refunds still owed, oldest first (ListRefundsRequired)
+CREATE INDEX payment_events_refunds_owed ON payment_events (received_at, caller, idempotency_key)
+    WHERE outcome = 'refund_required' AND refunded_at IS NULL;
+-- the reaper's sweep of keys past their retention
+CREATE INDEX payment_events_received_at ON payment_events (received_at);
 
 -- Counter movements of a hold's units, waiting to be folded into their product's counters
 -- (fold_stock_movements). Settlements of orders and releases of holds record a movement

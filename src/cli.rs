@@ -90,6 +90,12 @@ pub struct ServeArgs {
     /// How long a hold reserves its units (e.g. 90s, 2m).
     #[arg(long, env = "FLASHSALE_HOLD_TTL", default_value = "2m", value_parser = humantime::parse_duration)]
     pub hold_ttl: Duration,
+    /// How long an order waits for its payment before it is cancelled (e.g. 15m).
+    #[arg(long, env = "FLASHSALE_PAYMENT_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub payment_ttl: Duration,
+    /// How long webhook idempotency keys are kept (payment providers retry for days).
+    #[arg(long, env = "FLASHSALE_WEBHOOK_KEY_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub webhook_key_retention: Duration,
     /// Pause between reaper sweeps for expired holds.
     #[arg(long, env = "FLASHSALE_REAPER_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reaper_interval: Duration,
@@ -149,6 +155,8 @@ impl ServeArgs {
     fn server_config(&self, database: DatabaseConfig) -> ServerConfig {
         ServerConfig {
             hold_ttl: self.hold_ttl,
+            payment_ttl: self.payment_ttl,
+            webhook_key_retention: self.webhook_key_retention,
             reaper_interval: self.reaper_interval,
             reaper_batch_size: self.reaper_batch_size,
             max_qty_per_hold: self.max_qty_per_hold,
@@ -350,6 +358,7 @@ async fn seed(args: SeedArgs) -> Result<(), CliError> {
             name: name.into(),
             price_cents,
             stock_total,
+            request_id: String::new(),
         };
         let product = admin.create_product(request).await?.into_inner();
         println!(

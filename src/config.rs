@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub database: DatabaseConfig,
     /// How long a hold reserves its units.
     pub hold_ttl: Duration,
+    /// How long an order waits for its payment before the reaper cancels it.
+    pub payment_ttl: Duration,
+    /// How long webhook idempotency keys are kept before the reaper may delete them.
+    pub webhook_key_retention: Duration,
     /// Pause between reaper sweeps.
     pub reaper_interval: Duration,
     /// Holds the reaper expires per transaction.
@@ -152,6 +156,8 @@ impl ServerConfig {
         ServerConfig {
             database,
             hold_ttl: Duration::from_secs(120),
+            payment_ttl: Duration::from_secs(15 * 60),
+            webhook_key_retention: Duration::from_secs(30 * 24 * 3600),
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,
             max_qty_per_hold: 10,

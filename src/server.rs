@@ -100,6 +100,7 @@ impl App {
         )?;
         let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
+            payment_ttl: config.payment_ttl,
             max_qty_per_hold: config.max_qty_per_hold,
             max_watched_products: config.max_watched_products,
             hold_batch_lanes: config.hold_batch_lanes,
@@ -252,6 +253,7 @@ async fn start_when_migrated(
     let reaper = ReaperSettings {
         interval: config.reaper_interval,
         batch_size: config.reaper_batch_size,
+        webhook_key_retention: config.webhook_key_retention,
     };
     tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
     tasks.spawn(run_change_feed(

@@ -26,6 +26,12 @@ pub struct AuditRow {
     /// Units of paid orders.
     #[diesel(sql_type = BigInt)]
     pub recomputed_sold: i64,
+    /// Pending orders past their payment deadline (the reaper's backlog).
+    #[diesel(sql_type = BigInt)]
+    pub overdue_orders: i64,
+    /// Refunds still owed for payments of the product's holds and orders.
+    #[diesel(sql_type = BigInt)]
+    pub refunds_owed: i64,
 }
 
 /// One statement, so one snapshot: counters and rows are read as of the same instant.
@@ -39,7 +45,11 @@ SELECT p.id AS product_id, p.stock_total,
      + COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'pending'), 0))::int8
         AS recomputed_reserved,
     COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'paid'), 0)::int8
-        AS recomputed_sold
+        AS recomputed_sold,
+    (SELECT count(*) FROM orders o
+      WHERE o.product_id = p.id AND o.status = 'pending' AND o.payment_due_at <= now())::int8
+        AS overdue_orders,
+    COALESCE(owed.refunds, 0)::int8 AS refunds_owed
 FROM products p
 LEFT JOIN (
     -- all active holds in one pass (holds are not indexed by product: see the holds table
@@ -50,6 +60,15 @@ LEFT JOIN (
     SELECT product_id, sum(reserved_delta) AS reserved_delta, sum(sold_delta) AS sold_delta
     FROM stock_movements GROUP BY product_id
 ) m ON m.product_id = p.id
+LEFT JOIN (
+    -- every refund owed in one pass (payment_events_refunds_owed), by its target's product
+    SELECT coalesce(o.product_id, h.product_id) AS product_id, count(*) AS refunds
+    FROM payment_events e
+    LEFT JOIN orders o ON o.id = e.target_order_id
+    LEFT JOIN holds h ON h.id = e.target_hold_id
+    WHERE e.outcome = 'refund_required' AND e.refunded_at IS NULL
+    GROUP BY 1
+) owed ON owed.product_id = p.id
 WHERE cardinality($1::uuid[]) = 0 OR p.id = ANY($1::uuid[])
 ORDER BY p.id";
 

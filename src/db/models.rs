@@ -54,13 +54,18 @@ text_enum! {
 }
 
 text_enum! {
+    /// Why a cancelled order was cancelled.
+    pub enum CancelReason { PaymentFailed, PaymentTimeout, BuyerCancelled }
+}
+
+text_enum! {
     /// What the payment provider reported.
     pub enum PaymentResult { Success, Failure }
 }
 
 text_enum! {
     /// What a stored payment event did (a duplicate delivery is never stored).
-    pub enum EventOutcome { Applied, Deferred, Ignored }
+    pub enum EventOutcome { Applied, Deferred, Ignored, RefundRequired }
 }
 
 impl OrderStatus {
@@ -119,6 +124,10 @@ pub struct Order {
     pub failure_reason: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Still pending then, the order is cancelled (`PaymentTimeout`).
+    pub payment_due_at: DateTime<Utc>,
+    /// Set exactly when the order is cancelled.
+    pub cancel_reason: Option<CancelReason>,
 }
 
 /// A stored payment webhook delivery, keyed by its idempotency key.
@@ -138,4 +147,6 @@ pub struct PaymentEvent {
     pub processed_at: Option<DateTime<Utc>>,
     /// The name of the token that delivered it; the key is unique per caller.
     pub caller: String,
+    /// When an operator said the refund it requires was made.
+    pub refunded_at: Option<DateTime<Utc>>,
 }

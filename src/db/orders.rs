@@ -1,20 +1,25 @@
 //! Queries on `orders`.
 
+use chrono::TimeDelta;
+use diesel::dsl::{now, sql};
 use diesel::prelude::*;
-use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, Interval, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::cached_sql::CachedSql;
-use super::models::{Hold, Order, OrderStatus};
+use super::models::{CancelReason, Hold, Order, OrderStatus};
 use super::schema::orders;
 
-/// Inserts the pending order for `hold` (the unique `hold_id` refuses a second one).
+/// Inserts the pending order for `hold`, due for payment `payment_ttl` from now by the
+/// database's clock (the unique `hold_id` refuses a second order).
 pub async fn insert_order(
     conn: &mut AsyncPgConnection,
     hold: &Hold,
     total_cents: i64,
+    payment_ttl: TimeDelta,
 ) -> QueryResult<Order> {
+    let payment_due_at = sql::<Timestamptz>("now() + ").bind::<Interval, _>(payment_ttl);
     diesel::insert_into(orders::table)
         .values((
             orders::id.eq(Uuid::now_v7()),
@@ -23,6 +28,7 @@ pub async fn insert_order(
             orders::qty.eq(hold.qty),
             orders::total_cents.eq(total_cents),
             orders::status.eq(OrderStatus::Pending),
+            orders::payment_due_at.eq(payment_due_at),
         ))
         .returning(Order::as_returning())
         .get_result(conn)
@@ -52,31 +58,72 @@ pub async fn find_order_by_hold(
         .optional()
 }
 
-/// One order by id, row-locked until the transaction ends.
-pub async fn lock_order(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Order>> {
+/// One order by id, row-locked until the transaction ends, with whether its payment
+/// deadline has passed by the database's clock.
+pub async fn lock_order(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> QueryResult<Option<(Order, bool)>> {
     orders::table
         .find(id)
-        .select(Order::as_select())
+        .select((Order::as_select(), orders::payment_due_at.le(now)))
         .for_update()
         .first(conn)
         .await
         .optional()
 }
 
-/// Moves an order to a final status (a statement that stays prepared: see [`CachedSql`]).
+/// Up to `limit` pending orders past their payment deadline, oldest deadline first,
+/// row-locked; orders locked elsewhere (a webhook, CancelOrder, another reaper) are skipped.
+pub async fn lock_overdue_orders(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+) -> QueryResult<Vec<Order>> {
+    orders::table
+        .filter(orders::status.eq(OrderStatus::Pending))
+        .filter(orders::payment_due_at.le(now))
+        .order(orders::payment_due_at)
+        .limit(limit)
+        .select(Order::as_select())
+        .for_update()
+        .skip_locked()
+        .load(conn)
+        .await
+}
+
+/// Moves an order to a final status (a statement that stays prepared: see [`CachedSql`]);
+/// `cancel_reason` is set exactly for `Cancelled`.
 pub async fn settle_order(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     status: OrderStatus,
     failure_reason: &str,
+    cancel_reason: Option<CancelReason>,
 ) -> QueryResult<Order> {
     CachedSql::new("UPDATE orders SET status = ")
         .bind::<Text, _>(status)
         .sql(", failure_reason = ")
         .bind::<Text, _>(failure_reason)
+        .sql(", cancel_reason = ")
+        .bind::<Nullable<Text>, _>(cancel_reason)
         .sql(", updated_at = now() WHERE id = ")
         .bind::<SqlUuid, _>(id)
         .sql(" RETURNING *")
         .get_result(conn)
+        .await
+}
+
+/// Cancels pending orders for `reason` in one statement; returns them as they are now.
+pub async fn cancel_orders(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    reason: CancelReason,
+) -> QueryResult<Vec<Order>> {
+    CachedSql::new("UPDATE orders SET status = 'cancelled', cancel_reason = ")
+        .bind::<Text, _>(reason)
+        .sql(", updated_at = now() WHERE id = ANY (")
+        .bind::<Array<SqlUuid>, _>(ids)
+        .sql(") RETURNING *")
+        .load(conn)
         .await
 }

@@ -1,10 +1,13 @@
 //! Queries on `payment_events`.
 
-use diesel::dsl::now;
+use chrono::{DateTime, TimeDelta, Utc};
+use diesel::dsl::{now, sql};
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Interval, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached_sql::CachedSql;
 use super::models::{EventOutcome, OrderStatus, PaymentEvent, PaymentResult};
 use super::schema::payment_events;
 
@@ -105,20 +108,107 @@ pub async fn resolve_event(
         .map(|_| ())
 }
 
-/// Closes as ignored every event deferred on these holds (they will never become orders).
-pub async fn ignore_deferred_events(
+/// Closes every event deferred on these holds (they will never become orders): a success
+/// becomes a refund owed, a failure is ignored.
+pub async fn close_deferred_events(
     conn: &mut AsyncPgConnection,
     hold_ids: &[Uuid],
 ) -> QueryResult<usize> {
+    let closed =
+        sql::<Text>("CASE result WHEN 'success' THEN 'refund_required' ELSE 'ignored' END");
     diesel::update(
         payment_events::table
             .filter(payment_events::target_hold_id.eq_any(hold_ids))
             .filter(payment_events::outcome.eq(EventOutcome::Deferred)),
     )
     .set((
-        payment_events::outcome.eq(EventOutcome::Ignored),
+        payment_events::outcome.eq(closed),
         payment_events::processed_at.eq(now),
     ))
+    .execute(conn)
+    .await
+}
+
+/// Where a page of refunds owed starts: after this event (its arrival time and key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundCursor {
+    pub received_at: DateTime<Utc>,
+    pub caller: String,
+    pub idempotency_key: String,
+}
+
+/// Up to `limit` refunds still owed, oldest first, after `after` if given.
+pub async fn list_refunds_owed(
+    conn: &mut AsyncPgConnection,
+    after: Option<&RefundCursor>,
+    limit: i64,
+) -> QueryResult<Vec<PaymentEvent>> {
+    let mut query = payment_events::table
+        .filter(payment_events::outcome.eq(EventOutcome::RefundRequired))
+        .filter(payment_events::refunded_at.is_null())
+        .order((
+            payment_events::received_at,
+            payment_events::caller,
+            payment_events::idempotency_key,
+        ))
+        .limit(limit)
+        .select(PaymentEvent::as_select())
+        .into_boxed();
+    if let Some(after) = after {
+        let later = sql::<Bool>("(received_at, caller, idempotency_key) > (")
+            .bind::<Timestamptz, _>(after.received_at)
+            .sql(", ")
+            .bind::<Text, _>(after.caller.clone())
+            .sql(", ")
+            .bind::<Text, _>(after.idempotency_key.clone())
+            .sql(")");
+        query = query.filter(later);
+    }
+    query.load(conn).await
+}
+
+/// Marks a refund owed as made (keeping the first time it was marked); the event as it is
+/// now, if `caller` stored one under `key`.
+pub async fn mark_refunded(
+    conn: &mut AsyncPgConnection,
+    caller: &str,
+    key: &str,
+) -> QueryResult<Option<PaymentEvent>> {
+    diesel::update(
+        payment_events::table
+            .find((caller, key))
+            .filter(payment_events::outcome.eq(EventOutcome::RefundRequired)),
+    )
+    .set(
+        payment_events::refunded_at
+            .eq(sql::<Nullable<Timestamptz>>("coalesce(refunded_at, now())")),
+    )
+    .returning(PaymentEvent::as_returning())
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Deletes up to `limit` events received longer than `retention` ago, oldest first:
+/// neither those still waiting on their hold nor refunds still owed. Returns how many.
+pub async fn delete_expired_events(
+    conn: &mut AsyncPgConnection,
+    retention: TimeDelta,
+    limit: i64,
+) -> QueryResult<usize> {
+    CachedSql::new(
+        "DELETE FROM payment_events WHERE (caller, idempotency_key) IN (\
+         SELECT caller, idempotency_key FROM payment_events \
+         WHERE received_at < now() - ",
+    )
+    .bind::<Interval, _>(retention)
+    .sql(
+        " AND outcome <> 'deferred' \
+         AND NOT (outcome = 'refund_required' AND refunded_at IS NULL) \
+         ORDER BY received_at LIMIT ",
+    )
+    .bind::<BigInt, _>(limit)
+    .sql(" FOR UPDATE SKIP LOCKED)")
     .execute(conn)
     .await
 }

@@ -30,12 +30,22 @@ impl StockChange {
     }
 }
 
+/// Who asked for a write, and the retry key they gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester<'a> {
+    /// The name of the caller's token (`""` on a server without tokens).
+    pub caller: &'a str,
+    /// The caller's retry key, if any.
+    pub request_id: Option<&'a str>,
+}
+
 /// Inserts a product and records its initial stock as its first adjustment.
 pub async fn insert_product(
     conn: &mut AsyncPgConnection,
     name: &str,
     price_cents: i64,
     stock_total: i64,
+    by: Requester<'_>,
 ) -> QueryResult<Product> {
     let product: Product = diesel::insert_into(products::table)
         .values((
@@ -43,28 +53,75 @@ pub async fn insert_product(
             products::name.eq(name),
             products::price_cents.eq(price_cents),
             products::stock_total.eq(stock_total),
+            products::caller.eq(by.caller),
+            products::request_id.eq(by.request_id),
         ))
         .returning(Product::as_returning())
         .get_result(conn)
         .await?;
-    insert_adjustment(conn, product.id, stock_total).await?;
+    let initial = Requester {
+        caller: by.caller,
+        request_id: None,
+    };
+    insert_adjustment(conn, product.id, stock_total, initial).await?;
     Ok(product)
 }
 
-/// Records a change of `stock_total` for the audit.
+/// Records a change of `stock_total` for the audit, with who asked for it.
 pub async fn insert_adjustment(
     conn: &mut AsyncPgConnection,
     product_id: Uuid,
     delta: i64,
+    by: Requester<'_>,
 ) -> QueryResult<()> {
     diesel::insert_into(stock_adjustments::table)
         .values((
             stock_adjustments::product_id.eq(product_id),
             stock_adjustments::delta.eq(delta),
+            stock_adjustments::caller.eq(by.caller),
+            stock_adjustments::request_id.eq(by.request_id),
         ))
         .execute(conn)
         .await
         .map(|_| ())
+}
+
+/// The product `caller` created with this request id, and the initial stock it was
+/// created with (its first adjustment).
+pub async fn find_product_by_request_id(
+    conn: &mut AsyncPgConnection,
+    caller: &str,
+    request_id: &str,
+) -> QueryResult<Option<(Product, i64)>> {
+    let initial_stock = stock_adjustments::table
+        .filter(stock_adjustments::product_id.eq(products::id))
+        .order(stock_adjustments::id)
+        .select(stock_adjustments::delta)
+        .limit(1)
+        .single_value()
+        .assume_not_null();
+    products::table
+        .filter(products::caller.eq(caller))
+        .filter(products::request_id.eq(request_id))
+        .select((Product::as_select(), initial_stock))
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// The product and delta of the stock change `caller` made with this request id.
+pub async fn find_adjustment_by_request_id(
+    conn: &mut AsyncPgConnection,
+    caller: &str,
+    request_id: &str,
+) -> QueryResult<Option<(Uuid, i64)>> {
+    stock_adjustments::table
+        .filter(stock_adjustments::caller.eq(caller))
+        .filter(stock_adjustments::request_id.eq(request_id))
+        .select((stock_adjustments::product_id, stock_adjustments::delta))
+        .first(conn)
+        .await
+        .optional()
 }
 
 /// One product by id.

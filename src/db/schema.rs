@@ -25,6 +25,8 @@ diesel::table! {
         failure_reason -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        payment_due_at -> Timestamptz,
+        cancel_reason -> Nullable<Text>,
     }
 }
 
@@ -42,6 +44,7 @@ diesel::table! {
         received_at -> Timestamptz,
         processed_at -> Nullable<Timestamptz>,
         caller -> Text,
+        refunded_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -56,6 +59,8 @@ diesel::table! {
         version -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        caller -> Text,
+        request_id -> Nullable<Text>,
     }
 }
 
@@ -65,6 +70,8 @@ diesel::table! {
         product_id -> Uuid,
         delta -> Int8,
         created_at -> Timestamptz,
+        caller -> Text,
+        request_id -> Nullable<Text>,
     }
 }
 

@@ -42,6 +42,14 @@ pub enum DomainError {
     #[error("hold {hold_id} was released")]
     HoldReleased { hold_id: Uuid },
 
+    /// The order is paid: it can no longer be cancelled.
+    #[error("order {order_id} is paid")]
+    OrderPaid { order_id: Uuid },
+
+    /// The payment event exists but owes no refund.
+    #[error("payment event {key:?} owes no refund")]
+    NoRefundOwed { key: String },
+
     /// An idempotency key (or client request id) came back with a different request.
     #[error("{field} {key:?} was already used for a different request")]
     IdempotencyKeyReused { field: &'static str, key: String },
@@ -126,6 +134,8 @@ impl DomainError {
             DomainError::HoldConverted { .. } => "HOLD_CONVERTED",
             DomainError::HoldExpired { .. } => "HOLD_EXPIRED",
             DomainError::HoldReleased { .. } => "HOLD_RELEASED",
+            DomainError::OrderPaid { .. } => "ORDER_PAID",
+            DomainError::NoRefundOwed { .. } => "NO_REFUND_OWED",
             DomainError::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             DomainError::AmountMismatch { .. } => "AMOUNT_MISMATCH",
             DomainError::StockBelowCommitted { .. } => "STOCK_BELOW_COMMITTED",

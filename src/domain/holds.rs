@@ -7,7 +7,7 @@ use super::{Caller, Checkout, DomainError, check_key};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
 use crate::db::movements::{NewMovement, fold_movements, insert_movements};
-use crate::db::payments::ignore_deferred_events;
+use crate::db::payments::close_deferred_events;
 use crate::db::products::StockChange;
 
 /// A hold to create.
@@ -102,7 +102,8 @@ impl Checkout {
 }
 
 /// The one way holds end without an order: locked active holds become `Released` or
-/// `Expired`, payments deferred on them are closed as ignored, and their units go back to
+/// `Expired`, payments deferred on them are closed (a success as a refund owed, a failure
+/// ignored), and their units go back to
 /// their products as counter movements (no product lock), which the caller folds after the
 /// commit. Returns the holds as they are now.
 pub(super) async fn end_holds(
@@ -114,7 +115,7 @@ pub(super) async fn end_holds(
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = holds.iter().map(|hold| hold.id).collect();
-    ignore_deferred_events(conn, &ids).await?;
+    close_deferred_events(conn, &ids).await?;
     let ended = queries::set_holds_status(conn, &ids, status).await?;
     let movements: Vec<NewMovement> = holds
         .iter()

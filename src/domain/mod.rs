@@ -12,6 +12,7 @@ pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod reaper;
+pub mod refunds;
 pub mod settlement;
 pub mod stock_folder;
 
@@ -57,6 +58,8 @@ impl Caller {
 pub struct CheckoutSettings {
     /// How long a hold reserves its units before the reaper gives them back.
     pub hold_ttl: Duration,
+    /// How long an order waits for its payment before it is cancelled.
+    pub payment_ttl: Duration,
     /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call (at
     /// most [`MAX_QTY_PER_HOLD`], so a hold's total at the largest price fits in an i64).
     pub max_qty_per_hold: i64,

@@ -1,13 +1,17 @@
-//! Orders: a hold becomes at most one order; payment settles it (see [`super::settlement`]).
+//! Orders: a hold becomes at most one order; payment settles it (see [`super::settlement`])
+//! before its payment deadline, or it is cancelled: by the buyer (CancelOrder) or, past the
+//! deadline, by the reaper.
 
+use chrono::TimeDelta;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
 use super::holds::end_holds;
-use super::settlement::{apply_deferred_events, order_total_cents};
+use super::settlement::{apply_deferred_events, cancel_orders, order_total_cents};
 use super::{Checkout, DomainError};
 use crate::db::holds::{lock_hold, set_holds_status};
-use crate::db::models::{Hold, HoldStatus, Order};
+use crate::db::models::{CancelReason, Hold, HoldStatus, Order, OrderStatus};
+use crate::db::movements::fold_movements;
 use crate::db::orders as queries;
 
 impl Checkout {
@@ -33,7 +37,8 @@ impl Checkout {
                         Ok((expired, Some(hold.product_id)))
                     }
                     HoldStatus::Active => {
-                        let (order, moved_product) = convert_hold(conn, &hold).await?;
+                        let (order, moved_product) =
+                            convert_hold(conn, &hold, self.payment_ttl()).await?;
                         Ok((Ok(order), moved_product))
                     }
                 }
@@ -51,6 +56,64 @@ impl Checkout {
             .await?
             .ok_or_else(|| DomainError::not_found("order", id))
     }
+
+    /// Cancels a pending order for a buyer who gives up (`BuyerCancelled`; past its payment
+    /// deadline, `PaymentTimeout`), and its units go back. A cancelled order is returned as it
+    /// is; a paid one is refused.
+    pub async fn cancel_order(&self, id: Uuid) -> Result<Order, DomainError> {
+        let mut conn = self.conn().await?;
+        let (order, moved) = conn
+            .transaction(async |conn| {
+                let (order, past_due) = queries::lock_order(conn, id)
+                    .await?
+                    .ok_or_else(|| DomainError::not_found("order", id))?;
+                match order.status {
+                    OrderStatus::Cancelled => Ok((order, None)),
+                    OrderStatus::Paid => Err(DomainError::OrderPaid { order_id: id }),
+                    OrderStatus::Pending => {
+                        let reason = match past_due {
+                            true => CancelReason::PaymentTimeout,
+                            false => CancelReason::BuyerCancelled,
+                        };
+                        let mut cancelled = cancel_orders(conn, &[order], reason).await?;
+                        let order = cancelled
+                            .pop()
+                            .ok_or_else(|| DomainError::internal("a cancelled order vanished"))?;
+                        let product = order.product_id;
+                        Ok((order, Some(product)))
+                    }
+                }
+            })
+            .await?;
+        drop(conn);
+        self.fold_after_commit(moved.as_slice()).await;
+        Ok(order)
+    }
+
+    /// Cancels up to `batch_size` pending orders past their payment deadline
+    /// (`PaymentTimeout`) in one transaction and returns how many. Orders locked elsewhere
+    /// (a webhook, CancelOrder, another reaper) are skipped and left to their owner. Like the
+    /// hold sweep, it folds its products' movements in the same transaction.
+    pub async fn cancel_overdue_orders(&self, batch_size: i64) -> Result<usize, DomainError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let overdue = queries::lock_overdue_orders(conn, batch_size).await?;
+            let cancelled = cancel_orders(conn, &overdue, CancelReason::PaymentTimeout).await?;
+            let mut products: Vec<Uuid> = cancelled.iter().map(|order| order.product_id).collect();
+            products.sort_unstable();
+            products.dedup();
+            if !products.is_empty() {
+                fold_movements(conn, &products).await?;
+            }
+            Ok(cancelled.len())
+        })
+        .await
+    }
+
+    /// The payment TTL as the database takes it.
+    fn payment_ttl(&self) -> TimeDelta {
+        TimeDelta::from_std(self.settings.payment_ttl).unwrap_or(TimeDelta::MAX)
+    }
 }
 
 /// Writes the order for a locked active hold and marks the hold converted; its units stay
@@ -59,9 +122,10 @@ impl Checkout {
 async fn convert_hold(
     conn: &mut AsyncPgConnection,
     hold: &Hold,
+    payment_ttl: TimeDelta,
 ) -> Result<(Order, Option<Uuid>), DomainError> {
     let total_cents = order_total_cents(conn, hold).await?;
-    let order = queries::insert_order(conn, hold, total_cents).await?;
+    let order = queries::insert_order(conn, hold, total_cents, payment_ttl).await?;
     set_holds_status(conn, &[hold.id], HoldStatus::Converted).await?;
     apply_deferred_events(conn, order).await
 }

@@ -1,14 +1,15 @@
 //! Payment webhooks: one idempotency key, one effect; payments that overtake their order
-//! wait on the hold and apply when it converts.
+//! wait on the hold and apply when it converts; a success that cannot be applied is a
+//! refund owed, said in the answer and kept until an operator marks it refunded.
 
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::settlement::{order_total_cents, settle};
+use super::settlement::{cancel_orders, final_order_outcome, order_total_cents, settle};
 use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::holds::lock_hold;
 use crate::db::models::{
-    EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
+    CancelReason, EventOutcome, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult,
 };
 use crate::db::orders::{find_order_by_hold, lock_order};
 use crate::db::payments::{NewPaymentEvent, find_event, insert_event};
@@ -48,6 +49,9 @@ pub enum WebhookOutcome {
     Deferred,
     /// Recorded, but the order was already final (or the hold will never be an order).
     Ignored,
+    /// A success that cannot be applied (its order was cancelled, its hold ended): the
+    /// money must be refunded. Every redelivery answers the same.
+    RefundRequired,
 }
 
 /// The answer to a webhook delivery.
@@ -120,10 +124,10 @@ async fn process_webhook(
         settled_product,
     } = match webhook.target {
         PaymentTarget::Order(order_id) => {
-            let order = lock_order(conn, order_id)
+            let (order, past_due) = lock_order(conn, order_id)
                 .await?
                 .ok_or_else(|| DomainError::not_found("order", order_id))?;
-            apply_to_order(conn, webhook, order).await?
+            apply_to_order(conn, webhook, order, past_due).await?
         }
         PaymentTarget::Hold(hold_id) => apply_to_hold(conn, webhook, hold_id).await?,
     };
@@ -166,15 +170,31 @@ impl Decision {
     }
 }
 
-/// Settles a locked order unless it is already final.
+/// Settles a locked order unless it is already final. A pending order past its payment
+/// deadline is cancelled on the spot first (the deadline holds whether or not the reaper
+/// got to it), so a success then is a refund owed.
 async fn apply_to_order(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
     order: Order,
+    past_due: bool,
 ) -> Result<Decision, DomainError> {
     check_amount(webhook.amount_cents, order.total_cents)?;
+    if order.status == OrderStatus::Pending && past_due {
+        let mut cancelled = cancel_orders(conn, &[order], CancelReason::PaymentTimeout).await?;
+        let order = cancelled
+            .pop()
+            .ok_or_else(|| DomainError::internal("a cancelled order vanished"))?;
+        let outcome = final_order_outcome(webhook.result, order.status);
+        return Ok(Decision {
+            outcome,
+            settled_product: Some(order.product_id),
+            order: Some(order),
+        });
+    }
     if order.status.is_final() {
-        return Ok(Decision::without_stock(EventOutcome::Ignored, Some(order)));
+        let outcome = final_order_outcome(webhook.result, order.status);
+        return Ok(Decision::without_stock(outcome, Some(order)));
     }
     let settled = settle(conn, &order, webhook.result, &webhook.failure_reason).await?;
     Ok(Decision {
@@ -185,7 +205,7 @@ async fn apply_to_order(
 }
 
 /// A webhook aimed at a hold: applies to its order if it has one, waits for it if it may
-/// still get one, and is ignored if it never will.
+/// still get one; if it never will, a success is a refund owed and a failure is ignored.
 async fn apply_to_hold(
     conn: &mut AsyncPgConnection,
     webhook: &PaymentWebhook,
@@ -202,17 +222,21 @@ async fn apply_to_hold(
                     DomainError::internal(format!("converted hold {hold_id} has no order"))
                 })?
                 .id;
-            let order = lock_order(conn, order_id)
+            let (order, past_due) = lock_order(conn, order_id)
                 .await?
                 .ok_or_else(|| DomainError::internal(format!("order {order_id} vanished")))?;
-            apply_to_order(conn, webhook, order).await
+            apply_to_order(conn, webhook, order, past_due).await
         }
         HoldStatus::Active if !past_ttl => {
             check_amount(webhook.amount_cents, order_total_cents(conn, &hold).await?)?;
             Ok(Decision::without_stock(EventOutcome::Deferred, None))
         }
         HoldStatus::Active | HoldStatus::Expired | HoldStatus::Released => {
-            Ok(Decision::without_stock(EventOutcome::Ignored, None))
+            let outcome = match webhook.result {
+                PaymentResult::Success => EventOutcome::RefundRequired,
+                PaymentResult::Failure => EventOutcome::Ignored,
+            };
+            Ok(Decision::without_stock(outcome, None))
         }
     }
 }
@@ -226,7 +250,9 @@ fn check_amount(reported: i64, expected: i64) -> Result<(), DomainError> {
     Ok(())
 }
 
-/// The answer for a key seen before: the same answer if the payload matches, a refusal if not.
+/// The answer for a key seen before: the same answer if the payload matches, a refusal if
+/// not. A payment still waiting on its hold answers `Deferred`, a refund owed
+/// `RefundRequired`; anything else was settled by the first delivery: `Duplicate`.
 fn duplicate_receipt(
     event: PaymentEvent,
     webhook: &PaymentWebhook,
@@ -243,11 +269,16 @@ fn duplicate_receipt(
             key: event.idempotency_key,
         });
     }
+    let outcome = match event.outcome {
+        EventOutcome::Deferred => WebhookOutcome::Deferred,
+        EventOutcome::RefundRequired => WebhookOutcome::RefundRequired,
+        EventOutcome::Applied | EventOutcome::Ignored => WebhookOutcome::Duplicate,
+    };
     Ok(WebhookReceipt {
         idempotency_key: event.idempotency_key,
         order_id: event.order_id,
         order_status: event.order_status,
-        outcome: WebhookOutcome::Duplicate,
+        outcome,
     })
 }
 
@@ -288,6 +319,7 @@ impl From<EventOutcome> for WebhookOutcome {
             EventOutcome::Applied => WebhookOutcome::Applied,
             EventOutcome::Deferred => WebhookOutcome::Deferred,
             EventOutcome::Ignored => WebhookOutcome::Ignored,
+            EventOutcome::RefundRequired => WebhookOutcome::RefundRequired,
         }
     }
 }

@@ -2,14 +2,14 @@
 
 use std::collections::HashSet;
 
-use diesel_async::AsyncConnection;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::{Checkout, DomainError, check_text};
+use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::audit::{AuditRow, audit_products};
 use crate::db::models::Product;
 use crate::db::movements::fold_movements;
-use crate::db::products::{self as queries, StockChange};
+use crate::db::products::{self as queries, Requester, StockChange};
 
 /// Largest page ListProducts returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
@@ -29,6 +29,22 @@ pub struct NewProduct {
     pub name: String,
     pub price_cents: i64,
     pub stock_total: i64,
+    /// Who asks; its request ids are its own.
+    pub caller: Caller,
+    /// The caller's retry key: the same key returns the product it created.
+    pub request_id: Option<String>,
+}
+
+/// A change of one product's stock to make.
+#[derive(Debug, Clone)]
+pub struct StockAdjustment {
+    pub product_id: Uuid,
+    /// Restock (> 0) or withdrawal (< 0).
+    pub delta: i64,
+    /// Who asks; its request ids are its own.
+    pub caller: Caller,
+    /// The caller's retry key: the same key changes the stock once.
+    pub request_id: Option<String>,
 }
 
 /// One page of products.
@@ -58,11 +74,20 @@ impl Checkout {
                 format!("must be between 0 and {MAX_STOCK}"),
             ));
         }
+        if let Some(request_id) = &new.request_id {
+            check_key("request_id", request_id)?;
+        }
         let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            Ok(queries::insert_product(conn, &new.name, new.price_cents, new.stock_total).await?)
-        })
-        .await
+        let mut attempt = 1;
+        loop {
+            let outcome = conn
+                .transaction(async |conn| create_product_once(conn, &new).await)
+                .await;
+            if !retryable(&outcome, attempt) {
+                return outcome;
+            }
+            attempt += 1;
+        }
     }
 
     /// One product, fresh from the database.
@@ -119,42 +144,31 @@ impl Checkout {
         Ok(queries::all_products(&mut conn).await?)
     }
 
-    /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold.
-    pub async fn adjust_stock(&self, product_id: Uuid, delta: i64) -> Result<Product, DomainError> {
+    /// Restocks (`delta > 0`) or withdraws (`delta < 0`), never below reserved + sold. A
+    /// request id seen before from the same caller changes nothing again and answers with
+    /// the product as it is now.
+    pub async fn adjust_stock(&self, adjustment: StockAdjustment) -> Result<Product, DomainError> {
+        let delta = adjustment.delta;
         if delta == 0 || delta.unsigned_abs() > MAX_STOCK.unsigned_abs() {
             return Err(DomainError::invalid(
                 "delta",
                 format!("must be non-zero and within ±{MAX_STOCK}"),
             ));
         }
+        if let Some(request_id) = &adjustment.request_id {
+            check_key("request_id", request_id)?;
+        }
         let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            // Settled units still pending as movements count as free for a withdrawal.
-            fold_movements(conn, &[product_id]).await?;
-            let change = StockChange {
-                total: delta,
-                ..StockChange::default()
-            };
-            let Some(product) = queries::apply_stock_change(conn, product_id, change).await? else {
-                let product = queries::find_product(conn, product_id)
-                    .await?
-                    .ok_or_else(|| DomainError::not_found("product", product_id))?;
-                return Err(DomainError::StockBelowCommitted {
-                    product_id,
-                    requested_total: product.stock_total + delta,
-                    committed: product.reserved + product.sold,
-                });
-            };
-            if product.stock_total > MAX_STOCK {
-                return Err(DomainError::invalid(
-                    "delta",
-                    format!("stock_total would exceed {MAX_STOCK}"),
-                ));
+        let mut attempt = 1;
+        loop {
+            let outcome = conn
+                .transaction(async |conn| adjust_stock_once(conn, &adjustment).await)
+                .await;
+            if !retryable(&outcome, attempt) {
+                return outcome;
             }
-            queries::insert_adjustment(conn, product_id, delta).await?;
-            Ok(product)
-        })
-        .await
+            attempt += 1;
+        }
     }
 
     /// Recomputes the counters of `ids` (all products when empty; at most
@@ -174,5 +188,102 @@ impl Checkout {
             return Err(DomainError::not_found("product", missing));
         }
         Ok(rows)
+    }
+}
+
+/// One attempt at CreateProduct, in a transaction: a known request id answers with its
+/// product; a new one creates the product. A concurrent twin taking the same request id
+/// makes the insert fail as a conflict, and the retry finds the twin's product.
+async fn create_product_once(
+    conn: &mut AsyncPgConnection,
+    new: &NewProduct,
+) -> Result<Product, DomainError> {
+    let by = Requester {
+        caller: new.caller.name(),
+        request_id: new.request_id.as_deref(),
+    };
+    if let Some(request_id) = by.request_id
+        && let Some((product, initial_stock)) =
+            queries::find_product_by_request_id(conn, by.caller, request_id).await?
+    {
+        let same = product.name == new.name
+            && product.price_cents == new.price_cents
+            && initial_stock == new.stock_total;
+        return match same {
+            true => Ok(product),
+            false => Err(reused(request_id)),
+        };
+    }
+    queries::insert_product(conn, &new.name, new.price_cents, new.stock_total, by)
+        .await
+        .map_err(|error| taken_request_id(error, "products_request_id_key"))
+}
+
+/// One attempt at AdjustStock, in a transaction (see [`create_product_once`] for the
+/// request id).
+async fn adjust_stock_once(
+    conn: &mut AsyncPgConnection,
+    adjustment: &StockAdjustment,
+) -> Result<Product, DomainError> {
+    let (product_id, delta) = (adjustment.product_id, adjustment.delta);
+    let by = Requester {
+        caller: adjustment.caller.name(),
+        request_id: adjustment.request_id.as_deref(),
+    };
+    if let Some(request_id) = by.request_id
+        && let Some(first) =
+            queries::find_adjustment_by_request_id(conn, by.caller, request_id).await?
+    {
+        if first != (product_id, delta) {
+            return Err(reused(request_id));
+        }
+        return queries::find_product(conn, product_id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("product", product_id));
+    }
+    // Settled units still pending as movements count as free for a withdrawal.
+    fold_movements(conn, &[product_id]).await?;
+    let change = StockChange {
+        total: delta,
+        ..StockChange::default()
+    };
+    let Some(product) = queries::apply_stock_change(conn, product_id, change).await? else {
+        let product = queries::find_product(conn, product_id)
+            .await?
+            .ok_or_else(|| DomainError::not_found("product", product_id))?;
+        return Err(DomainError::StockBelowCommitted {
+            product_id,
+            requested_total: product.stock_total + delta,
+            committed: product.reserved + product.sold,
+        });
+    };
+    if product.stock_total > MAX_STOCK {
+        return Err(DomainError::invalid(
+            "delta",
+            format!("stock_total would exceed {MAX_STOCK}"),
+        ));
+    }
+    queries::insert_adjustment(conn, product_id, delta, by)
+        .await
+        .map_err(|error| taken_request_id(error, "stock_adjustments_request_id_key"))?;
+    Ok(product)
+}
+
+/// A request id that came back with another request.
+fn reused(request_id: &str) -> DomainError {
+    DomainError::IdempotencyKeyReused {
+        field: "request_id",
+        key: request_id.to_owned(),
+    }
+}
+
+/// A request id a concurrent twin took first (`constraint` refused the insert) is a
+/// conflict, retried; any other error stays what it is.
+fn taken_request_id(error: impl Into<DomainError>, constraint: &str) -> DomainError {
+    match error.into() {
+        DomainError::UniqueViolation { constraint: taken } if taken == constraint => {
+            DomainError::conflict(format!("request_id taken concurrently ({constraint})"))
+        }
+        other => other,
     }
 }

@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{parse_id, parse_ids};
+use super::convert::{
+    caller, optional_text, parse_id, parse_ids, parse_refund_page_token, refund_page_token,
+};
 use super::pb::{self, inventory_admin_service_server::InventoryAdminService};
 use crate::domain::Checkout;
-use crate::domain::products::NewProduct;
+use crate::domain::products::{NewProduct, StockAdjustment};
 
 /// The admin API over the shared domain.
 pub struct AdminApi {
@@ -28,11 +30,14 @@ impl InventoryAdminService for AdminApi {
         &self,
         request: Request<pb::CreateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let new = NewProduct {
             name: request.name,
             price_cents: request.price_cents,
             stock_total: request.stock_total,
+            caller,
+            request_id: optional_text(request.request_id),
         };
         Ok(Response::new(
             self.checkout.create_product(new).await?.into(),
@@ -43,10 +48,16 @@ impl InventoryAdminService for AdminApi {
         &self,
         request: Request<pb::AdjustStockRequest>,
     ) -> Result<Response<pb::Product>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = parse_id("product_id", &request.product_id)?;
+        let adjustment = StockAdjustment {
+            product_id: parse_id("product_id", &request.product_id)?,
+            delta: request.delta,
+            caller,
+            request_id: optional_text(request.request_id),
+        };
         Ok(Response::new(
-            self.checkout.adjust_stock(id, request.delta).await?.into(),
+            self.checkout.adjust_stock(adjustment).await?.into(),
         ))
     }
 
@@ -64,7 +75,43 @@ impl InventoryAdminService for AdminApi {
             .collect();
         Ok(Response::new(pb::AuditInventoryResponse {
             consistent: products.iter().all(|product| product.consistent),
+            overdue_orders: products.iter().map(|product| product.overdue_orders).sum(),
+            refunds_owed: products.iter().map(|product| product.refunds_owed).sum(),
             products,
         }))
+    }
+
+    async fn list_refunds_required(
+        &self,
+        request: Request<pb::ListRefundsRequiredRequest>,
+    ) -> Result<Response<pb::ListRefundsRequiredResponse>, Status> {
+        let request = request.into_inner();
+        let after = optional_text(request.page_token)
+            .map(|token| parse_refund_page_token("page_token", &token))
+            .transpose()?;
+        let page = self
+            .checkout
+            .list_refunds_required(request.page_size.into(), after)
+            .await?;
+        Ok(Response::new(pb::ListRefundsRequiredResponse {
+            refunds: page.refunds.into_iter().map(Into::into).collect(),
+            next_page_token: page
+                .next_after
+                .as_ref()
+                .map(refund_page_token)
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn mark_refunded(
+        &self,
+        request: Request<pb::MarkRefundedRequest>,
+    ) -> Result<Response<pb::Refund>, Status> {
+        let request = request.into_inner();
+        let event = self
+            .checkout
+            .mark_refunded(&request.caller, &request.idempotency_key)
+            .await?;
+        Ok(Response::new(event.into()))
     }
 }

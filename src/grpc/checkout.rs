@@ -104,6 +104,14 @@ impl CheckoutService for CheckoutApi {
         Ok(Response::new(self.checkout.get_order(id).await?.into()))
     }
 
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let id = parse_id("order_id", &request.get_ref().order_id)?;
+        Ok(Response::new(self.checkout.cancel_order(id).await?.into()))
+    }
+
     async fn handle_payment_webhook(
         &self,
         request: Request<pb::HandlePaymentWebhookRequest>,

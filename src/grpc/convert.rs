@@ -1,12 +1,17 @@
 //! Conversions between proto messages and domain values. Parsing failures name the
 //! request field they came from.
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::pb;
 use crate::db::audit::AuditRow;
-use crate::db::models::{Hold, HoldStatus, Order, OrderStatus, PaymentResult, Product};
+use crate::db::models::{
+    Hold, HoldStatus, Order, OrderStatus, PaymentEvent, PaymentResult, Product,
+};
+use crate::db::payments::RefundCursor;
 use crate::domain::availability::StockSnapshot;
 use crate::domain::payments::{WebhookOutcome, WebhookReceipt};
 use crate::domain::{Caller, DomainError};
@@ -140,6 +145,11 @@ impl From<Order> for pb::Order {
             failure_reason: order.failure_reason,
             created_at: Some(timestamp(order.created_at)),
             updated_at: Some(timestamp(order.updated_at)),
+            payment_due_at: Some(timestamp(order.payment_due_at)),
+            cancel_reason: order
+                .cancel_reason
+                .map(|reason| <&'static str>::from(reason).to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -151,6 +161,7 @@ impl From<WebhookOutcome> for pb::WebhookOutcome {
             WebhookOutcome::Duplicate => pb::WebhookOutcome::Duplicate,
             WebhookOutcome::Deferred => pb::WebhookOutcome::Deferred,
             WebhookOutcome::Ignored => pb::WebhookOutcome::Ignored,
+            WebhookOutcome::RefundRequired => pb::WebhookOutcome::RefundRequired,
         }
     }
 }
@@ -204,6 +215,62 @@ impl From<AuditRow> for pb::ProductAudit {
                 row.recomputed_reserved,
                 row.recomputed_sold,
             )),
+            overdue_orders: row.overdue_orders,
+            refunds_owed: row.refunds_owed,
         }
     }
+}
+
+impl From<PaymentEvent> for pb::Refund {
+    fn from(event: PaymentEvent) -> Self {
+        let target = match (event.target_order_id, event.target_hold_id) {
+            (Some(order_id), _) => Some(pb::refund::Target::OrderId(order_id.to_string())),
+            (None, Some(hold_id)) => Some(pb::refund::Target::HoldId(hold_id.to_string())),
+            (None, None) => None,
+        };
+        pb::Refund {
+            caller: event.caller,
+            idempotency_key: event.idempotency_key,
+            target,
+            amount_cents: event.amount_cents,
+            received_at: Some(timestamp(event.received_at)),
+            refunded_at: event.refunded_at.map(timestamp),
+        }
+    }
+}
+
+/// Separates the parts of a refunds page token (keys and token names hold no control
+/// characters).
+const CURSOR_SEPARATOR: char = '\n';
+
+/// The opaque token of the page after `cursor`: URL-safe base64 of its parts.
+pub fn refund_page_token(cursor: &RefundCursor) -> String {
+    let text = format!(
+        "{}{CURSOR_SEPARATOR}{}{CURSOR_SEPARATOR}{}",
+        cursor.received_at.timestamp_micros(),
+        cursor.caller,
+        cursor.idempotency_key
+    );
+    URL_SAFE_NO_PAD.encode(text)
+}
+
+/// Reads a token made by [`refund_page_token`]; `field` names it in the error.
+pub fn parse_refund_page_token(
+    field: &'static str,
+    token: &str,
+) -> Result<RefundCursor, DomainError> {
+    let invalid = || DomainError::invalid(field, "is not a page token this server gave");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let mut parts = text.splitn(3, CURSOR_SEPARATOR);
+    let (Some(micros), Some(caller), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid());
+    };
+    let micros: i64 = micros.parse().map_err(|_| invalid())?;
+    let received_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    Ok(RefundCursor {
+        received_at,
+        caller: caller.to_owned(),
+        idempotency_key: key.to_owned(),
+    })
 }

@@ -37,6 +37,8 @@ fn status_code(error: &DomainError) -> Code {
         | DomainError::HoldConverted { .. }
         | DomainError::HoldExpired { .. }
         | DomainError::HoldReleased { .. }
+        | DomainError::OrderPaid { .. }
+        | DomainError::NoRefundOwed { .. }
         | DomainError::AmountMismatch { .. }
         | DomainError::StockBelowCommitted { .. } => Code::FailedPrecondition,
         DomainError::IdempotencyKeyReused { .. } => Code::AlreadyExists,
@@ -68,6 +70,8 @@ fn metadata(error: &DomainError) -> HashMap<String, String> {
         DomainError::HoldConverted { hold_id }
         | DomainError::HoldExpired { hold_id }
         | DomainError::HoldReleased { hold_id } => vec![("hold_id", hold_id.to_string())],
+        DomainError::OrderPaid { order_id } => vec![("order_id", order_id.to_string())],
+        DomainError::NoRefundOwed { key } => vec![("idempotency_key", key.clone())],
         DomainError::IdempotencyKeyReused { field, key } => {
             vec![("field", field.to_string()), ("key", key.clone())]
         }

@@ -107,6 +107,7 @@ impl Caller {
                 .map(drop),
             "AdjustStock" => admin
                 .adjust_stock(AdjustStockRequest {
+                    request_id: String::new(),
                     product_id: id,
                     delta: 0,
                 })
@@ -346,6 +347,7 @@ async fn keys_belong_to_the_token_that_sent_them() {
     let product_id = ops
         .admin
         .create_product(CreateProductRequest {
+            request_id: String::new(),
             name: "ticket".into(),
             price_cents: 250,
             stock_total: 10,

@@ -248,7 +248,7 @@ async fn failed_payment_cancels_the_order_and_returns_its_units() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn success_after_cancellation_is_ignored_and_the_order_stays_cancelled() {
+async fn success_after_a_failed_payment_is_a_refund_owed_and_the_order_stays_cancelled() {
     let server = TestServer::start().await;
     let product = server.product("gadget", 300, 10).await;
     let mut checkout = server.checkout().await;
@@ -257,11 +257,12 @@ async fn success_after_cancellation_is_ignored_and_the_order_stays_cancelled() {
 
     let receipt = pay(&mut checkout, &order, "pay-2").await;
 
-    assert_eq!(receipt.outcome(), WebhookOutcome::Ignored);
+    assert_eq!(receipt.outcome(), WebhookOutcome::RefundRequired);
     assert_eq!(receipt.order_status(), OrderStatus::Cancelled);
     let after = get_order(&mut checkout, &order.order_id).await;
     assert_eq!(after.status(), OrderStatus::Cancelled);
     assert_eq!(after.failure_reason, "card declined");
+    assert_eq!(after.cancel_reason, "payment_failed");
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }

@@ -25,6 +25,7 @@ async fn adjust(
         .admin()
         .await
         .adjust_stock(AdjustStockRequest {
+            request_id: String::new(),
             product_id: product_id.into(),
             delta,
         })
@@ -230,6 +231,7 @@ async fn list_products_page_size_zero_means_one_hundred() {
         async move {
             admin
                 .create_product(flashsale::grpc::pb::CreateProductRequest {
+                    request_id: String::new(),
                     name: format!("bulk {i}"),
                     price_cents: 1,
                     stock_total: 1,
@@ -386,6 +388,8 @@ async fn audit_recomputes_counters_from_holds_orders_payments_and_adjustments() 
             stored: stock(22, 5, 4),
             recomputed: stock(22, 5, 4),
             consistent: true,
+            overdue_orders: 0,
+            refunds_owed: 0,
         }]
     );
     assert!(report.consistent);
@@ -500,8 +504,8 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
     for product_id in [&other.id, &missing] {
         for statement in [
             format!(
-                "INSERT INTO orders (id, hold_id, product_id, qty, total_cents)
-                 VALUES (gen_random_uuid(), '{}', '{product_id}', 1, 100)",
+                "INSERT INTO orders (id, hold_id, product_id, qty, total_cents, payment_due_at)
+                 VALUES (gen_random_uuid(), '{}', '{product_id}', 1, 100, now())",
                 second.hold_id
             ),
             format!(
@@ -514,8 +518,8 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
     }
     // The order of the second hold, on that hold's product, is accepted.
     let accepted = diesel::sql_query(format!(
-        "INSERT INTO orders (id, hold_id, product_id, qty, total_cents)
-         VALUES (gen_random_uuid(), '{}', '{}', 1, 100)",
+        "INSERT INTO orders (id, hold_id, product_id, qty, total_cents, payment_due_at)
+         VALUES (gen_random_uuid(), '{}', '{}', 1, 100, now())",
         second.hold_id, product.id
     ))
     .execute(&mut conn)

@@ -147,6 +147,7 @@ async fn a_stream_converges_after_its_listener_connection_is_killed() {
     let mut last = product.clone();
     for delta in [5, -2, 7] {
         let request = AdjustStockRequest {
+            request_id: String::new(),
             product_id: product.id.clone(),
             delta,
         };

@@ -214,6 +214,7 @@ async fn unreachable_database_gives_unavailable_not_a_hang() {
     let create = timeout(
         PATIENCE,
         admin.create_product(CreateProductRequest {
+            request_id: String::new(),
             name: "nowhere".into(),
             price_cents: 1,
             stock_total: 1,

@@ -135,7 +135,9 @@ async fn settle_without_folding(server: &TestServer, order: &pb::Order) {
     );
     let qty = order.qty;
     conn.transaction(async |conn| {
-        diesel::sql_query("UPDATE orders SET status = 'cancelled' WHERE id = $1")
+        diesel::sql_query(
+            "UPDATE orders SET status = 'cancelled', cancel_reason = 'payment_failed' WHERE id = $1",
+        )
             .bind::<SqlUuid, _>(order_id)
             .execute(conn)
             .await?;
@@ -188,6 +190,7 @@ async fn a_withdrawal_counts_units_a_settlement_freed_but_nobody_folded_yet() {
         .admin()
         .await
         .adjust_stock(AdjustStockRequest {
+            request_id: String::new(),
             product_id: product.id.clone(),
             delta: -10,
         })

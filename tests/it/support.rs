@@ -329,6 +329,7 @@ impl TestServer {
         self.admin()
             .await
             .create_product(CreateProductRequest {
+                request_id: String::new(),
                 name: name.into(),
                 price_cents,
                 stock_total,

@@ -55,6 +55,7 @@ fn create_hold(product_id: &str, qty: i64, client_request_id: &str) -> Call {
 /// A CreateProduct call.
 fn create_product(name: &str, price_cents: i64, stock_total: i64) -> Call {
     Call::CreateProduct(CreateProductRequest {
+        request_id: String::new(),
         name: name.into(),
         price_cents,
         stock_total,
@@ -323,12 +324,14 @@ impl Fixture {
             }),
             rows("delta", [0, i64::MIN, i64::MAX, i64::MIN + 1], |delta| {
                 Call::AdjustStock(AdjustStockRequest {
+                    request_id: String::new(),
                     product_id: product_id.into(),
                     delta,
                 })
             }),
             rows("product_id", MALFORMED_IDS, |id| {
                 Call::AdjustStock(AdjustStockRequest {
+                    request_id: String::new(),
                     product_id: id.into(),
                     delta: 5,
                 })
@@ -472,6 +475,7 @@ async fn the_limits_themselves_are_allowed() {
     let longest = fx
         .admin
         .create_product(CreateProductRequest {
+            request_id: String::new(),
             name: "n".repeat(200),
             price_cents: 100,
             stock_total: 1,

@@ -339,9 +339,9 @@ async fn payment_before_the_order_is_deferred_then_pays_the_order_on_creation() 
     assert_eq!(deferred.outcome(), WebhookOutcome::Deferred);
     assert!(deferred.order_id.is_empty(), "{deferred:?}");
     assert_counters(&server, &product, Counters::stock(10).reserved(2).sold(0)).await;
-    // While it waits, a redelivery is a duplicate of the deferral.
+    // While it waits, a redelivery says it is still waiting.
     let waiting = deliver(&mut checkout, webhook.clone()).await;
-    assert_eq!(waiting.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(waiting.outcome(), WebhookOutcome::Deferred);
     assert!(waiting.order_id.is_empty(), "{waiting:?}");
 
     let order = order(&mut checkout, &hold.hold_id).await;
@@ -407,17 +407,18 @@ async fn two_deferred_payments_settle_the_order_once_in_arrival_order() {
         (WebhookOutcome::Duplicate, OrderStatus::Cancelled)
     );
     assert_eq!(first.order_id, order.order_id);
+    // The success came after the failure had cancelled the order: a refund is owed.
     let second = deliver(&mut checkout, paid).await;
     assert_eq!(
         (second.outcome(), second.order_status()),
-        (WebhookOutcome::Duplicate, OrderStatus::Cancelled)
+        (WebhookOutcome::RefundRequired, OrderStatus::Cancelled)
     );
     assert_eq!(second.order_id, order.order_id);
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn deferred_payment_on_a_released_hold_is_closed_and_stock_comes_back_once() {
+async fn deferred_success_on_a_released_hold_is_a_refund_owed_and_stock_comes_back_once() {
     let server = TestServer::start().await;
     let product = server.product("ticket", 250, 10).await;
     let mut checkout = server.checkout().await;
@@ -436,15 +437,16 @@ async fn deferred_payment_on_a_released_hold_is_closed_and_stock_comes_back_once
         "HOLD_RELEASED",
     );
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
+    // The money it reported bought nothing: every redelivery says a refund is owed.
     let later = deliver(&mut checkout, webhook).await;
-    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(later.outcome(), WebhookOutcome::RefundRequired);
     assert!(later.order_id.is_empty(), "{later:?}");
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn deferred_payment_on_a_hold_that_expires_is_closed_and_stock_comes_back_once() {
+async fn deferred_success_on_a_hold_that_expires_is_a_refund_owed_and_stock_comes_back_once() {
     let server = TestServer::start_with(|config| {
         config.hold_ttl = Duration::from_secs(2);
         config.reaper_interval = Duration::from_secs(3600);
@@ -467,8 +469,9 @@ async fn deferred_payment_on_a_hold_that_expires_is_closed_and_stock_comes_back_
         "HOLD_EXPIRED",
     );
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
+    // The money it reported bought nothing: every redelivery says a refund is owed.
     let later = deliver(&mut checkout, webhook).await;
-    assert_eq!(later.outcome(), WebhookOutcome::Duplicate);
+    assert_eq!(later.outcome(), WebhookOutcome::RefundRequired);
     assert!(later.order_id.is_empty(), "{later:?}");
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
@@ -519,9 +522,9 @@ async fn concurrent_deliveries_of_one_key_on_a_hold_defer_it_once() {
         assert!(receipt.order_id.is_empty(), "{receipt:?}");
         outcomes.push(receipt.outcome());
     }
+    // One stored, and every redelivery says it is waiting too.
     let deferred = tally(&outcomes, WebhookOutcome::Deferred);
-    let duplicates = tally(&outcomes, WebhookOutcome::Duplicate);
-    assert_eq!((deferred, duplicates), (1, 9), "outcomes: {outcomes:?}");
+    assert_eq!(deferred, 10, "outcomes: {outcomes:?}");
 
     let order = order(&mut checkout, &hold.hold_id).await;
     assert_eq!(order.status(), OrderStatus::Paid);

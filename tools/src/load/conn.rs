@@ -187,6 +187,7 @@ pub async fn create_products(
             name: format!("load {label} #{index}"),
             price_cents: PRICE_CENTS,
             stock_total: stock,
+            request_id: String::new(),
         };
         let product = admin
             .create_product(request)

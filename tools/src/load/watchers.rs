@@ -414,6 +414,7 @@ async fn drive(
         let request = pb::AdjustStockRequest {
             product_id: product_id.to_owned(),
             delta,
+            request_id: String::new(),
         };
         let sent = Instant::now();
         let result = admin.adjust_stock(request).await;
