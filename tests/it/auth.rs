@@ -8,9 +8,10 @@ use flashsale::auth::{Scope, new_token};
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
 use flashsale::grpc::pb::{
-    AdjustStockRequest, AuditInventoryRequest, CreateHoldRequest, CreateOrderRequest,
-    CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
-    HandlePaymentWebhookRequest, ListProductsRequest, ReleaseHoldRequest, WatchAvailabilityRequest,
+    AdjustStockRequest, AuditInventoryRequest, CancelOrderRequest, CreateHoldRequest,
+    CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
+    HandlePaymentWebhookRequest, ListProductsRequest, ListRefundsRequiredRequest,
+    MarkRefundedRequest, ReleaseHoldRequest, WatchAvailabilityRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -91,6 +92,10 @@ impl Caller {
                 .get_order(GetOrderRequest { order_id: id })
                 .await
                 .map(drop),
+            "CancelOrder" => checkout
+                .cancel_order(CancelOrderRequest { order_id: id })
+                .await
+                .map(drop),
             "HandlePaymentWebhook" => checkout
                 .handle_payment_webhook(HandlePaymentWebhookRequest::default())
                 .await
@@ -117,6 +122,17 @@ impl Caller {
                 .audit_inventory(AuditInventoryRequest::default())
                 .await
                 .map(drop),
+            "ListRefundsRequired" => admin
+                .list_refunds_required(ListRefundsRequiredRequest::default())
+                .await
+                .map(drop),
+            "MarkRefunded" => admin
+                .mark_refunded(MarkRefundedRequest {
+                    idempotency_key: id,
+                    caller: String::new(),
+                })
+                .await
+                .map(drop),
             other => panic!("no such rpc {other}"),
         };
         outcome.err()
@@ -124,7 +140,7 @@ impl Caller {
 }
 
 /// Every RPC and the scope it needs.
-const RPCS: [(&str, Scope); 12] = [
+const RPCS: [(&str, Scope); 15] = [
     ("GetProduct", Scope::Checkout),
     ("ListProducts", Scope::Checkout),
     ("CreateHold", Scope::Checkout),
@@ -132,11 +148,14 @@ const RPCS: [(&str, Scope); 12] = [
     ("ReleaseHold", Scope::Checkout),
     ("CreateOrder", Scope::Checkout),
     ("GetOrder", Scope::Checkout),
+    ("CancelOrder", Scope::Checkout),
     ("HandlePaymentWebhook", Scope::Payments),
     ("WatchAvailability", Scope::Checkout),
     ("CreateProduct", Scope::Admin),
     ("AdjustStock", Scope::Admin),
     ("AuditInventory", Scope::Admin),
+    ("ListRefundsRequired", Scope::Admin),
+    ("MarkRefunded", Scope::Admin),
 ];
 
 /// Writes a tokens file with one token per entry; returns the tokens.

@@ -6,11 +6,13 @@ mod support;
 mod auth;
 
 mod coalescing;
+mod deadlines;
 mod flash_crowd;
 mod holds;
 mod orders;
 mod products;
 mod reaper;
+mod refunds;
 mod scaling;
 mod schema;
 mod service;

@@ -526,3 +526,78 @@ async fn the_database_keeps_every_order_on_its_holds_product() {
     .await;
     assert_eq!(accepted.unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retried_admin_writes_take_effect_once() {
+    use flashsale::grpc::pb::CreateProductRequest;
+
+    let server = TestServer::start().await;
+    let create = CreateProductRequest {
+        name: "drop".into(),
+        price_cents: 4_200,
+        stock_total: 10,
+        request_id: "create-1".into(),
+    };
+    // Concurrent retries of one CreateProduct (an operator's client timing out and
+    // resending) make one product.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let (mut admin, create) = (server.admin().await, create.clone());
+        calls.push(tokio::spawn(
+            async move { admin.create_product(create).await },
+        ));
+    }
+    let mut ids = HashSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap().expect("created").into_inner().id);
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let product_id = ids.into_iter().next().unwrap();
+    let listed = server
+        .checkout()
+        .await
+        .list_products(ListProductsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .products;
+    assert_eq!(listed.len(), 1);
+
+    let adjust_once = AdjustStockRequest {
+        product_id: product_id.clone(),
+        delta: 5,
+        request_id: "restock-1".into(),
+    };
+    let mut admin = server.admin().await;
+    for _ in 0..3 {
+        let product = admin
+            .adjust_stock(adjust_once.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(product.stock_total, 15, "a retried restock applies once");
+    }
+
+    // The same ids with another request are refused, and change nothing.
+    let other_create = CreateProductRequest {
+        stock_total: 11,
+        ..create
+    };
+    assert_status(
+        admin.create_product(other_create).await,
+        Code::AlreadyExists,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    let other_adjust = AdjustStockRequest {
+        delta: 6,
+        ..adjust_once
+    };
+    assert_status(
+        admin.adjust_stock(other_adjust).await,
+        Code::AlreadyExists,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    let product = get_product(&mut server.checkout().await, &product_id).await;
+    assert_eq!(product.stock_total, 15);
+    server.assert_consistent().await;
+}

@@ -3,10 +3,11 @@
 //! carried, and the limits themselves are allowed.
 
 use flashsale::grpc::pb::{
-    AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CreateHoldRequest,
-    CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
-    HandlePaymentWebhookRequest, Hold, ListProductsRequest, Order, OrderStatus, PaymentResult,
-    Product, ReleaseHoldRequest, WatchAvailabilityRequest, WebhookOutcome,
+    AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CancelOrderRequest,
+    CreateHoldRequest, CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest,
+    GetProductRequest, HandlePaymentWebhookRequest, Hold, ListProductsRequest,
+    ListRefundsRequiredRequest, MarkRefundedRequest, Order, OrderStatus, PaymentResult, Product,
+    ReleaseHoldRequest, WatchAvailabilityRequest, WebhookOutcome,
     handle_payment_webhook_request::Target,
 };
 
@@ -41,6 +42,21 @@ enum Call {
     CreateProduct(CreateProductRequest),
     AdjustStock(AdjustStockRequest),
     AuditInventory(AuditInventoryRequest),
+    CancelOrder(CancelOrderRequest),
+    ListRefundsRequired(ListRefundsRequiredRequest),
+    MarkRefunded(MarkRefundedRequest),
+}
+
+/// Keys too long or with characters no key may hold.
+fn bad_keys() -> [String; 6] {
+    [
+        "k".repeat(256),
+        "é".repeat(128),
+        "key\0".into(),
+        "key\u{1}42".into(),
+        "key\n42".into(),
+        "key\u{7f}".into(),
+    ]
 }
 
 /// A CreateHold call.
@@ -206,6 +222,52 @@ impl Fixture {
             rows("hold_id", MALFORMED_IDS, |id| {
                 Call::GetHold(GetHoldRequest { hold_id: id.into() })
             }),
+            rows("order_id", MALFORMED_IDS, |id| {
+                Call::CancelOrder(CancelOrderRequest {
+                    order_id: id.into(),
+                })
+            }),
+            rows("request_id", bad_keys(), |key| {
+                Call::CreateProduct(CreateProductRequest {
+                    request_id: key,
+                    name: "retry".into(),
+                    price_cents: 100,
+                    stock_total: 1,
+                })
+            }),
+            rows("request_id", bad_keys(), |key| {
+                Call::AdjustStock(AdjustStockRequest {
+                    request_id: key,
+                    product_id: product_id.into(),
+                    delta: 1,
+                })
+            }),
+            rows("page_size", [-1, 1001], |page_size| {
+                Call::ListRefundsRequired(ListRefundsRequiredRequest {
+                    page_size,
+                    page_token: String::new(),
+                })
+            }),
+            rows(
+                "page_token",
+                ["x", "not base64!", "bm8gc2VwYXJhdG9y"],
+                |token| {
+                    Call::ListRefundsRequired(ListRefundsRequiredRequest {
+                        page_size: 10,
+                        page_token: token.into(),
+                    })
+                },
+            ),
+            rows(
+                "idempotency_key",
+                bad_keys().into_iter().chain([String::new()]),
+                |key| {
+                    Call::MarkRefunded(MarkRefundedRequest {
+                        idempotency_key: key,
+                        caller: String::new(),
+                    })
+                },
+            ),
             rows("hold_id", MALFORMED_IDS, |id| {
                 Call::ReleaseHold(ReleaseHoldRequest { hold_id: id.into() })
             }),
@@ -360,6 +422,11 @@ impl Fixture {
             Call::CreateProduct(request) => admin.create_product(request).await.map(drop),
             Call::AdjustStock(request) => admin.adjust_stock(request).await.map(drop),
             Call::AuditInventory(request) => admin.audit_inventory(request).await.map(drop),
+            Call::CancelOrder(request) => checkout.cancel_order(request).await.map(drop),
+            Call::ListRefundsRequired(request) => {
+                admin.list_refunds_required(request).await.map(drop)
+            }
+            Call::MarkRefunded(request) => admin.mark_refunded(request).await.map(drop),
         }
     }
 
