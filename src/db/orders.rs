@@ -1,9 +1,9 @@
 //! Queries on `orders`.
 
 use chrono::TimeDelta;
-use diesel::dsl::{now, sql};
+use diesel::dsl::now;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Interval, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Interval, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -12,27 +12,32 @@ use super::models::{CancelReason, Hold, Order, OrderStatus};
 use super::schema::orders;
 
 /// Inserts the pending order for `hold`, due for payment `payment_ttl` from now by the
-/// database's clock (the unique `hold_id` refuses a second order).
+/// database's clock (the unique `hold_id` refuses a second order). A statement that stays
+/// prepared (see [`CachedSql`]).
 pub async fn insert_order(
     conn: &mut AsyncPgConnection,
     hold: &Hold,
     total_cents: i64,
     payment_ttl: TimeDelta,
 ) -> QueryResult<Order> {
-    let payment_due_at = sql::<Timestamptz>("now() + ").bind::<Interval, _>(payment_ttl);
-    diesel::insert_into(orders::table)
-        .values((
-            orders::id.eq(Uuid::now_v7()),
-            orders::hold_id.eq(hold.id),
-            orders::product_id.eq(hold.product_id),
-            orders::qty.eq(hold.qty),
-            orders::total_cents.eq(total_cents),
-            orders::status.eq(OrderStatus::Pending),
-            orders::payment_due_at.eq(payment_due_at),
-        ))
-        .returning(Order::as_returning())
-        .get_result(conn)
-        .await
+    CachedSql::new(
+        "INSERT INTO orders (id, hold_id, product_id, qty, total_cents, status, payment_due_at) \
+         VALUES (",
+    )
+    .bind::<SqlUuid, _>(Uuid::now_v7())
+    .sql(", ")
+    .bind::<SqlUuid, _>(hold.id)
+    .sql(", ")
+    .bind::<SqlUuid, _>(hold.product_id)
+    .sql(", ")
+    .bind::<BigInt, _>(hold.qty)
+    .sql(", ")
+    .bind::<BigInt, _>(total_cents)
+    .sql(", 'pending', now() + ")
+    .bind::<Interval, _>(payment_ttl)
+    .sql(") RETURNING *")
+    .get_result(conn)
+    .await
 }
 
 /// One order by id.

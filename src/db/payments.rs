@@ -3,7 +3,9 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use diesel::dsl::{now, sql};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Interval, Nullable, Text, Timestamptz};
+use diesel::sql_types::{
+    Array, BigInt, Bool, Interval, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -109,22 +111,20 @@ pub async fn resolve_event(
 }
 
 /// Closes every event deferred on these holds (they will never become orders): a success
-/// becomes a refund owed, a failure is ignored.
+/// becomes a refund owed, a failure is ignored. A statement that stays prepared (see
+/// [`CachedSql`]).
 pub async fn close_deferred_events(
     conn: &mut AsyncPgConnection,
     hold_ids: &[Uuid],
 ) -> QueryResult<usize> {
-    let closed =
-        sql::<Text>("CASE result WHEN 'success' THEN 'refund_required' ELSE 'ignored' END");
-    diesel::update(
-        payment_events::table
-            .filter(payment_events::target_hold_id.eq_any(hold_ids))
-            .filter(payment_events::outcome.eq(EventOutcome::Deferred)),
+    CachedSql::new(
+        "UPDATE payment_events \
+         SET outcome = CASE result WHEN 'success' THEN 'refund_required' ELSE 'ignored' END, \
+             processed_at = now() \
+         WHERE outcome = 'deferred' AND target_hold_id = ANY (",
     )
-    .set((
-        payment_events::outcome.eq(closed),
-        payment_events::processed_at.eq(now),
-    ))
+    .bind::<Array<SqlUuid>, _>(hold_ids)
+    .sql(")")
     .execute(conn)
     .await
 }

@@ -155,6 +155,32 @@ async fn a_success_a_moment_after_the_deadline_is_a_refund_owed_before_the_reape
         (0, 1),
         "{audit:?}"
     );
+
+    // Listed for the operators, with what to refund, until marked refunded.
+    let mut admin = server.admin().await;
+    let owed = admin
+        .list_refunds_required(pb::ListRefundsRequiredRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .refunds;
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].idempotency_key, "evt-late");
+    assert_eq!(owed[0].amount_cents, order.total_cents);
+    assert_eq!(
+        owed[0].target,
+        Some(pb::refund::Target::OrderId(order.order_id.clone()))
+    );
+    let marked = admin
+        .mark_refunded(pb::MarkRefundedRequest {
+            idempotency_key: "evt-late".into(),
+            caller: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(marked.refunded_at.is_some());
+    assert_eq!(server.assert_consistent().await.refunds_owed, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
