@@ -51,7 +51,14 @@ CREATE TABLE products (
     -- the name of the token that created it ('' on a server without tokens)
     caller      TEXT COLLATE "C" NOT NULL,
     -- the creator's retry key: the same key from the same caller finds this product
-    request_id  TEXT COLLATE "C"
+    request_id  TEXT COLLATE "C",
+    -- most units one buyer may hold or have ordered (pending or paid); 0: no limit
+    max_per_buyer BIGINT NOT NULL DEFAULT 0 CHECK (max_per_buyer >= 0),
+    -- the sale window: holds are granted from sale_starts_at (if set) until before
+    -- sale_ends_at (if set)
+    sale_starts_at TIMESTAMPTZ,
+    sale_ends_at   TIMESTAMPTZ,
+    CONSTRAINT products_sale_window_check CHECK (sale_starts_at < sale_ends_at)
 );
 -- one product per caller's CreateProduct request id
 CREATE UNIQUE INDEX products_request_id_key ON products (caller, request_id)
@@ -109,12 +116,16 @@ CREATE TABLE holds (
     updated_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
     -- the name of the token that created the hold ('' on a server without tokens): its
     -- client_request_id is unique among that caller's holds only
-    caller            TEXT COLLATE "C" NOT NULL
+    caller            TEXT COLLATE "C" NOT NULL,
+    -- the caller's opaque buyer id, counted against the product's max_per_buyer
+    buyer_id          TEXT COLLATE "C"
 );
 CREATE UNIQUE INDEX holds_client_request_id_key ON holds (caller, client_request_id)
     WHERE client_request_id IS NOT NULL;
 -- the reaper's queue: active holds by expiry; also the audit's one pass over active holds
 CREATE INDEX holds_active_expires_at ON holds (expires_at) WHERE status = 'active';
+-- a buyer's holds on a product, for its limit (only holds that name a buyer)
+CREATE INDEX holds_buyer ON holds (product_id, buyer_id) WHERE buyer_id IS NOT NULL;
 -- Holds are deliberately not indexed by product: every hold of a hot product would carry
 -- the same key, and maintaining it on every hold costs more than its readers need (the
 -- audit sums active holds per product in one pass over holds_active_expires_at; deleting
@@ -243,9 +254,9 @@ CREATE INDEX stock_movements_product_id ON stock_movements (product_id);
 
 -- ============================================================ products: version and time
 
--- products_bump_version: every update of a product row that changes stock_total, reserved
--- or sold leaves version = old version + 1 and updated_at = now(), so no code path can
--- forget the bump. Takes no lock beyond the updated row's, which the UPDATE holds already.
+-- products_bump_version: every update of a product row that changes what watchers see
+-- (stock_total, reserved, sold, max_per_buyer, the sale window) leaves version = old
+-- version + 1 and updated_at = now(), so no code path can forget the bump. Takes no lock beyond the updated row's, which the UPDATE holds already.
 -- The function sets both whenever the counters changed; the trigger's WHEN runs it only
 -- when the update changed the counters without setting (version, updated_at) to exactly
 -- (old version + 1, now()) itself. reserve_holds and fold_stock_movements update many
@@ -253,7 +264,8 @@ CREATE INDEX stock_movements_product_id ON stock_movements (product_id);
 -- per row with the same result.
 CREATE FUNCTION products_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF (NEW.stock_total, NEW.reserved, NEW.sold) IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold) THEN
+    IF (NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at)
+       IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at) THEN
         NEW.version := OLD.version + 1;
         NEW.updated_at := now();
     END IF;
@@ -263,7 +275,8 @@ $$;
 -- Row-level, before each update of products; skipped by updates that bump themselves.
 CREATE TRIGGER products_bump_version BEFORE UPDATE ON products
     FOR EACH ROW
-    WHEN ((NEW.stock_total, NEW.reserved, NEW.sold) IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold)
+    WHEN ((NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at)
+          IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at)
           AND (NEW.version, NEW.updated_at) IS DISTINCT FROM (OLD.version + 1, now()))
     EXECUTE FUNCTION products_bump_version();
 
@@ -288,10 +301,11 @@ CREATE TRIGGER products_bump_version BEFORE UPDATE ON products
 -- Payload, parsed by the server's change feed (ChangeNotification in
 -- src/domain/availability.rs; change both together):
 --   {"changed_at": <now() as JSON>, "products": [{"product_id": "<uuid>",
---    "stock_total": n, "reserved": n, "sold": n, "version": n}, ...]}
+--    "stock_total": n, "reserved": n, "sold": n, "version": n, "max_per_buyer": n,
+--    "sale_starts_at": <timestamp as JSON or null>, "sale_ends_at": <same>}, ...]}
 -- changed_at is the changing transaction's start time, the time of every state in it.
--- Products are in no particular order, at most 24 per notification: a product's part is
--- at most about 180 bytes, so a notification stays well under NOTIFY's 8000-byte payload
+-- Products are in no particular order, at most 16 per notification: a product's part is
+-- at most about 320 bytes, so a notification stays well under NOTIFY's 8000-byte payload
 -- limit. A statement that changed nothing sends nothing.
 CREATE FUNCTION products_notify_changes() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -304,14 +318,17 @@ BEGIN
                || '","stock_total":' || n.stock_total
                || ',"reserved":' || n.reserved
                || ',"sold":' || n.sold
-               || ',"version":' || n.version || '}'
+               || ',"version":' || n.version
+               || ',"max_per_buyer":' || n.max_per_buyer
+               || ',"sale_starts_at":' || coalesce(to_json(n.sale_starts_at)::text, 'null')
+               || ',"sale_ends_at":' || coalesce(to_json(n.sale_ends_at)::text, 'null') || '}'
           FROM new_products n
          WHERE TG_OP = 'INSERT' OR n.updated_at = now());
     header := '{"changed_at":' || to_json(now()) || ',"products":[';
     WHILE first <= cardinality(states) LOOP
         PERFORM pg_notify('flashsale_product_changes',
-                          header || array_to_string(states[first:first + 23], ',') || ']}');
-        first := first + 24;
+                          header || array_to_string(states[first:first + 15], ',') || ']}');
+        first := first + 16;
     END LOOP;
     RETURN NULL;
 END;
@@ -442,11 +459,11 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 -- multi-row insert, one counter update per product, one commit.
 --
 -- Arguments, one element per request in request_ids, request_products, request_qtys,
--- request_callers and request_keys (parallel arrays): the id the hold gets if granted, the
--- 1-based index of its product in product_ids, the units asked, the caller's name and its
--- client request id (NULL for none; a caller's key appears at most once per call).
--- product_ids: the batch's distinct products, in ascending order. ttl: granted holds expire
--- at now() + ttl.
+-- request_callers, request_keys and request_buyers (parallel arrays): the id the hold gets
+-- if granted, the 1-based index of its product in product_ids, the units asked, the
+-- caller's name, its client request id (NULL for none; a caller's key appears at most once
+-- per call) and the buyer id (NULL for none). product_ids: the batch's distinct products,
+-- in ascending order. ttl: granted holds expire at now() + ttl.
 --
 -- Guarantees:
 -- - Locks: the existing products among product_ids are locked FOR NO KEY UPDATE, in id
@@ -455,25 +472,34 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --   counters takes: it lets the KEY SHARE locks of foreign key checks and of
 --   holds_check_products pass.
 -- - Grants are those sequential calls in request order would give: each request in turn
---   gets all its units if its product still has them, else none.
+--   gets all its units if its product is on sale (inside its sale window), its buyer stays
+--   within the product's max_per_buyer and the product still has the units, else none.
 -- - Never oversells: the grants fit the locked counters, so the counter update needs no
 --   guard of its own; were it ever to oversell, products_never_oversold would fail the
 --   whole call. A request for qty <= 0 that no other outcome answers fails the whole
 --   call too (holds_qty_check).
+-- - Never over a buyer's limit: a buyer's units on a product (active holds, and holds
+--   converted into pending or paid orders) only grow here, under the product's lock, so
+--   the count read under it stays true until the commit.
 -- - Exactly one result row per request; ord is its 1-based position. Rows come in no
 --   useful order: callers place them by ord. Outcomes:
---     'existing'     its caller's key already names a hold: the hold_* columns are that hold, as
---                    it is, whatever product or quantity the request asked; no stock is
---                    taken and nothing is written for it.
---     'granted'      the hold_* columns are the new active hold; its units are added to
---                    its product's reserved.
---     'insufficient' units_left is what its product had left when its turn came.
---     'no_product'   its product does not exist (or its index is outside product_ids).
---     'key_taken'    only with skip_taken_keys: a concurrent transaction took its key (or
---                    its hold id) after the lookup; nothing was written for it and its
---                    units stay available. The caller looks the key up again.
+--     'existing'         its caller's key already names a hold: the hold_* columns are
+--                        that hold, as it is, whatever product or quantity the request
+--                        asked; no stock is taken and nothing is written for it.
+--     'granted'          the hold_* columns are the new active hold; its units are added
+--                        to its product's reserved.
+--     'insufficient'     units_left is what its product had left when its turn came.
+--     'no_product'       its product does not exist (or its index is outside product_ids).
+--     'sale_not_started' now() is before its product's sale_starts_at.
+--     'sale_ended'       now() is at or after its product's sale_ends_at.
+--     'buyer_required'   its product has a max_per_buyer and the request names no buyer.
+--     'buyer_limit'      the units would take its buyer over max_per_buyer; units_left is
+--                        how many the buyer may still take.
+--     'key_taken'        only with skip_taken_keys: a concurrent transaction took its key
+--                        (or its hold id) after the lookup; nothing was written for it and
+--                        its units stay available. The caller looks the key up again.
 --   hold_* columns are NULL unless 'existing' or 'granted'; units_left is NULL unless
---   'insufficient'.
+--   'insufficient' or 'buyer_limit'.
 -- - Retry contract: skip_taken_keys = false inserts plainly; a key taken after the lookup
 --   fails the whole call with unique_violation and, the call being one statement, nothing
 --   of it stays. The caller then runs the same call again with skip_taken_keys = true,
@@ -491,11 +517,13 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --   then searched among the locked ones instead of taken by index.
 CREATE FUNCTION reserve_holds(
     request_ids uuid[], product_ids uuid[], request_products int4[], request_qtys int8[],
-    request_callers text[], request_keys text[], ttl interval, skip_taken_keys bool
+    request_callers text[], request_keys text[], request_buyers text[], ttl interval,
+    skip_taken_keys bool
 ) RETURNS TABLE (ord int4, outcome text, units_left int8, hold_id uuid,
                 hold_product_id uuid, hold_qty int8, hold_status text,
                 hold_client_request_id text, hold_expires_at timestamptz,
-                hold_created_at timestamptz, hold_updated_at timestamptz)
+                hold_created_at timestamptz, hold_updated_at timestamptz,
+                hold_buyer_id text)
 LANGUAGE plpgsql AS $$
 DECLARE
     decided     bool[] := array_fill(false, ARRAY[cardinality(request_ids)]);
@@ -503,6 +531,13 @@ DECLARE
     -- whether locked_ids is product_ids, so a request's product index is its lock's
     in_order    bool;
     lefts       int8[];
+    limits      int8[];
+    starts      timestamptz[];
+    ends        timestamptz[];
+    -- units each (product, buyer) of the batch holds, as far as counted: parallel arrays
+    buyer_keys  text[] := '{}';
+    buyer_units int8[] := '{}';
+    buyer_at    int4;
     granted     int4[] := '{}';
     known       record;
     at          int4;
@@ -511,7 +546,7 @@ BEGIN
     -- Known keys answer with their hold and take no stock.
     FOR known IN
         SELECT r.at::int4 AS at, h.id, h.product_id, h.qty, h.status, h.client_request_id,
-               h.expires_at, h.created_at, h.updated_at
+               h.expires_at, h.created_at, h.updated_at, h.buyer_id
           FROM unnest(request_callers, request_keys) WITH ORDINALITY AS r(caller, key, at)
           JOIN holds h ON h.caller = r.caller AND h.client_request_id = r.key
          WHERE r.key IS NOT NULL
@@ -519,15 +554,20 @@ BEGIN
         decided[known.at] := true;
         RETURN QUERY SELECT known.at, 'existing'::text, NULL::int8, known.id, known.product_id,
                             known.qty, known.status, known.client_request_id,
-                            known.expires_at, known.created_at, known.updated_at;
+                            known.expires_at, known.created_at, known.updated_at,
+                            known.buyer_id;
     END LOOP;
 
     -- Row locks in id order, so concurrent batches never deadlock. NO KEY UPDATE, like an
     -- UPDATE of the counters: foreign key checks (an order naming the product) pass.
     SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}'),
-           coalesce(array_agg(p.stock_total - p.reserved - p.sold ORDER BY p.id), '{}')
-      INTO locked_ids, lefts
-      FROM (SELECT id, stock_total, reserved, sold FROM products
+           coalesce(array_agg(p.stock_total - p.reserved - p.sold ORDER BY p.id), '{}'),
+           coalesce(array_agg(p.max_per_buyer ORDER BY p.id), '{}'),
+           coalesce(array_agg(p.sale_starts_at ORDER BY p.id), '{}'),
+           coalesce(array_agg(p.sale_ends_at ORDER BY p.id), '{}')
+      INTO locked_ids, lefts, limits, starts, ends
+      FROM (SELECT id, stock_total, reserved, sold, max_per_buyer, sale_starts_at, sale_ends_at
+              FROM products
              WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE) p;
     in_order := locked_ids = product_ids;
 
@@ -537,17 +577,51 @@ BEGIN
         IF NOT in_order THEN
             at := array_position(locked_ids, product_ids[at]);
         END IF;
+        buyer_at := NULL;
+        IF lefts[at] IS NOT NULL AND limits[at] > 0 AND request_buyers[i] IS NOT NULL THEN
+            buyer_at := array_position(buyer_keys, locked_ids[at] || '/' || request_buyers[i]);
+            IF buyer_at IS NULL THEN
+                buyer_keys := buyer_keys || (locked_ids[at] || '/' || request_buyers[i]);
+                buyer_units := buyer_units || (
+                    SELECT coalesce(sum(h.qty), 0)::int8
+                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
+                     WHERE h.product_id = locked_ids[at] AND h.buyer_id = request_buyers[i]
+                       AND (h.status = 'active' OR o.status IN ('pending', 'paid')));
+                buyer_at := cardinality(buyer_keys);
+            END IF;
+        END IF;
         IF lefts[at] IS NULL THEN
             RETURN QUERY SELECT i, 'no_product'::text, NULL::int8, NULL::uuid, NULL::uuid,
                                 NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
-                                NULL::timestamptz, NULL::timestamptz;
+                                NULL::timestamptz, NULL::timestamptz, NULL::text;
+        ELSIF now() < starts[at] THEN
+            RETURN QUERY SELECT i, 'sale_not_started'::text, NULL::int8, NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz, NULL::text;
+        ELSIF now() >= ends[at] THEN
+            RETURN QUERY SELECT i, 'sale_ended'::text, NULL::int8, NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz, NULL::text;
+        ELSIF limits[at] > 0 AND request_buyers[i] IS NULL THEN
+            RETURN QUERY SELECT i, 'buyer_required'::text, NULL::int8, NULL::uuid, NULL::uuid,
+                                NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
+                                NULL::timestamptz, NULL::timestamptz, NULL::text;
+        ELSIF buyer_at IS NOT NULL AND buyer_units[buyer_at] + request_qtys[i] > limits[at] THEN
+            RETURN QUERY SELECT i, 'buyer_limit'::text,
+                                greatest(limits[at] - buyer_units[buyer_at], 0)::int8,
+                                NULL::uuid, NULL::uuid, NULL::int8, NULL::text, NULL::text,
+                                NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
+                                NULL::text;
         ELSIF request_qtys[i] <= lefts[at] THEN
             lefts[at] := lefts[at] - request_qtys[i];
+            IF buyer_at IS NOT NULL THEN
+                buyer_units[buyer_at] := buyer_units[buyer_at] + request_qtys[i];
+            END IF;
             granted := granted || i;
         ELSE
             RETURN QUERY SELECT i, 'insufficient'::text, lefts[at], NULL::uuid, NULL::uuid,
                                 NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
-                                NULL::timestamptz, NULL::timestamptz;
+                                NULL::timestamptz, NULL::timestamptz, NULL::text;
         END IF;
     END LOOP;
 
@@ -558,11 +632,12 @@ BEGIN
         RETURN QUERY
         WITH rows AS (
             INSERT INTO holds (id, product_id, qty, status, caller, client_request_id,
-                               expires_at, created_at, updated_at)
-            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, now() + ttl,
-                   now(), now()
+                               buyer_id, expires_at, created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, r.buyer,
+                   now() + ttl, now(), now()
               FROM unnest(request_ids, request_products, request_qtys, request_callers,
-                          request_keys) WITH ORDINALITY AS r(id, product, qty, caller, key, at)
+                          request_keys, request_buyers)
+                   WITH ORDINALITY AS r(id, product, qty, caller, key, buyer, at)
               JOIN unnest(granted) AS g ON g = r.at
             RETURNING *
         ), units AS (
@@ -575,7 +650,7 @@ BEGIN
         )
         SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
                rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
-               rows.expires_at, rows.created_at, rows.updated_at
+               rows.expires_at, rows.created_at, rows.updated_at, rows.buyer_id
           FROM unnest(granted) AS g
           LEFT JOIN rows ON rows.id = request_ids[g];
     ELSE
@@ -583,11 +658,12 @@ BEGIN
         RETURN QUERY
         WITH rows AS (
             INSERT INTO holds (id, product_id, qty, status, caller, client_request_id,
-                               expires_at, created_at, updated_at)
-            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, now() + ttl,
-                   now(), now()
+                               buyer_id, expires_at, created_at, updated_at)
+            SELECT r.id, product_ids[r.product], r.qty, 'active', r.caller, r.key, r.buyer,
+                   now() + ttl, now(), now()
               FROM unnest(request_ids, request_products, request_qtys, request_callers,
-                          request_keys) WITH ORDINALITY AS r(id, product, qty, caller, key, at)
+                          request_keys, request_buyers)
+                   WITH ORDINALITY AS r(id, product, qty, caller, key, buyer, at)
               JOIN unnest(granted) AS g ON g = r.at
             ON CONFLICT DO NOTHING
             RETURNING *
@@ -601,7 +677,7 @@ BEGIN
         )
         SELECT g, CASE WHEN rows.id IS NULL THEN 'key_taken' ELSE 'granted' END, NULL::int8,
                rows.id, rows.product_id, rows.qty, rows.status, rows.client_request_id,
-               rows.expires_at, rows.created_at, rows.updated_at
+               rows.expires_at, rows.created_at, rows.updated_at, rows.buyer_id
           FROM unnest(granted) AS g
           LEFT JOIN rows ON rows.id = request_ids[g];
     END IF;

@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// How long a hold reserves its units (e.g. 90s, 2m).
     #[arg(long, env = "FLASHSALE_HOLD_TTL", default_value = "2m", value_parser = humantime::parse_duration)]
     pub hold_ttl: Duration,
+    /// The longest ExtendHold may keep a hold, counted from its creation (at least the hold TTL).
+    #[arg(long, env = "FLASHSALE_HOLD_MAX_LIFETIME", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub hold_max_lifetime: Duration,
     /// How long an order waits for its payment before it is cancelled (e.g. 15m).
     #[arg(long, env = "FLASHSALE_PAYMENT_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
     pub payment_ttl: Duration,
@@ -156,6 +159,7 @@ impl ServeArgs {
         ServerConfig {
             hold_ttl: self.hold_ttl,
             payment_ttl: self.payment_ttl,
+            hold_max_lifetime: self.hold_max_lifetime,
             webhook_key_retention: self.webhook_key_retention,
             reaper_interval: self.reaper_interval,
             reaper_batch_size: self.reaper_batch_size,
@@ -273,6 +277,11 @@ fn check_transport(args: &ServeArgs) -> Result<(), CliError> {
         )
         .into());
     }
+    if args.hold_max_lifetime < args.hold_ttl {
+        return Err(
+            "--hold-max-lifetime (FLASHSALE_HOLD_MAX_LIFETIME) must be at least --hold-ttl".into(),
+        );
+    }
     if args.tls_cert.is_none() && !args.listen_addr.ip().is_loopback() {
         tracing::warn!(addr = %args.listen_addr, "serving plaintext off loopback: tokens and data cross the network unencrypted (set FLASHSALE_TLS_CERT and FLASHSALE_TLS_KEY)");
     }
@@ -359,6 +368,7 @@ async fn seed(args: SeedArgs) -> Result<(), CliError> {
             price_cents,
             stock_total,
             request_id: String::new(),
+            ..CreateProductRequest::default()
         };
         let product = admin.create_product(request).await?.into_inner();
         println!(

@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub hold_ttl: Duration,
     /// How long an order waits for its payment before the reaper cancels it.
     pub payment_ttl: Duration,
+    /// The longest ExtendHold may keep a hold, counted from its creation.
+    pub hold_max_lifetime: Duration,
     /// How long webhook idempotency keys are kept before the reaper may delete them.
     pub webhook_key_retention: Duration,
     /// Pause between reaper sweeps.
@@ -157,6 +159,7 @@ impl ServerConfig {
             database,
             hold_ttl: Duration::from_secs(120),
             payment_ttl: Duration::from_secs(15 * 60),
+            hold_max_lifetime: Duration::from_secs(10 * 60),
             webhook_key_retention: Duration::from_secs(30 * 24 * 3600),
             reaper_interval: Duration::from_secs(1),
             reaper_batch_size: 500,

@@ -101,6 +101,7 @@ impl App {
         let settings = CheckoutSettings {
             hold_ttl: config.hold_ttl,
             payment_ttl: config.payment_ttl,
+            hold_max_lifetime: config.hold_max_lifetime,
             max_qty_per_hold: config.max_qty_per_hold,
             max_watched_products: config.max_watched_products,
             hold_batch_lanes: config.hold_batch_lanes,

@@ -11,7 +11,7 @@
 //!  "products": [{"product_id": "...", "stock_total": 10, "reserved": 2, "sold": 1, "version": 7}, ...]}
 //! ```
 //!
-//! with at most 24 products per notification (NOTIFY payloads must stay under 8000 bytes).
+//! with at most 16 products per notification (NOTIFY payloads must stay under 8000 bytes).
 //! A product changed twice in one transaction may be announced twice with one state;
 //! consumers keep a state only if its version is newer.
 //!
@@ -58,6 +58,11 @@ pub struct StockSnapshot {
     pub version: i64,
     /// When the change that produced this state committed.
     pub changed_at: DateTime<Utc>,
+    /// Most units per buyer; 0: no limit.
+    pub max_per_buyer: i64,
+    /// The sale window's bounds, if set.
+    pub sale_starts_at: Option<DateTime<Utc>>,
+    pub sale_ends_at: Option<DateTime<Utc>>,
 }
 
 impl StockSnapshot {
@@ -76,6 +81,9 @@ impl From<&Product> for StockSnapshot {
             sold: product.sold,
             version: product.version,
             changed_at: product.updated_at,
+            max_per_buyer: product.max_per_buyer,
+            sale_starts_at: product.sale_starts_at,
+            sale_ends_at: product.sale_ends_at,
         }
     }
 }
@@ -85,7 +93,7 @@ impl From<&Product> for StockSnapshot {
 struct ChangeNotification {
     /// The changing transaction's time: every state in it is as of that change.
     changed_at: DateTime<Utc>,
-    /// Up to 24 products' counters.
+    /// Up to 16 products' states.
     products: Vec<ChangedProduct>,
 }
 
@@ -97,6 +105,9 @@ struct ChangedProduct {
     reserved: i64,
     sold: i64,
     version: i64,
+    max_per_buyer: i64,
+    sale_starts_at: Option<DateTime<Utc>>,
+    sale_ends_at: Option<DateTime<Utc>>,
 }
 
 impl ChangeNotification {
@@ -110,6 +121,9 @@ impl ChangeNotification {
             sold: product.sold,
             version: product.version,
             changed_at,
+            max_per_buyer: product.max_per_buyer,
+            sale_starts_at: product.sale_starts_at,
+            sale_ends_at: product.sale_ends_at,
         })
     }
 }
@@ -224,8 +238,10 @@ mod tests {
     #[test]
     fn a_notification_carries_its_change_time_to_every_product_state() {
         let payload = r#"{"changed_at":"2026-01-02T03:04:05.123456+00:00","products":[
-            {"product_id":"00000000-0000-0000-0000-000000000001","stock_total":10,"reserved":2,"sold":1,"version":7},
-            {"product_id":"00000000-0000-0000-0000-000000000002","stock_total":5,"reserved":0,"sold":5,"version":3}]}"#;
+            {"product_id":"00000000-0000-0000-0000-000000000001","stock_total":10,"reserved":2,"sold":1,"version":7,
+             "max_per_buyer":2,"sale_starts_at":"2026-01-02T04:00:00+00:00","sale_ends_at":null},
+            {"product_id":"00000000-0000-0000-0000-000000000002","stock_total":5,"reserved":0,"sold":5,"version":3,
+             "max_per_buyer":0,"sale_starts_at":null,"sale_ends_at":null}]}"#;
         let states: Vec<StockSnapshot> = serde_json::from_str::<ChangeNotification>(payload)
             .unwrap()
             .into_snapshots()
@@ -233,6 +249,8 @@ mod tests {
         assert_eq!(states.len(), 2);
         assert_eq!(states[0].available(), 7);
         assert_eq!(states[1].version, 3);
+        assert_eq!(states[0].max_per_buyer, 2);
+        assert!(states[0].sale_starts_at.is_some() && states[0].sale_ends_at.is_none());
         assert!(
             states
                 .iter()

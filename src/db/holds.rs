@@ -73,6 +73,25 @@ pub async fn set_holds_status(
     statement.sql(" RETURNING *").load(conn).await
 }
 
+/// Moves a hold's expiry to `ttl` from now, but not past `max_lifetime` after its
+/// creation; returns it as it is now.
+pub async fn extend_hold(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    ttl: TimeDelta,
+    max_lifetime: TimeDelta,
+) -> QueryResult<Hold> {
+    CachedSql::new("UPDATE holds SET expires_at = least(now() + ")
+        .bind::<Interval, _>(ttl)
+        .sql(", created_at + ")
+        .bind::<Interval, _>(max_lifetime)
+        .sql("), updated_at = now() WHERE id = ")
+        .bind::<SqlUuid, _>(id)
+        .sql(" RETURNING *")
+        .get_result(conn)
+        .await
+}
+
 /// Up to `limit` active holds past their TTL, oldest expiry first, row-locked until the
 /// transaction ends. Holds another transaction has locked (a concurrent CreateOrder,
 /// another reaper) are skipped, not waited on.
@@ -100,6 +119,8 @@ pub struct HoldRequestRow<'a> {
     pub caller: &'a str,
     /// At most once per caller per batch.
     pub client_request_id: Option<&'a str>,
+    /// The buyer, for its product's max_per_buyer.
+    pub buyer_id: Option<&'a str>,
 }
 
 /// What [`reserve_holds`] did with one request.
@@ -113,13 +134,24 @@ pub enum Reservation {
     Insufficient { units_left: i64 },
     /// Its product does not exist.
     NoProduct,
+    /// Its product's sale window has not opened yet.
+    SaleNotStarted,
+    /// Its product's sale window has closed.
+    SaleEnded,
+    /// Its product limits units per buyer, and it names no buyer.
+    BuyerRequired,
+    /// Its buyer may take only `remaining` more units of its product.
+    BuyerLimit { remaining: i64 },
     /// A concurrent transaction took its client request id: nothing was written for it.
     KeyTaken,
 }
 
 text_enum! {
     /// The `outcome` column of `reserve_holds(...)`.
-    enum ReservationOutcome { Existing, Granted, Insufficient, NoProduct, KeyTaken }
+    enum ReservationOutcome {
+        Existing, Granted, Insufficient, NoProduct, SaleNotStarted, SaleEnded, BuyerRequired,
+        BuyerLimit, KeyTaken,
+    }
 }
 
 /// One row of `reserve_holds(...)`.
@@ -143,7 +175,7 @@ SELECT r.ord, r.outcome, r.units_left,
        r.hold_id AS id, r.hold_product_id AS product_id, r.hold_qty AS qty,
        r.hold_status AS status, r.hold_client_request_id AS client_request_id,
        r.hold_expires_at AS expires_at, r.hold_created_at AS created_at,
-       r.hold_updated_at AS updated_at
+       r.hold_updated_at AS updated_at, r.hold_buyer_id AS buyer_id
 FROM reserve_holds(";
 
 /// Reserves a batch of hold requests in one statement: locks their products, grants stock
@@ -184,6 +216,7 @@ async fn reserve_holds_once(
     let qtys: Vec<i64> = requests.iter().map(|row| row.qty).collect();
     let callers: Vec<&str> = requests.iter().map(|row| row.caller).collect();
     let keys: Vec<Option<&str>> = requests.iter().map(|row| row.client_request_id).collect();
+    let buyers: Vec<Option<&str>> = requests.iter().map(|row| row.buyer_id).collect();
     // Arrays rather than a VALUES list, so the statement's text does not depend on the
     // batch size and stays prepared.
     let rows: Vec<ReservationRow> = CachedSql::new(RESERVATION_COLUMNS)
@@ -198,6 +231,8 @@ async fn reserve_holds_once(
         .bind::<Array<Text>, _>(callers)
         .sql(", ")
         .bind::<Array<Nullable<Text>>, _>(keys)
+        .sql(", ")
+        .bind::<Array<Nullable<Text>>, _>(buyers)
         .sql(", ")
         .bind::<Interval, _>(ttl)
         .sql(", ")
@@ -249,6 +284,10 @@ impl ReservationRow {
                 Reservation::Insufficient { units_left }
             }
             (Outcome::NoProduct, None, _) => Reservation::NoProduct,
+            (Outcome::SaleNotStarted, None, _) => Reservation::SaleNotStarted,
+            (Outcome::SaleEnded, None, _) => Reservation::SaleEnded,
+            (Outcome::BuyerRequired, None, _) => Reservation::BuyerRequired,
+            (Outcome::BuyerLimit, None, Some(remaining)) => Reservation::BuyerLimit { remaining },
             (Outcome::KeyTaken, None, _) => Reservation::KeyTaken,
             (outcome, _, _) => {
                 return Err(unexpected(format!(
@@ -275,6 +314,7 @@ mod tests {
             qty: 1,
             caller: "",
             client_request_id: None,
+            buyer_id: None,
         }
     }
 

@@ -88,6 +88,12 @@ pub struct Product {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Most units one buyer may hold or have ordered; 0: no limit.
+    pub max_per_buyer: i64,
+    /// Holds are granted from here (if set)...
+    pub sale_starts_at: Option<DateTime<Utc>>,
+    /// ...until before here (if set).
+    pub sale_ends_at: Option<DateTime<Utc>>,
 }
 
 impl Product {
@@ -109,6 +115,8 @@ pub struct Hold {
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The buyer it was taken for, counted against its product's max_per_buyer.
+    pub buyer_id: Option<String>,
 }
 
 /// An order row.

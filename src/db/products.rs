@@ -3,6 +3,7 @@
 //! restocks and withdrawals), hold batches (`super::holds::reserve_holds`) and
 //! folds of counter movements (`super::movements::fold_movements`).
 
+use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -39,12 +40,34 @@ pub struct Requester<'a> {
     pub request_id: Option<&'a str>,
 }
 
+/// The terms a product is sold on: a per-buyer limit and a sale window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaleTerms {
+    /// Most units per buyer; 0: no limit.
+    pub max_per_buyer: i64,
+    /// Holds are granted from here (if set)...
+    pub sale_starts_at: Option<DateTime<Utc>>,
+    /// ...until before here (if set).
+    pub sale_ends_at: Option<DateTime<Utc>>,
+}
+
+impl From<&Product> for SaleTerms {
+    fn from(product: &Product) -> Self {
+        SaleTerms {
+            max_per_buyer: product.max_per_buyer,
+            sale_starts_at: product.sale_starts_at,
+            sale_ends_at: product.sale_ends_at,
+        }
+    }
+}
+
 /// Inserts a product and records its initial stock as its first adjustment.
 pub async fn insert_product(
     conn: &mut AsyncPgConnection,
     name: &str,
     price_cents: i64,
     stock_total: i64,
+    terms: SaleTerms,
     by: Requester<'_>,
 ) -> QueryResult<Product> {
     let product: Product = diesel::insert_into(products::table)
@@ -55,6 +78,9 @@ pub async fn insert_product(
             products::stock_total.eq(stock_total),
             products::caller.eq(by.caller),
             products::request_id.eq(by.request_id),
+            products::max_per_buyer.eq(terms.max_per_buyer),
+            products::sale_starts_at.eq(terms.sale_starts_at),
+            products::sale_ends_at.eq(terms.sale_ends_at),
         ))
         .returning(Product::as_returning())
         .get_result(conn)
@@ -122,6 +148,34 @@ pub async fn find_adjustment_by_request_id(
         .first(conn)
         .await
         .optional()
+}
+
+/// One product by id, row-locked until the transaction ends.
+pub async fn lock_product(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Product>> {
+    products::table
+        .find(id)
+        .select(Product::as_select())
+        .for_no_key_update()
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Sets a product's sale terms (its version grows and watchers are told, by trigger).
+pub async fn set_sale_terms(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    terms: SaleTerms,
+) -> QueryResult<Product> {
+    diesel::update(products::table.find(id))
+        .set((
+            products::max_per_buyer.eq(terms.max_per_buyer),
+            products::sale_starts_at.eq(terms.sale_starts_at),
+            products::sale_ends_at.eq(terms.sale_ends_at),
+        ))
+        .returning(Product::as_returning())
+        .get_result(conn)
+        .await
 }
 
 /// One product by id.

@@ -11,6 +11,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         caller -> Text,
+        buyer_id -> Nullable<Text>,
     }
 }
 
@@ -61,6 +62,9 @@ diesel::table! {
         updated_at -> Timestamptz,
         caller -> Text,
         request_id -> Nullable<Text>,
+        max_per_buyer -> Int8,
+        sale_starts_at -> Nullable<Timestamptz>,
+        sale_ends_at -> Nullable<Timestamptz>,
     }
 }
 

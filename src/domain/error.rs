@@ -42,6 +42,22 @@ pub enum DomainError {
     #[error("hold {hold_id} was released")]
     HoldReleased { hold_id: Uuid },
 
+    /// The product's sale window has not opened yet.
+    #[error("the sale of product {product_id} has not started")]
+    SaleNotStarted { product_id: Uuid },
+
+    /// The product's sale window has closed.
+    #[error("the sale of product {product_id} has ended")]
+    SaleEnded { product_id: Uuid },
+
+    /// The hold would take its buyer past the product's per-buyer limit.
+    #[error("buyer may take only {remaining} more units of product {product_id}")]
+    BuyerLimitExceeded { product_id: Uuid, remaining: i64 },
+
+    /// The hold cannot be extended past its maximum lifetime.
+    #[error("hold {hold_id} reached its maximum lifetime")]
+    HoldLifetimeExceeded { hold_id: Uuid },
+
     /// The order is paid: it can no longer be cancelled.
     #[error("order {order_id} is paid")]
     OrderPaid { order_id: Uuid },
@@ -135,6 +151,10 @@ impl DomainError {
             DomainError::HoldExpired { .. } => "HOLD_EXPIRED",
             DomainError::HoldReleased { .. } => "HOLD_RELEASED",
             DomainError::OrderPaid { .. } => "ORDER_PAID",
+            DomainError::SaleNotStarted { .. } => "SALE_NOT_STARTED",
+            DomainError::SaleEnded { .. } => "SALE_ENDED",
+            DomainError::BuyerLimitExceeded { .. } => "BUYER_LIMIT_EXCEEDED",
+            DomainError::HoldLifetimeExceeded { .. } => "HOLD_LIFETIME_EXCEEDED",
             DomainError::NoRefundOwed { .. } => "NO_REFUND_OWED",
             DomainError::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             DomainError::AmountMismatch { .. } => "AMOUNT_MISMATCH",

@@ -188,6 +188,7 @@ fn hold_request_row(request: &NewHold) -> HoldRequestRow<'_> {
         qty: request.qty,
         caller: request.caller.name(),
         client_request_id: request.client_request_id.as_deref(),
+        buyer_id: request.buyer_id.as_deref(),
     }
 }
 
@@ -206,6 +207,20 @@ async fn resolve(
             available: units_left,
         }),
         Reservation::NoProduct => Err(DomainError::not_found("product", request.product_id)),
+        Reservation::SaleNotStarted => Err(DomainError::SaleNotStarted {
+            product_id: request.product_id,
+        }),
+        Reservation::SaleEnded => Err(DomainError::SaleEnded {
+            product_id: request.product_id,
+        }),
+        Reservation::BuyerRequired => Err(DomainError::invalid(
+            "buyer_id",
+            "is required: the product limits units per buyer",
+        )),
+        Reservation::BuyerLimit { remaining } => Err(DomainError::BuyerLimitExceeded {
+            product_id: request.product_id,
+            remaining,
+        }),
         Reservation::KeyTaken => taken_key_hold(conn, request).await,
     }
 }

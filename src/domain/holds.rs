@@ -1,5 +1,6 @@
 //! Holds: reserve units for a while, give them back on release.
 
+use chrono::TimeDelta;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
@@ -19,6 +20,8 @@ pub struct NewHold {
     pub caller: Caller,
     /// The caller's retry key: the same key from the same caller returns the same hold.
     pub client_request_id: Option<String>,
+    /// The buyer (opaque to the server), counted against the product's max_per_buyer.
+    pub buyer_id: Option<String>,
 }
 
 impl Checkout {
@@ -40,6 +43,9 @@ impl Checkout {
         }
         if let Some(key) = &new.client_request_id {
             check_key("client_request_id", key)?;
+        }
+        if let Some(buyer) = &new.buyer_id {
+            check_key("buyer_id", buyer)?;
         }
         Ok(())
     }
@@ -78,6 +84,47 @@ impl Checkout {
         drop(conn);
         self.fold_after_commit(moved.as_slice()).await;
         Ok(hold)
+    }
+
+    /// Moves an active hold's expiry to now + the hold TTL, but never past the maximum
+    /// lifetime after its creation; a hold already at that bound is refused. A hold past its
+    /// TTL is expired on the spot (and refused), as by CreateOrder.
+    pub async fn extend_hold(&self, id: Uuid) -> Result<Hold, DomainError> {
+        let ttl = TimeDelta::from_std(self.settings.hold_ttl).unwrap_or(TimeDelta::MAX);
+        let max_lifetime =
+            TimeDelta::from_std(self.settings.hold_max_lifetime).unwrap_or(TimeDelta::MAX);
+        let mut conn = self.conn().await?;
+        // An on-the-spot expiry commits although the call is refused: the refusal rides
+        // past the commit inside the result, with the product whose units moved.
+        let (extended, moved): (Result<Hold, DomainError>, Option<Uuid>) = conn
+            .transaction::<_, DomainError, _>(async |conn| {
+                let (hold, past_ttl) = queries::lock_hold(conn, id)
+                    .await?
+                    .ok_or_else(|| DomainError::not_found("hold", id))?;
+                Ok(match hold.status {
+                    HoldStatus::Converted => {
+                        (Err(DomainError::HoldConverted { hold_id: id }), None)
+                    }
+                    HoldStatus::Expired => (Err(DomainError::HoldExpired { hold_id: id }), None),
+                    HoldStatus::Released => (Err(DomainError::HoldReleased { hold_id: id }), None),
+                    HoldStatus::Active if past_ttl => {
+                        end_holds(conn, std::slice::from_ref(&hold), HoldStatus::Expired).await?;
+                        let product = hold.product_id;
+                        (Err(DomainError::HoldExpired { hold_id: id }), Some(product))
+                    }
+                    HoldStatus::Active if hold.expires_at >= hold.created_at + max_lifetime => {
+                        (Err(DomainError::HoldLifetimeExceeded { hold_id: id }), None)
+                    }
+                    HoldStatus::Active => (
+                        Ok(queries::extend_hold(conn, id, ttl, max_lifetime).await?),
+                        None,
+                    ),
+                })
+            })
+            .await?;
+        drop(conn);
+        self.fold_after_commit(moved.as_slice()).await;
+        extended
     }
 
     /// Expires up to `batch_size` due holds in one transaction and returns how many. Holds
@@ -134,7 +181,10 @@ pub(super) async fn end_holds(
 
 /// A retried CreateHold gets the original hold; the same key for another request is refused.
 pub(super) fn same_hold_request(existing: Hold, new: &NewHold) -> Result<Hold, DomainError> {
-    if existing.product_id != new.product_id || existing.qty != new.qty {
+    if existing.product_id != new.product_id
+        || existing.qty != new.qty
+        || existing.buyer_id != new.buyer_id
+    {
         return Err(DomainError::IdempotencyKeyReused {
             field: "client_request_id",
             key: existing.client_request_id.unwrap_or_default(),

@@ -60,6 +60,8 @@ pub struct CheckoutSettings {
     pub hold_ttl: Duration,
     /// How long an order waits for its payment before it is cancelled.
     pub payment_ttl: Duration,
+    /// The longest ExtendHold may keep a hold, counted from its creation.
+    pub hold_max_lifetime: Duration,
     /// Largest `qty` one hold may take, so one buyer cannot empty a sale in one call (at
     /// most [`MAX_QTY_PER_HOLD`], so a hold's total at the largest price fits in an i64).
     pub max_qty_per_hold: i64,

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use chrono::{DateTime, Utc};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
@@ -9,7 +10,7 @@ use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::audit::{AuditRow, audit_products};
 use crate::db::models::Product;
 use crate::db::movements::fold_movements;
-use crate::db::products::{self as queries, Requester, StockChange};
+use crate::db::products::{self as queries, Requester, SaleTerms, StockChange};
 
 /// Largest page ListProducts returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
@@ -29,10 +30,21 @@ pub struct NewProduct {
     pub name: String,
     pub price_cents: i64,
     pub stock_total: i64,
+    /// The per-buyer limit and the sale window.
+    pub terms: SaleTerms,
     /// Who asks; its request ids are its own.
     pub caller: Caller,
     /// The caller's retry key: the same key returns the product it created.
     pub request_id: Option<String>,
+}
+
+/// Which sale terms UpdateProduct changes: each `Some` replaces the current value.
+#[derive(Debug, Clone, Default)]
+pub struct TermsUpdate {
+    pub max_per_buyer: Option<i64>,
+    /// `Some(None)` clears the bound.
+    pub sale_starts_at: Option<Option<DateTime<Utc>>>,
+    pub sale_ends_at: Option<Option<DateTime<Utc>>>,
 }
 
 /// A change of one product's stock to make.
@@ -77,6 +89,7 @@ impl Checkout {
         if let Some(request_id) = &new.request_id {
             check_key("request_id", request_id)?;
         }
+        check_terms(&new.terms)?;
         let mut conn = self.conn().await?;
         let mut attempt = 1;
         loop {
@@ -88,6 +101,32 @@ impl Checkout {
             }
             attempt += 1;
         }
+    }
+
+    /// Changes a product's sale terms as `update` says; watchers see the change.
+    pub async fn update_product(
+        &self,
+        product_id: Uuid,
+        update: TermsUpdate,
+    ) -> Result<Product, DomainError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            let product = queries::lock_product(conn, product_id)
+                .await?
+                .ok_or_else(|| DomainError::not_found("product", product_id))?;
+            let current = SaleTerms::from(&product);
+            let terms = SaleTerms {
+                max_per_buyer: update.max_per_buyer.unwrap_or(current.max_per_buyer),
+                sale_starts_at: update.sale_starts_at.unwrap_or(current.sale_starts_at),
+                sale_ends_at: update.sale_ends_at.unwrap_or(current.sale_ends_at),
+            };
+            check_terms(&terms)?;
+            if terms == current {
+                return Ok(product);
+            }
+            Ok(queries::set_sale_terms(conn, product_id, terms).await?)
+        })
+        .await
     }
 
     /// One product, fresh from the database.
@@ -214,9 +253,16 @@ async fn create_product_once(
             false => Err(reused(request_id)),
         };
     }
-    queries::insert_product(conn, &new.name, new.price_cents, new.stock_total, by)
-        .await
-        .map_err(|error| taken_request_id(error, "products_request_id_key"))
+    queries::insert_product(
+        conn,
+        &new.name,
+        new.price_cents,
+        new.stock_total,
+        new.terms,
+        by,
+    )
+    .await
+    .map_err(|error| taken_request_id(error, "products_request_id_key"))
 }
 
 /// One attempt at AdjustStock, in a transaction (see [`create_product_once`] for the
@@ -286,4 +332,23 @@ fn taken_request_id(error: impl Into<DomainError>, constraint: &str) -> DomainEr
         }
         other => other,
     }
+}
+
+/// A per-buyer limit within the stock bound, and a window that ends after it starts.
+fn check_terms(terms: &SaleTerms) -> Result<(), DomainError> {
+    if !(0..=MAX_STOCK).contains(&terms.max_per_buyer) {
+        return Err(DomainError::invalid(
+            "max_per_buyer",
+            format!("must be between 0 (no limit) and {MAX_STOCK}"),
+        ));
+    }
+    if let (Some(starts), Some(ends)) = (terms.sale_starts_at, terms.sale_ends_at)
+        && starts >= ends
+    {
+        return Err(DomainError::invalid(
+            "sale_ends_at",
+            "must be after sale_starts_at",
+        ));
+    }
+    Ok(())
 }

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    caller, optional_text, parse_id, parse_ids, parse_refund_page_token, refund_page_token,
+    caller, optional_text, parse_id, parse_ids, parse_refund_page_token, parse_timestamp,
+    refund_page_token,
 };
 use super::pb::{self, inventory_admin_service_server::InventoryAdminService};
+use crate::db::products::SaleTerms;
 use crate::domain::Checkout;
-use crate::domain::products::{NewProduct, StockAdjustment};
+use crate::domain::DomainError;
+use crate::domain::products::{NewProduct, StockAdjustment, TermsUpdate};
 
 /// The admin API over the shared domain.
 pub struct AdminApi {
@@ -36,11 +39,64 @@ impl InventoryAdminService for AdminApi {
             name: request.name,
             price_cents: request.price_cents,
             stock_total: request.stock_total,
+            terms: SaleTerms {
+                max_per_buyer: request.max_per_buyer,
+                sale_starts_at: optional_timestamp("sale_starts_at", request.sale_starts_at)?,
+                sale_ends_at: optional_timestamp("sale_ends_at", request.sale_ends_at)?,
+            },
             caller,
             request_id: optional_text(request.request_id),
         };
         Ok(Response::new(
             self.checkout.create_product(new).await?.into(),
+        ))
+    }
+
+    async fn update_product(
+        &self,
+        request: Request<pb::UpdateProductRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
+        let request = request.into_inner();
+        let product = request
+            .product
+            .ok_or_else(|| DomainError::invalid("product", "must name the product to update"))?;
+        let id = parse_id("product.id", &product.id)?;
+        let paths = request
+            .update_mask
+            .map(|mask| mask.paths)
+            .unwrap_or_default();
+        if paths.is_empty() {
+            return Err(
+                DomainError::invalid("update_mask", "must name the fields to change").into(),
+            );
+        }
+        let mut update = TermsUpdate::default();
+        for path in &paths {
+            match path.as_str() {
+                "max_per_buyer" => update.max_per_buyer = Some(product.max_per_buyer),
+                "sale_starts_at" => {
+                    update.sale_starts_at = Some(optional_timestamp(
+                        "product.sale_starts_at",
+                        product.sale_starts_at,
+                    )?)
+                }
+                "sale_ends_at" => {
+                    update.sale_ends_at = Some(optional_timestamp(
+                        "product.sale_ends_at",
+                        product.sale_ends_at,
+                    )?)
+                }
+                _ => {
+                    return Err(DomainError::invalid(
+                        "update_mask",
+                        "may name max_per_buyer, sale_starts_at and sale_ends_at",
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(Response::new(
+            self.checkout.update_product(id, update).await?.into(),
         ))
     }
 
@@ -114,4 +170,12 @@ impl InventoryAdminService for AdminApi {
             .await?;
         Ok(Response::new(event.into()))
     }
+}
+
+/// An optional timestamp field; `field` names it if it is not a valid time.
+fn optional_timestamp(
+    field: &'static str,
+    value: Option<prost_types::Timestamp>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, DomainError> {
+    value.map(|value| parse_timestamp(field, value)).transpose()
 }

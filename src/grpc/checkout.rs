@@ -67,6 +67,7 @@ impl CheckoutService for CheckoutApi {
             product_id: parse_id("product_id", &request.product_id)?,
             qty: request.qty,
             caller,
+            buyer_id: optional_text(request.buyer_id),
             client_request_id: optional_text(request.client_request_id),
         };
         Ok(Response::new(self.checkout.create_hold(new).await?.into()))
@@ -86,6 +87,14 @@ impl CheckoutService for CheckoutApi {
     ) -> Result<Response<pb::Hold>, Status> {
         let id = parse_id("hold_id", &request.get_ref().hold_id)?;
         Ok(Response::new(self.checkout.release_hold(id).await?.into()))
+    }
+
+    async fn extend_hold(
+        &self,
+        request: Request<pb::ExtendHoldRequest>,
+    ) -> Result<Response<pb::Hold>, Status> {
+        let id = parse_id("hold_id", &request.get_ref().hold_id)?;
+        Ok(Response::new(self.checkout.extend_hold(id).await?.into()))
     }
 
     async fn create_order(

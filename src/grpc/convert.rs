@@ -94,6 +94,9 @@ impl From<Product> for pb::Product {
             reserved: product.reserved,
             sold: product.sold,
             version: product.version,
+            max_per_buyer: product.max_per_buyer,
+            sale_starts_at: product.sale_starts_at.map(timestamp),
+            sale_ends_at: product.sale_ends_at.map(timestamp),
         }
     }
 }
@@ -119,6 +122,7 @@ impl From<Hold> for pb::Hold {
             expires_at: Some(timestamp(hold.expires_at)),
             created_at: Some(timestamp(hold.created_at)),
             client_request_id: hold.client_request_id.unwrap_or_default(),
+            buyer_id: hold.buyer_id.unwrap_or_default(),
         }
     }
 }
@@ -194,6 +198,9 @@ impl From<StockSnapshot> for pb::AvailabilityUpdate {
             sold: snapshot.sold,
             version: snapshot.version,
             changed_at: Some(timestamp(snapshot.changed_at)),
+            max_per_buyer: snapshot.max_per_buyer,
+            sale_starts_at: snapshot.sale_starts_at.map(timestamp),
+            sale_ends_at: snapshot.sale_ends_at.map(timestamp),
         }
     }
 }
@@ -273,4 +280,15 @@ pub fn parse_refund_page_token(
         caller: caller.to_owned(),
         idempotency_key: key.to_owned(),
     })
+}
+
+/// A timestamp field as the domain takes it; `field` names it in the error.
+pub fn parse_timestamp(
+    field: &'static str,
+    value: prost_types::Timestamp,
+) -> Result<DateTime<Utc>, DomainError> {
+    u32::try_from(value.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos))
+        .ok_or_else(|| DomainError::invalid(field, "is not a valid timestamp"))
 }

@@ -38,6 +38,10 @@ fn status_code(error: &DomainError) -> Code {
         | DomainError::HoldExpired { .. }
         | DomainError::HoldReleased { .. }
         | DomainError::OrderPaid { .. }
+        | DomainError::SaleNotStarted { .. }
+        | DomainError::SaleEnded { .. }
+        | DomainError::BuyerLimitExceeded { .. }
+        | DomainError::HoldLifetimeExceeded { .. }
         | DomainError::NoRefundOwed { .. }
         | DomainError::AmountMismatch { .. }
         | DomainError::StockBelowCommitted { .. } => Code::FailedPrecondition,
@@ -71,6 +75,17 @@ fn metadata(error: &DomainError) -> HashMap<String, String> {
         | DomainError::HoldExpired { hold_id }
         | DomainError::HoldReleased { hold_id } => vec![("hold_id", hold_id.to_string())],
         DomainError::OrderPaid { order_id } => vec![("order_id", order_id.to_string())],
+        DomainError::SaleNotStarted { product_id } | DomainError::SaleEnded { product_id } => {
+            vec![("product_id", product_id.to_string())]
+        }
+        DomainError::BuyerLimitExceeded {
+            product_id,
+            remaining,
+        } => vec![
+            ("product_id", product_id.to_string()),
+            ("remaining", remaining.to_string()),
+        ],
+        DomainError::HoldLifetimeExceeded { hold_id } => vec![("hold_id", hold_id.to_string())],
         DomainError::NoRefundOwed { key } => vec![("idempotency_key", key.clone())],
         DomainError::IdempotencyKeyReused { field, key } => {
             vec![("field", field.to_string()), ("key", key.clone())]

@@ -73,6 +73,7 @@ impl Caller {
                     product_id: id,
                     qty: 1,
                     client_request_id: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop),
@@ -370,6 +371,7 @@ async fn keys_belong_to_the_token_that_sent_them() {
             name: "ticket".into(),
             price_cents: 250,
             stock_total: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -380,6 +382,7 @@ async fn keys_belong_to_the_token_that_sent_them() {
             product_id: product_id.clone(),
             qty,
             client_request_id: "cart-1".into(),
+            ..Default::default()
         };
         caller
             .checkout

@@ -41,6 +41,7 @@ fn request(product_id: &str, qty: i64) -> CreateHoldRequest {
         product_id: product_id.into(),
         qty,
         client_request_id: String::new(),
+        ..Default::default()
     }
 }
 
@@ -142,6 +143,7 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
             product_id: product.id.clone(),
             qty: 2,
             client_request_id: format!("cart-{}", i % 10),
+            ..Default::default()
         })
         .collect();
     let mut requests = requests;
@@ -150,6 +152,7 @@ async fn repeated_client_request_ids_in_a_crowd_make_one_hold_each() {
         product_id: product.id.clone(),
         qty: 3,
         client_request_id: "cart-0".into(),
+        ..Default::default()
     });
 
     let answers = crowd(&server, 8, requests).await;
@@ -251,7 +254,7 @@ async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
     let other_hold_id = Uuid::now_v7();
     diesel::sql_query(
         "SELECT * FROM reserve_holds(ARRAY[$1], ARRAY[$2], ARRAY[1], ARRAY[2::int8], ARRAY[''], \
-         ARRAY['race'], '1 minute', false)",
+         ARRAY['race'], ARRAY[NULL::text], '1 minute', false)",
     )
     .bind::<SqlUuid, _>(other_hold_id)
     .bind::<SqlUuid, _>(product_id)
@@ -323,6 +326,7 @@ async fn a_batch_naming_a_missing_product_still_serves_the_others_in_arrival_ord
         qty,
         caller: "",
         client_request_id: None,
+        buyer_id: None,
     };
     // One call, as one batch: the missing product makes the function look each request's
     // product up instead of going by the index the server passes.

@@ -235,6 +235,7 @@ async fn list_products_page_size_zero_means_one_hundred() {
                     name: format!("bulk {i}"),
                     price_cents: 1,
                     stock_total: 1,
+                    ..Default::default()
                 })
                 .await
                 .expect("create product")
@@ -537,6 +538,7 @@ async fn retried_admin_writes_take_effect_once() {
         price_cents: 4_200,
         stock_total: 10,
         request_id: "create-1".into(),
+        ..Default::default()
     };
     // Concurrent retries of one CreateProduct (an operator's client timing out and
     // resending) make one product.

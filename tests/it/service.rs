@@ -218,6 +218,7 @@ async fn unreachable_database_gives_unavailable_not_a_hang() {
             name: "nowhere".into(),
             price_cents: 1,
             stock_total: 1,
+            ..Default::default()
         }),
     )
     .await

@@ -333,6 +333,7 @@ impl TestServer {
                 name: name.into(),
                 price_cents,
                 stock_total,
+                ..Default::default()
             })
             .await
             .expect("create product")
@@ -393,6 +394,7 @@ pub async fn try_hold(
             product_id: product_id.into(),
             qty,
             client_request_id: client_request_id.unwrap_or_default().into(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

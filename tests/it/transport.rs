@@ -359,6 +359,7 @@ async fn a_request_over_the_size_limit_is_refused_and_changes_nothing() {
             product_id: product.id.clone(),
             qty: 1,
             client_request_id: "k".repeat(16 * 1024),
+            ..Default::default()
         })
         .await
         .expect_err("an oversized request is refused");

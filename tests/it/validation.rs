@@ -65,6 +65,7 @@ fn create_hold(product_id: &str, qty: i64, client_request_id: &str) -> Call {
         product_id: product_id.into(),
         qty,
         client_request_id: client_request_id.into(),
+        ..Default::default()
     })
 }
 
@@ -75,6 +76,7 @@ fn create_product(name: &str, price_cents: i64, stock_total: i64) -> Call {
         name: name.into(),
         price_cents,
         stock_total,
+        ..Default::default()
     })
 }
 
@@ -233,6 +235,7 @@ impl Fixture {
                     name: "retry".into(),
                     price_cents: 100,
                     stock_total: 1,
+                    ..Default::default()
                 })
             }),
             rows("request_id", bad_keys(), |key| {
@@ -546,6 +549,7 @@ async fn the_limits_themselves_are_allowed() {
             name: "n".repeat(200),
             price_cents: 100,
             stock_total: 1,
+            ..Default::default()
         })
         .await
         .expect("200 bytes are allowed")

@@ -187,7 +187,7 @@ pub async fn create_products(
             name: format!("load {label} #{index}"),
             price_cents: PRICE_CENTS,
             stock_total: stock,
-            request_id: String::new(),
+            ..pb::CreateProductRequest::default()
         };
         let product = admin
             .create_product(request)

@@ -193,6 +193,7 @@ impl CrowdClient {
             product_id: self.plan.product_id.clone(),
             qty: 1,
             client_request_id: String::new(),
+            buyer_id: String::new(),
         };
         let started = Instant::now();
         let result = self.checkout.create_hold(request).await;

@@ -185,6 +185,7 @@ impl HoldClient {
             product_id: self.products[index].clone(),
             qty: 1,
             client_request_id: String::new(),
+            buyer_id: String::new(),
         };
         let started = Instant::now();
         let result = self.checkout.create_hold(request).await;
