@@ -9,9 +9,10 @@ use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
 use flashsale::grpc::pb::{
     AdjustStockRequest, AuditInventoryRequest, CancelOrderRequest, CreateHoldRequest,
-    CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest, GetProductRequest,
-    HandlePaymentWebhookRequest, ListProductsRequest, ListRefundsRequiredRequest,
-    MarkRefundedRequest, ReleaseHoldRequest, WatchAvailabilityRequest,
+    CreateOrderRequest, CreateProductRequest, ExtendHoldRequest, GetHoldRequest, GetOrderRequest,
+    GetProductRequest, HandlePaymentWebhookRequest, ListProductsRequest,
+    ListRefundsRequiredRequest, MarkRefundedRequest, ReleaseHoldRequest, UpdateProductRequest,
+    WatchAvailabilityRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -93,6 +94,14 @@ impl Caller {
                 .get_order(GetOrderRequest { order_id: id })
                 .await
                 .map(drop),
+            "ExtendHold" => checkout
+                .extend_hold(ExtendHoldRequest { hold_id: id })
+                .await
+                .map(drop),
+            "UpdateProduct" => admin
+                .update_product(UpdateProductRequest::default())
+                .await
+                .map(drop),
             "CancelOrder" => checkout
                 .cancel_order(CancelOrderRequest { order_id: id })
                 .await
@@ -141,7 +150,7 @@ impl Caller {
 }
 
 /// Every RPC and the scope it needs.
-const RPCS: [(&str, Scope); 15] = [
+const RPCS: [(&str, Scope); 17] = [
     ("GetProduct", Scope::Checkout),
     ("ListProducts", Scope::Checkout),
     ("CreateHold", Scope::Checkout),
@@ -150,6 +159,7 @@ const RPCS: [(&str, Scope); 15] = [
     ("CreateOrder", Scope::Checkout),
     ("GetOrder", Scope::Checkout),
     ("CancelOrder", Scope::Checkout),
+    ("ExtendHold", Scope::Checkout),
     ("HandlePaymentWebhook", Scope::Payments),
     ("WatchAvailability", Scope::Checkout),
     ("CreateProduct", Scope::Admin),
@@ -157,6 +167,7 @@ const RPCS: [(&str, Scope); 15] = [
     ("AuditInventory", Scope::Admin),
     ("ListRefundsRequired", Scope::Admin),
     ("MarkRefunded", Scope::Admin),
+    ("UpdateProduct", Scope::Admin),
 ];
 
 /// Writes a tokens file with one token per entry; returns the tokens.

@@ -13,6 +13,7 @@ mod orders;
 mod products;
 mod reaper;
 mod refunds;
+mod sale_terms;
 mod scaling;
 mod schema;
 mod service;

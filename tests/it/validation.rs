@@ -4,10 +4,10 @@
 
 use flashsale::grpc::pb::{
     AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CancelOrderRequest,
-    CreateHoldRequest, CreateOrderRequest, CreateProductRequest, GetHoldRequest, GetOrderRequest,
-    GetProductRequest, HandlePaymentWebhookRequest, Hold, ListProductsRequest,
+    CreateHoldRequest, CreateOrderRequest, CreateProductRequest, ExtendHoldRequest, GetHoldRequest,
+    GetOrderRequest, GetProductRequest, HandlePaymentWebhookRequest, Hold, ListProductsRequest,
     ListRefundsRequiredRequest, MarkRefundedRequest, Order, OrderStatus, PaymentResult, Product,
-    ReleaseHoldRequest, WatchAvailabilityRequest, WebhookOutcome,
+    ReleaseHoldRequest, UpdateProductRequest, WatchAvailabilityRequest, WebhookOutcome,
     handle_payment_webhook_request::Target,
 };
 
@@ -43,6 +43,8 @@ enum Call {
     AdjustStock(AdjustStockRequest),
     AuditInventory(AuditInventoryRequest),
     CancelOrder(CancelOrderRequest),
+    ExtendHold(ExtendHoldRequest),
+    UpdateProduct(UpdateProductRequest),
     ListRefundsRequired(ListRefundsRequiredRequest),
     MarkRefunded(MarkRefundedRequest),
 }
@@ -223,6 +225,81 @@ impl Fixture {
             ),
             rows("hold_id", MALFORMED_IDS, |id| {
                 Call::GetHold(GetHoldRequest { hold_id: id.into() })
+            }),
+            rows("hold_id", MALFORMED_IDS, |id| {
+                Call::ExtendHold(ExtendHoldRequest { hold_id: id.into() })
+            }),
+            rows("buyer_id", bad_keys(), |buyer_id| {
+                Call::CreateHold(CreateHoldRequest {
+                    product_id: product_id.into(),
+                    qty: 1,
+                    buyer_id,
+                    ..Default::default()
+                })
+            }),
+            rows(
+                "max_per_buyer",
+                [-1, i64::MIN, 1_000_000_000_001],
+                |max_per_buyer| {
+                    Call::CreateProduct(CreateProductRequest {
+                        name: "limited".into(),
+                        price_cents: 100,
+                        stock_total: 1,
+                        max_per_buyer,
+                        ..Default::default()
+                    })
+                },
+            ),
+            rows("sale_ends_at", [0, 1], |earlier| {
+                Call::CreateProduct(CreateProductRequest {
+                    name: "window".into(),
+                    price_cents: 100,
+                    stock_total: 1,
+                    sale_starts_at: Some(prost_types::Timestamp {
+                        seconds: 2_000_000_000,
+                        nanos: 0,
+                    }),
+                    sale_ends_at: Some(prost_types::Timestamp {
+                        seconds: 2_000_000_000 - earlier,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+            }),
+            rows("sale_starts_at", [-1, 1_000_000_000], |nanos| {
+                Call::CreateProduct(CreateProductRequest {
+                    name: "window".into(),
+                    price_cents: 100,
+                    stock_total: 1,
+                    sale_starts_at: Some(prost_types::Timestamp {
+                        seconds: 2_000_000_000,
+                        nanos,
+                    }),
+                    ..Default::default()
+                })
+            }),
+            rows("product", [()], |()| {
+                Call::UpdateProduct(UpdateProductRequest::default())
+            }),
+            rows("product.id", MALFORMED_IDS, |id| {
+                Call::UpdateProduct(UpdateProductRequest {
+                    product: Some(Product {
+                        id: id.into(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["max_per_buyer".into()],
+                    }),
+                })
+            }),
+            rows("update_mask", [vec![], vec!["name".to_string()]], |paths| {
+                Call::UpdateProduct(UpdateProductRequest {
+                    product: Some(Product {
+                        id: product_id.into(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
             }),
             rows("order_id", MALFORMED_IDS, |id| {
                 Call::CancelOrder(CancelOrderRequest {
@@ -426,6 +503,8 @@ impl Fixture {
             Call::AdjustStock(request) => admin.adjust_stock(request).await.map(drop),
             Call::AuditInventory(request) => admin.audit_inventory(request).await.map(drop),
             Call::CancelOrder(request) => checkout.cancel_order(request).await.map(drop),
+            Call::ExtendHold(request) => checkout.extend_hold(request).await.map(drop),
+            Call::UpdateProduct(request) => admin.update_product(request).await.map(drop),
             Call::ListRefundsRequired(request) => {
                 admin.list_refunds_required(request).await.map(drop)
             }
