@@ -153,16 +153,7 @@ impl Checkout {
         page_size: i64,
         after: Option<Uuid>,
     ) -> Result<ProductPage, DomainError> {
-        let limit = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            1..=MAX_PAGE_SIZE => page_size,
-            _ => {
-                return Err(DomainError::invalid(
-                    "page_size",
-                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
-                ));
-            }
-        };
+        let limit = page_limit(page_size)?;
         let mut conn = self.conn().await?;
         let mut products = queries::list_products(&mut conn, after, limit + 1).await?;
         let next_after = if products.len() as i64 > limit {
@@ -351,4 +342,17 @@ fn check_terms(terms: &SaleTerms) -> Result<(), DomainError> {
         ));
     }
     Ok(())
+}
+
+/// How many rows a page of `page_size` holds: 0 means the default, at most
+/// [`MAX_PAGE_SIZE`].
+pub(super) fn page_limit(page_size: i64) -> Result<i64, DomainError> {
+    match page_size {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        1..=MAX_PAGE_SIZE => Ok(page_size),
+        _ => Err(DomainError::invalid(
+            "page_size",
+            format!("must be between 0 and {MAX_PAGE_SIZE}"),
+        )),
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 
-use super::products::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use super::products::page_limit;
 use super::{Checkout, DomainError, check_key};
 use crate::db::models::PaymentEvent;
 use crate::db::payments::{
@@ -28,16 +28,7 @@ impl Checkout {
         page_size: i64,
         after: Option<RefundCursor>,
     ) -> Result<RefundPage, DomainError> {
-        let limit = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            1..=MAX_PAGE_SIZE => page_size,
-            _ => {
-                return Err(DomainError::invalid(
-                    "page_size",
-                    format!("must be between 0 and {MAX_PAGE_SIZE}"),
-                ));
-            }
-        };
+        let limit = page_limit(page_size)?;
         let mut conn = self.conn().await?;
         // One more than the page, to know whether another page follows.
         let mut refunds = list_refunds_owed(&mut conn, after.as_ref(), limit + 1).await?;

@@ -12,7 +12,7 @@ use tonic::Code;
 
 use crate::support::{
     Checkout, Counters, TestServer, assert_counters, assert_counters_shown, assert_status,
-    eventually, get_order, pay, pending_order, sleep_past, try_deliver,
+    eventually, get_order, pay, pending_order, seconds_between, sleep_past, try_deliver,
 };
 
 /// CancelOrder, as the server answered.
@@ -35,25 +35,13 @@ async fn wait_settled(checkout: &Checkout, order_id: &str) -> pb::Order {
     get_order(&mut checkout.clone(), order_id).await
 }
 
-/// Seconds between two timestamps.
-fn seconds_between(
-    from: &Option<prost_types::Timestamp>,
-    to: &Option<prost_types::Timestamp>,
-) -> f64 {
-    let at = |t: &Option<prost_types::Timestamp>| {
-        let t = t.expect("timestamp set");
-        t.seconds as f64 + f64::from(t.nanos) / 1e9
-    };
-    at(to) - at(from)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_unpaid_at_its_deadline_is_cancelled_and_its_units_come_back_once() {
     let server = TestServer::start_with(|config| config.payment_ttl = Duration::from_secs(1)).await;
     let product = server.product("sneaker", 12_900, 10).await;
     let mut checkout = server.checkout().await;
     let order = pending_order(&mut checkout, &product.id, 3).await;
-    let due_in = seconds_between(&order.created_at, &order.payment_due_at);
+    let due_in = seconds_between(order.created_at, order.payment_due_at);
     assert!(
         (0.9..1.5).contains(&due_in),
         "due {due_in} s after creation"

@@ -14,7 +14,7 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     Checkout, Counters, TestServer, assert_counters, assert_invalid, assert_status, get_hold, hold,
-    order, pay, reason, release, sleep_past,
+    order, pay, reason, release, seconds_between, sleep_past,
 };
 
 /// ExtendHold, as the server answered.
@@ -43,15 +43,6 @@ async fn try_buyer_hold(
         })
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// Seconds from `from` to `to`.
-fn seconds(from: Option<Timestamp>, to: Option<Timestamp>) -> f64 {
-    let at = |t: Option<Timestamp>| {
-        let t = t.expect("timestamp set");
-        t.seconds as f64 + f64::from(t.nanos) / 1e9
-    };
-    at(to) - at(from)
 }
 
 /// A timestamp `offset` from now, in whole microseconds (what PostgreSQL keeps).
@@ -87,11 +78,11 @@ async fn extending_a_hold_moves_its_expiry_until_its_lifetime_is_used_up() {
     let product = server.product("ticket", 100, 10).await;
     let mut checkout = server.checkout().await;
     let held = hold(&mut checkout, &product.id, 1).await;
-    assert!((1.9..2.1).contains(&seconds(held.created_at, held.expires_at)));
+    assert!((1.9..2.1).contains(&seconds_between(held.created_at, held.expires_at)));
 
     tokio::time::sleep(Duration::from_millis(600)).await;
     let extended = try_extend(&mut checkout, &held.hold_id).await.unwrap();
-    let lifetime = seconds(held.created_at, extended.expires_at);
+    let lifetime = seconds_between(held.created_at, extended.expires_at);
     assert!(
         (2.5..3.0).contains(&lifetime),
         "expires {lifetime} s after creation"
@@ -100,7 +91,7 @@ async fn extending_a_hold_moves_its_expiry_until_its_lifetime_is_used_up() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let capped = try_extend(&mut checkout, &held.hold_id).await.unwrap();
     assert_eq!(
-        seconds(held.created_at, capped.expires_at),
+        seconds_between(held.created_at, capped.expires_at),
         3.0,
         "capped at the lifetime"
     );

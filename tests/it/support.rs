@@ -892,3 +892,15 @@ impl ServerProcess {
         assert!(status.success(), "server exited with {status}");
     }
 }
+
+/// Seconds from one timestamp to another (both must be set).
+pub fn seconds_between(
+    from: Option<prost_types::Timestamp>,
+    to: Option<prost_types::Timestamp>,
+) -> f64 {
+    let at = |t: Option<prost_types::Timestamp>| {
+        let t = t.expect("timestamp set");
+        t.seconds as f64 + f64::from(t.nanos) / 1e9
+    };
+    at(to) - at(from)
+}
