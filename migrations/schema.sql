@@ -58,7 +58,10 @@ CREATE TABLE products (
     -- sale_ends_at (if set)
     sale_starts_at TIMESTAMPTZ,
     sale_ends_at   TIMESTAMPTZ,
-    CONSTRAINT products_sale_window_check CHECK (sale_starts_at < sale_ends_at)
+    CONSTRAINT products_sale_window_check CHECK (sale_starts_at < sale_ends_at),
+    -- the waitlist: how many wait, and the units they ask (owed before any new hold)
+    waiting     BIGINT NOT NULL DEFAULT 0 CHECK (waiting >= 0),
+    owed        BIGINT NOT NULL DEFAULT 0 CHECK (owed >= 0)
 );
 -- one product per caller's CreateProduct request id
 CREATE UNIQUE INDEX products_request_id_key ON products (caller, request_id)
@@ -222,6 +225,39 @@ CREATE INDEX payment_events_refunds_owed ON payment_events (received_at, caller,
 -- the reaper's sweep of keys past their retention
 CREATE INDEX payment_events_received_at ON payment_events (received_at);
 
+-- One row per JoinWaitlist call: a buyer waiting, in join order (id), for units of a sold-out
+-- product to come back.
+--
+-- Guarantees:
+-- - Only 'waiting' rows are in the queue (waiters_queue); a product's waiting and owed
+--   count them and their units (changed only under the product's row lock, by
+--   join_waitlist, leave_waitlist, serve_waiters and end_waiters).
+-- - A 'served' waiter names the hold made for it (waiters_served_with_hold); it moves on
+--   from 'waiting' exactly once, under its row lock.
+-- - session is the advisory-lock key the waiting stream's server process holds while it
+--   lives; a waiter whose process holds it no more is skipped when its turn comes.
+-- product_id has a foreign key: joins take the product's lock anyway.
+CREATE TABLE waiters (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    product_id  UUID NOT NULL REFERENCES products (id),
+    qty         BIGINT NOT NULL CHECK (qty > 0),
+    buyer_id    TEXT COLLATE "C",
+    caller      TEXT COLLATE "C" NOT NULL,
+    -- the TTL of the hold it gets (the joining process's setting)
+    hold_ttl    INTERVAL NOT NULL,
+    session     BIGINT NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'waiting'
+                CHECK (status IN ('waiting', 'served', 'left', 'ended')),
+    -- why an 'ended' waiter was turned away
+    end_reason  TEXT CHECK (end_reason IN ('sale_ended', 'stock_withdrawn', 'buyer_limit')),
+    hold_id     UUID REFERENCES holds (id),
+    joined_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT waiters_served_with_hold CHECK ((status = 'served') = (hold_id IS NOT NULL)),
+    CONSTRAINT waiters_ended_with_reason CHECK ((status = 'ended') = (end_reason IS NOT NULL))
+);
+-- each product's queue in join order
+CREATE INDEX waiters_queue ON waiters (product_id, id) WHERE status = 'waiting';
+
 -- Counter movements of a hold's units, waiting to be folded into their product's counters
 -- (fold_stock_movements). Settlements of orders and releases of holds record a movement
 -- here instead of updating the product's row, so they take no lock on a hot product and do
@@ -255,7 +291,7 @@ CREATE INDEX stock_movements_product_id ON stock_movements (product_id);
 -- ============================================================ products: version and time
 
 -- products_bump_version: every update of a product row that changes what watchers see
--- (stock_total, reserved, sold, max_per_buyer, the sale window) leaves version = old
+-- (stock_total, reserved, sold, max_per_buyer, the sale window, waiting) leaves version = old
 -- version + 1 and updated_at = now(), so no code path can forget the bump. Takes no lock beyond the updated row's, which the UPDATE holds already.
 -- The function sets both whenever the counters changed; the trigger's WHEN runs it only
 -- when the update changed the counters without setting (version, updated_at) to exactly
@@ -264,8 +300,8 @@ CREATE INDEX stock_movements_product_id ON stock_movements (product_id);
 -- per row with the same result.
 CREATE FUNCTION products_bump_version() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF (NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at)
-       IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at) THEN
+    IF (NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at, NEW.waiting)
+       IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at, OLD.waiting) THEN
         NEW.version := OLD.version + 1;
         NEW.updated_at := now();
     END IF;
@@ -275,8 +311,8 @@ $$;
 -- Row-level, before each update of products; skipped by updates that bump themselves.
 CREATE TRIGGER products_bump_version BEFORE UPDATE ON products
     FOR EACH ROW
-    WHEN ((NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at)
-          IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at)
+    WHEN ((NEW.stock_total, NEW.reserved, NEW.sold, NEW.max_per_buyer, NEW.sale_starts_at, NEW.sale_ends_at, NEW.waiting)
+          IS DISTINCT FROM (OLD.stock_total, OLD.reserved, OLD.sold, OLD.max_per_buyer, OLD.sale_starts_at, OLD.sale_ends_at, OLD.waiting)
           AND (NEW.version, NEW.updated_at) IS DISTINCT FROM (OLD.version + 1, now()))
     EXECUTE FUNCTION products_bump_version();
 
@@ -302,7 +338,8 @@ CREATE TRIGGER products_bump_version BEFORE UPDATE ON products
 -- src/domain/availability.rs; change both together):
 --   {"changed_at": <now() as JSON>, "products": [{"product_id": "<uuid>",
 --    "stock_total": n, "reserved": n, "sold": n, "version": n, "max_per_buyer": n,
---    "sale_starts_at": <timestamp as JSON or null>, "sale_ends_at": <same>}, ...]}
+--    "sale_starts_at": <timestamp as JSON or null>, "sale_ends_at": <same>,
+--    "waiting": n}, ...]}
 -- changed_at is the changing transaction's start time, the time of every state in it.
 -- Products are in no particular order, at most 16 per notification: a product's part is
 -- at most about 320 bytes, so a notification stays well under NOTIFY's 8000-byte payload
@@ -321,7 +358,8 @@ BEGIN
                || ',"version":' || n.version
                || ',"max_per_buyer":' || n.max_per_buyer
                || ',"sale_starts_at":' || coalesce(to_json(n.sale_starts_at)::text, 'null')
-               || ',"sale_ends_at":' || coalesce(to_json(n.sale_ends_at)::text, 'null') || '}'
+               || ',"sale_ends_at":' || coalesce(to_json(n.sale_ends_at)::text, 'null')
+               || ',"waiting":' || n.waiting || '}'
           FROM new_products n
          WHERE TG_OP = 'INSERT' OR n.updated_at = now());
     header := '{"changed_at":' || to_json(now()) || ',"products":[';
@@ -473,7 +511,8 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --   holds_check_products pass.
 -- - Grants are those sequential calls in request order would give: each request in turn
 --   gets all its units if its product is on sale (inside its sale window), its buyer stays
---   within the product's max_per_buyer and the product still has the units, else none.
+--   within the product's max_per_buyer and the product still has the units no waiter is
+--   owed (products.owed), else none.
 -- - Never oversells: the grants fit the locked counters, so the counter update needs no
 --   guard of its own; were it ever to oversell, products_never_oversold would fail the
 --   whole call. A request for qty <= 0 that no other outcome answers fails the whole
@@ -488,7 +527,8 @@ CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_
 --                        asked; no stock is taken and nothing is written for it.
 --     'granted'          the hold_* columns are the new active hold; its units are added
 --                        to its product's reserved.
---     'insufficient'     units_left is what its product had left when its turn came.
+--     'insufficient'     units_left is what its product had left when its turn came: its
+--                        available units less those owed to its waitlist.
 --     'no_product'       its product does not exist (or its index is outside product_ids).
 --     'sale_not_started' now() is before its product's sale_starts_at.
 --     'sale_ended'       now() is at or after its product's sale_ends_at.
@@ -561,12 +601,13 @@ BEGIN
     -- Row locks in id order, so concurrent batches never deadlock. NO KEY UPDATE, like an
     -- UPDATE of the counters: foreign key checks (an order naming the product) pass.
     SELECT coalesce(array_agg(p.id ORDER BY p.id), '{}'),
-           coalesce(array_agg(p.stock_total - p.reserved - p.sold ORDER BY p.id), '{}'),
+           coalesce(array_agg(greatest(p.stock_total - p.reserved - p.sold - p.owed, 0) ORDER BY p.id), '{}'),
            coalesce(array_agg(p.max_per_buyer ORDER BY p.id), '{}'),
            coalesce(array_agg(p.sale_starts_at ORDER BY p.id), '{}'),
            coalesce(array_agg(p.sale_ends_at ORDER BY p.id), '{}')
       INTO locked_ids, lefts, limits, starts, ends
-      FROM (SELECT id, stock_total, reserved, sold, max_per_buyer, sale_starts_at, sale_ends_at
+      FROM (SELECT id, stock_total, reserved, sold, owed, max_per_buyer, sale_starts_at,
+                   sale_ends_at
               FROM products
              WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE) p;
     in_order := locked_ids = product_ids;
@@ -687,17 +728,18 @@ $$;
 
 -- ================================================ settling stock: folding movements
 
--- fold_stock_movements: folds the pending movements of these products into their counters
--- and returns how many movements it folded. One statement: run alone it is one
--- transaction and one round trip.
+-- fold_stock_movements: folds the pending movements of these products into their counters,
+-- serves their waitlists from the units that came back (serve_waiters), and returns how
+-- many movements it folded. One statement: run alone it is one transaction and one round
+-- trip.
 --
 -- Guarantees:
 -- - Locks: the products are locked FOR NO KEY UPDATE first, in id order like
 --   reserve_holds, so folds and hold batches never deadlock; held until the transaction
 --   ends.
--- - The movements are read with a snapshot taken after the locks (a new statement of a
---   volatile SQL function, at READ COMMITTED), so every movement committed before the
---   locks were granted is folded.
+-- - The movements are read with a snapshot taken after the locks (a new statement of the
+--   function, at READ COMMITTED), so every movement committed before the locks were
+--   granted is folded.
 -- - Each movement is folded exactly once: it is deleted as it is folded, and concurrent
 --   folds of one product serialize on its lock.
 -- - Each folded product's counters change by its movements' sums in one update that sets
@@ -705,10 +747,11 @@ $$;
 --   products_notify_updates. Products without pending movements are locked but left
 --   unchanged (no new version, no announcement).
 CREATE FUNCTION fold_stock_movements(product_ids uuid[]) RETURNS int8
-LANGUAGE sql AS $$
-    SELECT count(*) FROM (
-        SELECT 1 FROM products WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE
-    ) locked;
+LANGUAGE plpgsql AS $$
+DECLARE
+    folded int8;
+BEGIN
+    PERFORM 1 FROM products WHERE id = ANY (product_ids) ORDER BY id FOR NO KEY UPDATE;
     WITH moved AS (
         DELETE FROM stock_movements WHERE product_id = ANY (product_ids)
         RETURNING product_id, reserved_delta, sold_delta
@@ -716,10 +759,199 @@ LANGUAGE sql AS $$
         SELECT product_id, sum(reserved_delta)::int8 AS reserved, sum(sold_delta)::int8 AS sold,
                count(*) AS movements
           FROM moved GROUP BY product_id
-    ), folded AS (
+    ), updated AS (
         UPDATE products p SET reserved = p.reserved + sums.reserved, sold = p.sold + sums.sold,
                               version = p.version + 1, updated_at = now()
           FROM sums WHERE p.id = sums.product_id
     )
-    SELECT coalesce(sum(movements), 0)::int8 FROM sums;
+    SELECT coalesce(sum(movements), 0)::int8 INTO folded FROM sums;
+    PERFORM serve_waiters(product_ids);
+    RETURN folded;
+END;
+$$;
+
+
+-- ================================================================= the waitlist
+
+-- waiter_alive: whether the server process whose advisory-lock key is `session` still
+-- holds it, that is still lives (pg_advisory_lock(bigint) keys split into classid, the high
+-- 32 bits, and objid, the low 32). Takes no lock.
+CREATE FUNCTION waiter_alive(session int8) RETURNS bool
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1
+           AND classid = ((session >> 32) & 4294967295)::oid
+           AND objid = (session & 4294967295)::oid);
+$$;
+
+-- serve_waiters: gives the units of these products that no hold or order has to their
+-- waiters, strictly in join order, and returns how many waiters it served.
+--
+-- Guarantees:
+-- - Locks: the products FOR NO KEY UPDATE in id order (as reserve_holds), then each
+--   product's waiting rows in join order; held until the transaction ends.
+-- - Strict order: a product's head waiter is served (a hold of its qty for its buyer,
+--   expiring after its hold_ttl) when the product has the units; otherwise nobody behind
+--   it is. A head whose process is gone (waiter_alive) is skipped as 'left'; a head whose
+--   buyer would pass max_per_buyer is turned away ('ended', buyer_limit).
+-- - Each change of a product's waitlist (its waiting, owed and reserved in one update per
+--   product) bumps its version and is announced by products_notify_updates; every product
+--   whose queue changed is also announced on channel flashsale_waitlist (payload: its id).
+-- - Never oversells: a hold is made only from available units, under the product's lock.
+CREATE FUNCTION serve_waiters(product_ids uuid[]) RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE
+    product record;
+    waiter  record;
+    left_units int8;
+    held    int8;
+    hold    uuid;
+    served  int4 := 0;
+    changed bool;
+BEGIN
+    FOR product IN
+        SELECT id, stock_total - reserved - sold AS available, max_per_buyer
+          FROM products WHERE id = ANY (product_ids) AND waiting > 0
+         ORDER BY id FOR NO KEY UPDATE
+    LOOP
+        left_units := product.available;
+        changed := false;
+        FOR waiter IN
+            SELECT * FROM waiters WHERE product_id = product.id AND status = 'waiting'
+             ORDER BY id FOR UPDATE
+        LOOP
+            IF NOT waiter_alive(waiter.session) THEN
+                UPDATE waiters SET status = 'left' WHERE id = waiter.id;
+            ELSIF product.max_per_buyer > 0 AND waiter.buyer_id IS NOT NULL AND (
+                    SELECT coalesce(sum(h.qty), 0)
+                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
+                     WHERE h.product_id = product.id AND h.buyer_id = waiter.buyer_id
+                       AND (h.status = 'active' OR o.status IN ('pending', 'paid'))
+                  ) + waiter.qty > product.max_per_buyer THEN
+                UPDATE waiters SET status = 'ended', end_reason = 'buyer_limit' WHERE id = waiter.id;
+            ELSIF waiter.qty <= left_units THEN
+                hold := gen_random_uuid();
+                INSERT INTO holds (id, product_id, qty, status, caller, buyer_id, expires_at,
+                                   created_at, updated_at)
+                VALUES (hold, product.id, waiter.qty, 'active', waiter.caller, waiter.buyer_id,
+                        now() + waiter.hold_ttl, now(), now());
+                UPDATE waiters SET status = 'served', hold_id = hold WHERE id = waiter.id;
+                left_units := left_units - waiter.qty;
+                served := served + 1;
+            ELSE
+                EXIT;
+            END IF;
+            changed := true;
+            UPDATE products SET waiting = waiting - 1, owed = owed - waiter.qty,
+                                reserved = reserved + CASE WHEN hold IS NULL THEN 0 ELSE waiter.qty END
+             WHERE id = product.id;
+            hold := NULL;
+        END LOOP;
+        IF changed THEN
+            PERFORM pg_notify('flashsale_waitlist', product.id::text);
+        END IF;
+    END LOOP;
+    RETURN served;
+END;
+$$;
+
+-- join_waitlist: puts a buyer in line for `qty` units of a product and serves the line at
+-- once (so a buyer alone in line, with units there, is served right away). Returns the
+-- waiter's id. Refuses (raising, nothing written) a product that does not exist
+-- (P0002), whose sale has not started or has ended (P0001 with message 'sale_not_started'
+-- or 'sale_ended'), a limited product's join without a buyer ('buyer_required') or a
+-- buyer it would take past its limit ('buyer_limit <units the buyer may still take>').
+--
+-- Guarantees: takes the product's lock (FOR NO KEY UPDATE) first, so joins, leaves and
+-- serves of one product serialize and the queue's order is the commit order of joins.
+CREATE FUNCTION join_waitlist(product uuid, units int8, buyer text, who text, ttl interval,
+                              session int8) RETURNS int8
+LANGUAGE plpgsql AS $$
+DECLARE
+    p      record;
+    held   int8;
+    joined int8;
+BEGIN
+    SELECT * INTO p FROM products WHERE id = product FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no product %', product USING ERRCODE = 'P0002';
+    END IF;
+    IF now() < p.sale_starts_at THEN
+        RAISE EXCEPTION 'sale_not_started';
+    ELSIF now() >= p.sale_ends_at THEN
+        RAISE EXCEPTION 'sale_ended';
+    END IF;
+    IF p.max_per_buyer > 0 THEN
+        IF buyer IS NULL THEN
+            RAISE EXCEPTION 'buyer_required';
+        END IF;
+        SELECT coalesce(sum(h.qty), 0) INTO held
+          FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
+         WHERE h.product_id = product AND h.buyer_id = buyer
+           AND (h.status = 'active' OR o.status IN ('pending', 'paid'));
+        IF held + units > p.max_per_buyer THEN
+            RAISE EXCEPTION 'buyer_limit %', greatest(p.max_per_buyer - held, 0);
+        END IF;
+    END IF;
+    INSERT INTO waiters (product_id, qty, buyer_id, caller, hold_ttl, session)
+    VALUES (product, units, buyer, who, ttl, session) RETURNING id INTO joined;
+    UPDATE products SET waiting = waiting + 1, owed = owed + units WHERE id = product;
+    PERFORM pg_notify('flashsale_waitlist', product::text);
+    PERFORM serve_waiters(ARRAY[product]);
+    RETURN joined;
+END;
+$$;
+
+-- leave_waitlist: takes a waiting waiter out of line (status 'left') and serves the line,
+-- which may now reach the ones behind it. A waiter no longer waiting is left as it is.
+-- Returns its status afterwards and its hold, if it was served.
+--
+-- Guarantees: the product's lock first, then the waiter's, as serve_waiters.
+CREATE FUNCTION leave_waitlist(waiter int8, OUT status text, OUT hold_id uuid)
+LANGUAGE plpgsql AS $$
+DECLARE
+    product uuid;
+    units   int8;
+BEGIN
+    SELECT w.product_id INTO product FROM waiters w WHERE w.id = waiter;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM products WHERE id = product FOR NO KEY UPDATE;
+    SELECT w.status, w.hold_id, w.qty INTO status, hold_id, units
+      FROM waiters w WHERE w.id = waiter FOR UPDATE;
+    IF status = 'waiting' THEN
+        UPDATE waiters SET status = 'left' WHERE id = waiter;
+        UPDATE products SET waiting = waiting - 1, owed = owed - units WHERE id = product;
+        PERFORM pg_notify('flashsale_waitlist', product::text);
+        PERFORM serve_waiters(ARRAY[product]);
+        status := 'left';
+    END IF;
+END;
+$$;
+
+-- end_waiters: turns away every waiter of these products ('ended' with `reason`:
+-- 'sale_ended' or 'stock_withdrawn'); returns how many. Takes the products' locks in id
+-- order, then their waiters'.
+CREATE FUNCTION end_waiters(product_ids uuid[], reason text) RETURNS int8
+LANGUAGE plpgsql AS $$
+DECLARE
+    product uuid;
+    ended   int8 := 0;
+    n       int8;
+BEGIN
+    FOR product IN
+        SELECT id FROM products WHERE id = ANY (product_ids) AND waiting > 0
+         ORDER BY id FOR NO KEY UPDATE
+    LOOP
+        UPDATE waiters SET status = 'ended', end_reason = reason
+         WHERE product_id = product AND status = 'waiting';
+        GET DIAGNOSTICS n = ROW_COUNT;
+        UPDATE products SET waiting = 0, owed = 0 WHERE id = product;
+        PERFORM pg_notify('flashsale_waitlist', product::text);
+        ended := ended + n;
+    END LOOP;
+    RETURN ended;
+END;
 $$;

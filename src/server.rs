@@ -259,8 +259,9 @@ async fn start_when_migrated(
     tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
     tasks.spawn(run_change_feed(
         config.database.clone(),
+        checkout.session(),
         stopping.clone(),
-        move |snapshot| checkout.publish_stock(snapshot),
+        move |event| checkout.on_feed_event(event),
     ));
     tasks.spawn(monitor_health(
         pool,

@@ -18,13 +18,17 @@
 //! [`run_change_feed`] keeps one dedicated connection listening (pinged now and then, so a
 //! silently dead one is noticed), reconnects with backoff when it is lost, and after every
 //! (re)connection re-reads every product, so nothing committed while it was away is missed.
+//!
+//! The same connection hears the waitlist: a product's id on [`WAITLIST_CHANNEL`] whenever
+//! its line changes; and it holds this process's advisory lock (its session key), which
+//! tells the database that the process, and so its waiters, still live.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use diesel::result::Error as DieselError;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +41,18 @@ use crate::config::DatabaseConfig;
 
 /// The channel `products_notify_changes` notifies on.
 pub const CHANGES_CHANNEL: &str = "flashsale_product_changes";
+/// The channel the waitlist functions notify on, with a product's id.
+pub const WAITLIST_CHANNEL: &str = "flashsale_waitlist";
+
+/// What the feed hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// A product's committed state.
+    Stock(StockSnapshot),
+    /// The waitlist of a product changed; `None`: of any product (after a reconnection,
+    /// when changes may have been missed).
+    Waitlist(Option<Uuid>),
+}
 /// How often the listener checks that its (otherwise silent) connection is alive.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long the listener waits to connect or for a ping answer before reconnecting.
@@ -63,6 +79,8 @@ pub struct StockSnapshot {
     /// The sale window's bounds, if set.
     pub sale_starts_at: Option<DateTime<Utc>>,
     pub sale_ends_at: Option<DateTime<Utc>>,
+    /// Buyers in its waitlist.
+    pub waiting: i64,
 }
 
 impl StockSnapshot {
@@ -84,6 +102,7 @@ impl From<&Product> for StockSnapshot {
             max_per_buyer: product.max_per_buyer,
             sale_starts_at: product.sale_starts_at,
             sale_ends_at: product.sale_ends_at,
+            waiting: product.waiting,
         }
     }
 }
@@ -108,6 +127,7 @@ struct ChangedProduct {
     max_per_buyer: i64,
     sale_starts_at: Option<DateTime<Utc>>,
     sale_ends_at: Option<DateTime<Utc>>,
+    waiting: i64,
 }
 
 impl ChangeNotification {
@@ -124,6 +144,7 @@ impl ChangeNotification {
             max_per_buyer: product.max_per_buyer,
             sale_starts_at: product.sale_starts_at,
             sale_ends_at: product.sale_ends_at,
+            waiting: product.waiting,
         })
     }
 }
@@ -143,19 +164,21 @@ enum FeedLost {
     StreamEnded,
 }
 
-/// Hands every committed stock state to `deliver` until `shutdown`: the current state of
-/// every product after each (re)connection, then each announced change. Runs on a
-/// connection of its own (`application_name` `flashsale-listener`).
+/// Hands every committed stock state and waitlist change to `deliver` until `shutdown`:
+/// the current state of every product after each (re)connection, then each announced
+/// change. Runs on a connection of its own (`application_name` `flashsale-listener`), which
+/// holds the advisory lock `session` while connected.
 pub async fn run_change_feed(
     database: DatabaseConfig,
+    session: i64,
     shutdown: CancellationToken,
-    mut deliver: impl FnMut(StockSnapshot),
+    mut deliver: impl FnMut(FeedEvent),
 ) {
     let database = database.with_application_name(LISTENER_APPLICATION_NAME);
     let mut backoff = RECONNECT_BACKOFF.build();
     while !shutdown.is_cancelled() {
         let mut connected = false;
-        match listen_once(&database, &shutdown, &mut deliver, &mut connected).await {
+        match listen_once(&database, session, &shutdown, &mut deliver, &mut connected).await {
             Ok(()) => break,
             Err(error) => tracing::warn!(%error, "change feed lost its connection; reconnecting"),
         }
@@ -175,21 +198,30 @@ pub async fn run_change_feed(
 /// tells whether it got as far as listening.
 async fn listen_once(
     database: &DatabaseConfig,
+    session: i64,
     shutdown: &CancellationToken,
-    deliver: &mut impl FnMut(StockSnapshot),
+    deliver: &mut impl FnMut(FeedEvent),
     connected: &mut bool,
 ) -> Result<(), FeedLost> {
     let mut conn = tokio::time::timeout(PING_TIMEOUT, connect(database))
         .await
         .map_err(|_| FeedLost::ConnectTimeout)?
         .map_err(FeedLost::Connect)?;
-    diesel::sql_query(format!("LISTEN {CHANGES_CHANNEL}"))
+    // A previous connection's backend may hold the lock still (it has not noticed its
+    // client left): then it keeps telling that this process lives, which it does.
+    diesel::sql_query("SELECT pg_try_advisory_lock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(session)
         .execute(&mut conn)
         .await?;
+    conn.batch_execute(&format!(
+        "LISTEN {CHANGES_CHANNEL}; LISTEN {WAITLIST_CHANNEL}"
+    ))
+    .await?;
     // Listening first, then reading: a change committed in between is heard, not lost.
     for product in all_products(&mut conn).await? {
-        deliver(StockSnapshot::from(&product));
+        deliver(FeedEvent::Stock(StockSnapshot::from(&product)));
     }
+    deliver(FeedEvent::Waitlist(None));
     tracing::info!("change feed connected");
     *connected = true;
     let mut ping_due = tokio::time::interval(PING_INTERVAL);
@@ -208,7 +240,7 @@ async fn listen_once(
 async fn relay_until_ping(
     conn: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
-    deliver: &mut impl FnMut(StockSnapshot),
+    deliver: &mut impl FnMut(FeedEvent),
     ping_due: &mut tokio::time::Interval,
 ) -> Result<bool, FeedLost> {
     // The stream only borrows the connection's queue: dropping it for a ping loses nothing.
@@ -219,13 +251,23 @@ async fn relay_until_ping(
             _ = ping_due.tick() => return Ok(true),
             next = notifications.next() => next,
         };
-        let payload = match notification {
-            Some(Ok(notification)) => notification.payload,
+        let notification = match notification {
+            Some(Ok(notification)) => notification,
             Some(Err(error)) => return Err(error.into()),
             None => return Err(FeedLost::StreamEnded),
         };
+        let payload = notification.payload;
+        if notification.channel == WAITLIST_CHANNEL {
+            match payload.parse::<Uuid>() {
+                Ok(product_id) => deliver(FeedEvent::Waitlist(Some(product_id))),
+                Err(error) => tracing::error!(%error, %payload, "unreadable waitlist change"),
+            }
+            continue;
+        }
         match serde_json::from_str::<ChangeNotification>(&payload) {
-            Ok(notification) => notification.into_snapshots().for_each(&mut *deliver),
+            Ok(notification) => notification
+                .into_snapshots()
+                .for_each(|snapshot| deliver(FeedEvent::Stock(snapshot))),
             Err(error) => tracing::error!(%error, %payload, "unreadable stock changes"),
         }
     }
@@ -239,9 +281,9 @@ mod tests {
     fn a_notification_carries_its_change_time_to_every_product_state() {
         let payload = r#"{"changed_at":"2026-01-02T03:04:05.123456+00:00","products":[
             {"product_id":"00000000-0000-0000-0000-000000000001","stock_total":10,"reserved":2,"sold":1,"version":7,
-             "max_per_buyer":2,"sale_starts_at":"2026-01-02T04:00:00+00:00","sale_ends_at":null},
+             "max_per_buyer":2,"sale_starts_at":"2026-01-02T04:00:00+00:00","sale_ends_at":null,"waiting":3},
             {"product_id":"00000000-0000-0000-0000-000000000002","stock_total":5,"reserved":0,"sold":5,"version":3,
-             "max_per_buyer":0,"sale_starts_at":null,"sale_ends_at":null}]}"#;
+             "max_per_buyer":0,"sale_starts_at":null,"sale_ends_at":null,"waiting":0}]}"#;
         let states: Vec<StockSnapshot> = serde_json::from_str::<ChangeNotification>(payload)
             .unwrap()
             .into_snapshots()

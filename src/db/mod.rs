@@ -15,6 +15,7 @@ pub mod orders;
 pub mod payments;
 pub mod products;
 pub mod schema;
+pub mod waitlist;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -94,6 +94,8 @@ pub struct Product {
     pub sale_starts_at: Option<DateTime<Utc>>,
     /// ...until before here (if set).
     pub sale_ends_at: Option<DateTime<Utc>>,
+    /// Buyers waiting in its waitlist.
+    pub waiting: i64,
 }
 
 impl Product {

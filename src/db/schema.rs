@@ -65,6 +65,8 @@ diesel::table! {
         max_per_buyer -> Int8,
         sale_starts_at -> Nullable<Timestamptz>,
         sale_ends_at -> Nullable<Timestamptz>,
+        waiting -> Int8,
+        owed -> Int8,
     }
 }
 
@@ -90,10 +92,28 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    waiters (id) {
+        id -> Int8,
+        product_id -> Uuid,
+        qty -> Int8,
+        buyer_id -> Nullable<Text>,
+        caller -> Text,
+        hold_ttl -> Interval,
+        session -> Int8,
+        status -> Text,
+        end_reason -> Nullable<Text>,
+        hold_id -> Nullable<Uuid>,
+        joined_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
 diesel::joinable!(stock_movements -> holds (hold_id));
+diesel::joinable!(waiters -> holds (hold_id));
+diesel::joinable!(waiters -> products (product_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     holds,
@@ -102,4 +122,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     products,
     stock_adjustments,
     stock_movements,
+    waiters,
 );

@@ -54,6 +54,10 @@ pub enum DomainError {
     #[error("buyer may take only {remaining} more units of product {product_id}")]
     BuyerLimitExceeded { product_id: Uuid, remaining: i64 },
 
+    /// Stock was withdrawn while buyers waited for it.
+    #[error("stock of product {product_id} was withdrawn")]
+    StockWithdrawn { product_id: Uuid },
+
     /// The hold cannot be extended past its maximum lifetime.
     #[error("hold {hold_id} reached its maximum lifetime")]
     HoldLifetimeExceeded { hold_id: Uuid },
@@ -153,6 +157,7 @@ impl DomainError {
             DomainError::OrderPaid { .. } => "ORDER_PAID",
             DomainError::SaleNotStarted { .. } => "SALE_NOT_STARTED",
             DomainError::SaleEnded { .. } => "SALE_ENDED",
+            DomainError::StockWithdrawn { .. } => "STOCK_WITHDRAWN",
             DomainError::BuyerLimitExceeded { .. } => "BUYER_LIMIT_EXCEEDED",
             DomainError::HoldLifetimeExceeded { .. } => "HOLD_LIFETIME_EXCEEDED",
             DomainError::NoRefundOwed { .. } => "NO_REFUND_OWED",

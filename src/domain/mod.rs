@@ -15,6 +15,7 @@ pub mod reaper;
 pub mod refunds;
 pub mod settlement;
 pub mod stock_folder;
+pub mod waitlist;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::deadpool::Object;
 
 use crate::db::DbPool;
+use crate::db::change_feed::FeedEvent;
 use crate::db::io_thread::IoThread;
 use availability::{AvailabilityHub, StockSnapshot};
 pub use error::DomainError;
@@ -85,6 +87,11 @@ pub struct Checkout {
     /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
     /// by the change feed through [`Checkout::publish_stock`].
     availability: Arc<AvailabilityHub>,
+    /// The JoinWaitlist streams this process serves.
+    waitlist: waitlist::WaitlistHub,
+    /// This process's advisory-lock key: its waiters live while the change feed's
+    /// connection holds it.
+    session: i64,
 }
 
 /// Largest value `max_qty_per_hold` may take: times [`products::MAX_PRICE_CENTS`], it stays
@@ -110,6 +117,8 @@ impl Checkout {
             hold_batcher,
             stock_folder,
             availability: Arc::new(AvailabilityHub::default()),
+            waitlist: waitlist::WaitlistHub::default(),
+            session: new_session(),
         }
     }
 
@@ -121,6 +130,29 @@ impl Checkout {
     /// Ends every WatchAvailability stream and refuses new ones: for shutdown.
     pub fn close_streams(&self) {
         self.availability.close();
+        self.waitlist.close();
+    }
+
+    /// What the change feed heard: a product's state goes to the watchers; a waitlist
+    /// change to the local waiters of that product (read on a task of its own).
+    pub fn on_feed_event(self: &Arc<Self>, event: FeedEvent) {
+        match event {
+            FeedEvent::Stock(snapshot) => self.publish_stock(snapshot),
+            FeedEvent::Waitlist(product) => {
+                let checkout = self.clone();
+                tokio::spawn(async move { checkout.refresh_waiters(product).await });
+            }
+        }
+    }
+
+    /// The advisory-lock key the change feed holds for this process.
+    pub fn session(&self) -> i64 {
+        self.session
+    }
+
+    /// The JoinWaitlist streams this process serves, to look inside.
+    pub fn waitlist(&self) -> &waitlist::WaitlistHub {
+        &self.waitlist
     }
 
     /// The fan-out behind WatchAvailability, to look inside (open streams, wake groups).
@@ -152,6 +184,11 @@ impl Checkout {
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, DomainError> {
         Ok(self.pool.get().await?)
     }
+}
+
+/// A fresh random key for this process's advisory lock (see [`Checkout::session`]).
+fn new_session() -> i64 {
+    getrandom::u64().unwrap_or_else(|_| uuid::Uuid::now_v7().as_u64_pair().1) as i64
 }
 
 /// Whether an attempt that ended in `outcome` should run again: it lost a deadlock or a

@@ -11,6 +11,7 @@ use crate::db::audit::{AuditRow, audit_products};
 use crate::db::models::Product;
 use crate::db::movements::fold_movements;
 use crate::db::products::{self as queries, Requester, SaleTerms, StockChange};
+use crate::db::waitlist::{end_waiters, serve_waiters};
 
 /// Largest page ListProducts returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
@@ -303,7 +304,15 @@ async fn adjust_stock_once(
     queries::insert_adjustment(conn, product_id, delta, by)
         .await
         .map_err(|error| taken_request_id(error, "stock_adjustments_request_id_key"))?;
-    Ok(product)
+    // Stock added goes to the waitlist first; stock withdrawn turns the waiters away.
+    if delta > 0 {
+        serve_waiters(conn, &[product_id]).await?;
+    } else {
+        end_waiters(conn, &[product_id], "stock_withdrawn").await?;
+    }
+    Ok(queries::find_product(conn, product_id)
+        .await?
+        .unwrap_or(product))
 }
 
 /// A request id that came back with another request.

@@ -59,6 +59,13 @@ async fn sweep(checkout: &Checkout, settings: &ReaperSettings, shutdown: &Cancel
         Ok(folded) => tracing::info!(folded, "reaper folded stranded stock movements"),
         Err(error) => tracing::warn!(%error, "folding stranded stock movements failed"),
     }
+    match checkout.end_waiters_of_ended_sales().await {
+        Ok(0) => {}
+        Ok(products) => tracing::info!(products, "reaper ended the waitlists of ended sales"),
+        Err(error) => tracing::warn!(%error, "ending the waitlists of ended sales failed"),
+    }
+    // A safety net for waitlist changes the change feed missed.
+    checkout.refresh_waiters(None).await;
     let retention = settings.webhook_key_retention;
     in_batches("delete expired webhook keys", batch, shutdown, || {
         checkout.delete_expired_webhook_keys(retention, batch)

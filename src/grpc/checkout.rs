@@ -11,6 +11,7 @@ use super::pb::checkout_service_server::CheckoutService;
 use super::pb::{self, handle_payment_webhook_request::Target};
 use crate::domain::holds::NewHold;
 use crate::domain::payments::{PaymentTarget, PaymentWebhook};
+use crate::domain::waitlist::{JoinRequest, WaitlistEvent};
 use crate::domain::{Checkout, DomainError};
 
 /// The checkout API over the shared domain.
@@ -25,6 +26,9 @@ impl CheckoutApi {
         CheckoutApi { checkout }
     }
 }
+
+/// The stream type of JoinWaitlist.
+type WaitlistUpdates = Pin<Box<dyn Stream<Item = Result<pb::WaitlistUpdate, Status>> + Send>>;
 
 /// The stream type of WatchAvailability.
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::AvailabilityUpdate, Status>> + Send>>;
@@ -143,6 +147,33 @@ impl CheckoutService for CheckoutApi {
         Ok(Response::new(
             self.checkout.handle_payment_webhook(webhook).await?.into(),
         ))
+    }
+
+    type JoinWaitlistStream = WaitlistUpdates;
+
+    async fn join_waitlist(
+        &self,
+        request: Request<pb::JoinWaitlistRequest>,
+    ) -> Result<Response<Self::JoinWaitlistStream>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let join = JoinRequest {
+            product_id: parse_id("product_id", &request.product_id)?,
+            qty: request.qty,
+            buyer_id: optional_text(request.buyer_id),
+            caller,
+        };
+        let events = self.checkout.join_waitlist(join).await?;
+        let updates = events.map(|event| match event {
+            WaitlistEvent::Position(position) => Ok(pb::WaitlistUpdate {
+                update: Some(pb::waitlist_update::Update::Position(position)),
+            }),
+            WaitlistEvent::Served(hold) => Ok(pb::WaitlistUpdate {
+                update: Some(pb::waitlist_update::Update::Hold(hold.into())),
+            }),
+            WaitlistEvent::Ended(error) => Err(error.into()),
+        });
+        Ok(Response::new(Box::pin(updates)))
     }
 
     type WatchAvailabilityStream = UpdateStream;

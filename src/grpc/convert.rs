@@ -97,6 +97,7 @@ impl From<Product> for pb::Product {
             max_per_buyer: product.max_per_buyer,
             sale_starts_at: product.sale_starts_at.map(timestamp),
             sale_ends_at: product.sale_ends_at.map(timestamp),
+            waiting: product.waiting,
         }
     }
 }
@@ -201,6 +202,7 @@ impl From<StockSnapshot> for pb::AvailabilityUpdate {
             max_per_buyer: snapshot.max_per_buyer,
             sale_starts_at: snapshot.sale_starts_at.map(timestamp),
             sale_ends_at: snapshot.sale_ends_at.map(timestamp),
+            waiting: snapshot.waiting,
         }
     }
 }

@@ -40,6 +40,7 @@ fn status_code(error: &DomainError) -> Code {
         | DomainError::OrderPaid { .. }
         | DomainError::SaleNotStarted { .. }
         | DomainError::SaleEnded { .. }
+        | DomainError::StockWithdrawn { .. }
         | DomainError::BuyerLimitExceeded { .. }
         | DomainError::HoldLifetimeExceeded { .. }
         | DomainError::NoRefundOwed { .. }
@@ -75,7 +76,9 @@ fn metadata(error: &DomainError) -> HashMap<String, String> {
         | DomainError::HoldExpired { hold_id }
         | DomainError::HoldReleased { hold_id } => vec![("hold_id", hold_id.to_string())],
         DomainError::OrderPaid { order_id } => vec![("order_id", order_id.to_string())],
-        DomainError::SaleNotStarted { product_id } | DomainError::SaleEnded { product_id } => {
+        DomainError::SaleNotStarted { product_id }
+        | DomainError::SaleEnded { product_id }
+        | DomainError::StockWithdrawn { product_id } => {
             vec![("product_id", product_id.to_string())]
         }
         DomainError::BuyerLimitExceeded {

@@ -160,6 +160,7 @@ async fn print_schema(conn: &mut AsyncPgConnection) -> Vec<String> {
                 "text" => "Text",
                 "bool" => "Bool",
                 "timestamptz" => "Timestamptz",
+                "interval" => "Interval",
                 other => panic!("no diesel type known for {other}: extend this test"),
             };
             let diesel_type = if column.is_nullable == "YES" {
