@@ -22,4 +22,5 @@ mod smoke;
 mod stream;
 mod transport;
 mod validation;
+mod waitlist;
 mod webhooks;

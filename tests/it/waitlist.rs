@@ -1,0 +1,283 @@
+//! The fair waitlist: buyers are served in join order as units come back (release, expiry,
+//! failed payment, added stock), before any new CreateHold; a waiter who leaves gives the
+//! place up; the line spans server processes; withdrawals and ended sales turn it away.
+
+use std::time::Duration;
+
+use flashsale::grpc::pb::{
+    self, AdjustStockRequest, JoinWaitlistRequest, WaitlistUpdate, WatchAvailabilityRequest,
+    waitlist_update::Update,
+};
+use tonic::Code;
+use tonic::codec::Streaming;
+
+use crate::support::{
+    Checkout, Counters, TestServer, assert_counters, assert_status, decline, eventually, hold,
+    order, reason, release, try_hold,
+};
+
+/// A waiter's stream.
+type Waiter = Streaming<WaitlistUpdate>;
+
+/// Joins the line for `qty` units; the stream, whose first message was read.
+async fn join(checkout: &mut Checkout, product_id: &str, qty: i64) -> (Waiter, Update) {
+    let mut stream = checkout
+        .join_waitlist(JoinWaitlistRequest {
+            product_id: product_id.into(),
+            qty,
+            buyer_id: String::new(),
+        })
+        .await
+        .expect("join the waitlist")
+        .into_inner();
+    let first = next(&mut stream).await;
+    (stream, first)
+}
+
+/// The stream's next update (10 s at most).
+async fn next(stream: &mut Waiter) -> Update {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an update within 10 s")
+        .expect("the stream stays healthy")
+        .expect("the stream goes on")
+        .update
+        .expect("an update")
+}
+
+/// Reads updates until the hold comes; fails on anything else but places.
+async fn served(stream: &mut Waiter) -> pb::Hold {
+    loop {
+        match next(stream).await {
+            Update::Hold(hold) => return hold,
+            Update::Position(_) => continue,
+        }
+    }
+}
+
+/// Reads updates until the place is `place`.
+async fn moved_to(stream: &mut Waiter, place: i64) {
+    loop {
+        match next(stream).await {
+            Update::Position(position) if position == place => return,
+            Update::Position(_) => continue,
+            Update::Hold(hold) => panic!("served early: {hold:?}"),
+        }
+    }
+}
+
+/// CreateHold from outside the line must find nothing.
+async fn assert_outsiders_refused(checkout: &mut Checkout, product_id: &str) {
+    assert_status(
+        try_hold(checkout, product_id, 1, None).await,
+        Code::FailedPrecondition,
+        "INSUFFICIENT_STOCK",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiters_are_served_in_join_order_as_units_come_back() {
+    let server = TestServer::start_with(|config| config.hold_ttl = Duration::from_secs(2)).await;
+    let product = server.product("drop", 100, 1).await;
+    let mut checkout = server.checkout().await;
+    let first_buyer = hold(&mut checkout, &product.id, 1).await;
+    let mut line = Vec::new();
+    for expected in 1..=4 {
+        let (stream, first) = join(&mut server.checkout().await, &product.id, 1).await;
+        assert_eq!(first, Update::Position(expected));
+        line.push(stream);
+    }
+    assert_outsiders_refused(&mut checkout, &product.id).await;
+    let watched = server
+        .checkout()
+        .await
+        .watch_availability(WatchAvailabilityRequest {
+            product_ids: vec![product.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(watched.waiting, 4, "watchers see how many wait");
+
+    // A release serves the first in line; the others move up.
+    release(&mut checkout, &first_buyer.hold_id).await;
+    let a = served(&mut line[0]).await;
+    assert_eq!(a.status(), pb::HoldStatus::Active);
+    moved_to(&mut line[1], 1).await;
+    assert_outsiders_refused(&mut checkout, &product.id).await;
+
+    // An expiry serves the next.
+    let b = served(&mut line[1]).await;
+    assert_ne!(a.hold_id, b.hold_id);
+    assert_outsiders_refused(&mut checkout, &product.id).await;
+
+    // A failed payment serves the next.
+    let b_order = order(&mut checkout, &b.hold_id).await;
+    decline(&mut checkout, &b_order, "evt-b", "card declined").await;
+    let c = served(&mut line[2]).await;
+    assert_outsiders_refused(&mut checkout, &product.id).await;
+
+    // Stock added serves the last.
+    server
+        .admin()
+        .await
+        .adjust_stock(AdjustStockRequest {
+            product_id: product.id.clone(),
+            delta: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let d = served(&mut line[3]).await;
+    assert_eq!(d.qty, 1);
+    assert_counters(&server, &product, Counters::stock(2).reserved(2).sold(0)).await;
+    drop(c);
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiter_who_leaves_gives_the_place_up() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 1).await;
+    let mut checkout = server.checkout().await;
+    let taken = hold(&mut checkout, &product.id, 1).await;
+    let (leaving, _) = join(&mut server.checkout().await, &product.id, 1).await;
+    let (mut staying, first) = join(&mut server.checkout().await, &product.id, 1).await;
+    assert_eq!(first, Update::Position(2));
+
+    drop(leaving);
+    moved_to(&mut staying, 1).await;
+    release(&mut checkout, &taken.hold_id).await;
+
+    served(&mut staying).await;
+    assert_counters(&server, &product, Counters::stock(1).reserved(1).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_spread_over_two_processes_is_served_in_join_order() {
+    let server = TestServer::start().await;
+    let sibling = server.start_sibling().await;
+    let product = server.product("drop", 100, 3).await;
+    let mut checkout = server.checkout().await;
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        taken.push(hold(&mut checkout, &product.id, 1).await);
+    }
+    let (mut a, _) = join(&mut server.checkout().await, &product.id, 1).await;
+    let (mut b, first) = join(&mut sibling.checkout().await, &product.id, 1).await;
+    assert_eq!(first, Update::Position(2));
+    let (mut c, first) = join(&mut server.checkout().await, &product.id, 1).await;
+    assert_eq!(first, Update::Position(3));
+
+    release(&mut checkout, &taken[0].hold_id).await;
+    served(&mut a).await;
+    release(&mut sibling.checkout().await, &taken[1].hold_id).await;
+    served(&mut b).await;
+    release(&mut checkout, &taken[2].hold_id).await;
+    served(&mut c).await;
+
+    assert_counters(&server, &product, Counters::stock(3).reserved(3).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiter_whose_server_is_gone_is_skipped() {
+    let server = TestServer::start().await;
+    let doomed = server.start_sibling().await;
+    let product = server.product("drop", 100, 1).await;
+    let mut checkout = server.checkout().await;
+    let taken = hold(&mut checkout, &product.id, 1).await;
+    let (gone, _) = join(&mut doomed.checkout().await, &product.id, 1).await;
+    let (mut alive, first) = join(&mut server.checkout().await, &product.id, 1).await;
+    assert_eq!(first, Update::Position(2));
+
+    // The process goes away; its waiter cannot take a turn.
+    doomed.stop().await.unwrap();
+    drop(gone);
+    release(&mut checkout, &taken.hold_id).await;
+
+    served(&mut alive).await;
+    assert_counters(&server, &product, Counters::stock(1).reserved(1).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn withdrawn_stock_and_an_ended_sale_turn_the_line_away() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 2).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &product.id, 1).await;
+    hold(&mut checkout, &product.id, 1).await;
+    let (mut waiter, _) = join(&mut server.checkout().await, &product.id, 1).await;
+
+    server
+        .admin()
+        .await
+        .adjust_stock(AdjustStockRequest {
+            product_id: product.id.clone(),
+            delta: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    served(&mut waiter).await;
+
+    let (mut withdrawn, _) = join(&mut server.checkout().await, &product.id, 3).await;
+    server
+        .admin()
+        .await
+        .adjust_stock(AdjustStockRequest {
+            product_id: product.id.clone(),
+            delta: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), withdrawn.message())
+        .await
+        .expect("an answer")
+        .expect_err("turned away");
+    assert_eq!(ended.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&ended), "STOCK_WITHDRAWN");
+
+    // A sale that ends turns its line away too.
+    let (mut late, _) = join(&mut server.checkout().await, &product.id, 5).await;
+    let ends = prost_types::Timestamp::from(std::time::SystemTime::now() + Duration::from_secs(1));
+    server
+        .admin()
+        .await
+        .update_product(pb::UpdateProductRequest {
+            product: Some(pb::Product {
+                id: product.id.clone(),
+                sale_ends_at: Some(ends),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["sale_ends_at".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), late.message())
+        .await
+        .expect("an answer")
+        .expect_err("turned away");
+    assert_eq!(reason(&ended), "SALE_ENDED");
+    eventually("nobody waits", || {
+        let mut checkout = checkout.clone();
+        let id = product.id.clone();
+        async move {
+            crate::support::get_product(&mut checkout, &id)
+                .await
+                .waiting
+                == 0
+        }
+    })
+    .await;
+    server.assert_consistent().await;
+}
