@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flashsale::auth::{Scope, new_token};
+use flashsale::grpc::pb::JoinWaitlistRequest;
 use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
 use flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient;
 use flashsale::grpc::pb::{
@@ -94,6 +95,14 @@ impl Caller {
                 .get_order(GetOrderRequest { order_id: id })
                 .await
                 .map(drop),
+            "JoinWaitlist" => checkout
+                .join_waitlist(JoinWaitlistRequest {
+                    product_id: id,
+                    qty: 1,
+                    buyer_id: String::new(),
+                })
+                .await
+                .map(drop),
             "ExtendHold" => checkout
                 .extend_hold(ExtendHoldRequest { hold_id: id })
                 .await
@@ -150,7 +159,7 @@ impl Caller {
 }
 
 /// Every RPC and the scope it needs.
-const RPCS: [(&str, Scope); 17] = [
+const RPCS: [(&str, Scope); 18] = [
     ("GetProduct", Scope::Checkout),
     ("ListProducts", Scope::Checkout),
     ("CreateHold", Scope::Checkout),
@@ -160,6 +169,7 @@ const RPCS: [(&str, Scope); 17] = [
     ("GetOrder", Scope::Checkout),
     ("CancelOrder", Scope::Checkout),
     ("ExtendHold", Scope::Checkout),
+    ("JoinWaitlist", Scope::Checkout),
     ("HandlePaymentWebhook", Scope::Payments),
     ("WatchAvailability", Scope::Checkout),
     ("CreateProduct", Scope::Admin),

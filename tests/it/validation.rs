@@ -2,6 +2,7 @@
 //! nothing (one table of bad requests, one loop); a refused call does not use up the key it
 //! carried, and the limits themselves are allowed.
 
+use flashsale::grpc::pb::JoinWaitlistRequest;
 use flashsale::grpc::pb::{
     AdjustStockRequest, AuditInventoryRequest, AuditInventoryResponse, CancelOrderRequest,
     CreateHoldRequest, CreateOrderRequest, CreateProductRequest, ExtendHoldRequest, GetHoldRequest,
@@ -44,6 +45,7 @@ enum Call {
     AuditInventory(AuditInventoryRequest),
     CancelOrder(CancelOrderRequest),
     ExtendHold(ExtendHoldRequest),
+    JoinWaitlist(JoinWaitlistRequest),
     UpdateProduct(UpdateProductRequest),
     ListRefundsRequired(ListRefundsRequiredRequest),
     MarkRefunded(MarkRefundedRequest),
@@ -228,6 +230,27 @@ impl Fixture {
             }),
             rows("hold_id", MALFORMED_IDS, |id| {
                 Call::ExtendHold(ExtendHoldRequest { hold_id: id.into() })
+            }),
+            rows("product_id", MALFORMED_IDS, |id| {
+                Call::JoinWaitlist(JoinWaitlistRequest {
+                    product_id: id.into(),
+                    qty: 1,
+                    buyer_id: String::new(),
+                })
+            }),
+            rows("qty", [0, -1, MAX_QTY + 1, i64::MIN], |qty| {
+                Call::JoinWaitlist(JoinWaitlistRequest {
+                    product_id: product_id.into(),
+                    qty,
+                    buyer_id: String::new(),
+                })
+            }),
+            rows("buyer_id", bad_keys(), |buyer_id| {
+                Call::JoinWaitlist(JoinWaitlistRequest {
+                    product_id: product_id.into(),
+                    qty: 1,
+                    buyer_id,
+                })
             }),
             rows("buyer_id", bad_keys(), |buyer_id| {
                 Call::CreateHold(CreateHoldRequest {
@@ -504,6 +527,7 @@ impl Fixture {
             Call::AuditInventory(request) => admin.audit_inventory(request).await.map(drop),
             Call::CancelOrder(request) => checkout.cancel_order(request).await.map(drop),
             Call::ExtendHold(request) => checkout.extend_hold(request).await.map(drop),
+            Call::JoinWaitlist(request) => checkout.join_waitlist(request).await.map(drop),
             Call::UpdateProduct(request) => admin.update_product(request).await.map(drop),
             Call::ListRefundsRequired(request) => {
                 admin.list_refunds_required(request).await.map(drop)

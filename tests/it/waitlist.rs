@@ -281,3 +281,58 @@ async fn withdrawn_stock_and_an_ended_sale_turn_the_line_away() {
     .await;
     server.assert_consistent().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_buyer_limit_applies_to_the_line_too() {
+    let server = TestServer::start().await;
+    let product = server
+        .admin()
+        .await
+        .create_product(pb::CreateProductRequest {
+            name: "limited".into(),
+            price_cents: 100,
+            stock_total: 1,
+            max_per_buyer: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut checkout = server.checkout().await;
+    checkout
+        .create_hold(pb::CreateHoldRequest {
+            product_id: product.id.clone(),
+            qty: 1,
+            buyer_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let join_as = |buyer: &str| JoinWaitlistRequest {
+        product_id: product.id.clone(),
+        qty: 1,
+        buyer_id: buyer.into(),
+    };
+
+    let status = checkout
+        .join_waitlist(join_as("alice"))
+        .await
+        .map(drop)
+        .expect_err("alice is at her limit");
+    assert_eq!(reason(&status), "BUYER_LIMIT_EXCEEDED");
+    crate::support::assert_invalid(
+        checkout.join_waitlist(join_as("")).await.map(drop),
+        "buyer_id",
+    );
+    let (_bob, first) = {
+        let mut stream = checkout
+            .join_waitlist(join_as("bob"))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut stream).await;
+        (stream, first)
+    };
+    assert_eq!(first, Update::Position(1));
+    server.assert_consistent().await;
+}
