@@ -860,8 +860,9 @@ $$;
 -- once (so a buyer alone in line, with units there, is served right away). Returns the
 -- waiter's id. Refuses (raising, nothing written) a product that does not exist
 -- (P0002), whose sale has not started or has ended (P0001 with message 'sale_not_started'
--- or 'sale_ended'), a limited product's join without a buyer ('buyer_required') or a
--- buyer it would take past its limit ('buyer_limit <units the buyer may still take>').
+-- or 'sale_ended'), more units than the product has in all ('more_than_stock <stock>'), a
+-- limited product's join without a buyer ('buyer_required') or a buyer it would take past
+-- its limit ('buyer_limit <units the buyer may still take>').
 --
 -- Guarantees: takes the product's lock (FOR NO KEY UPDATE) first, so joins, leaves and
 -- serves of one product serialize and the queue's order is the commit order of joins.
@@ -881,6 +882,9 @@ BEGIN
         RAISE EXCEPTION 'sale_not_started';
     ELSIF now() >= p.sale_ends_at THEN
         RAISE EXCEPTION 'sale_ended';
+    ELSIF units > p.stock_total THEN
+        -- it could never be served, and would block everyone behind it
+        RAISE EXCEPTION 'more_than_stock %', p.stock_total;
     END IF;
     IF p.max_per_buyer > 0 THEN
         IF buyer IS NULL THEN

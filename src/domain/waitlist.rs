@@ -222,7 +222,7 @@ impl Checkout {
         let mut conn = self.conn().await?;
         let id = queries::join_waitlist(&mut conn, &new)
             .await
-            .map_err(|error| join_refusal(error, request.product_id))?;
+            .map_err(|error| join_refusal(error, request.product_id, request.qty))?;
         drop(conn);
         let Some(events) = self.waitlist.register(id, request.product_id) else {
             self.leave_waitlist(id).await;
@@ -320,8 +320,8 @@ fn turned_away(state: &WaiterState) -> DomainError {
     }
 }
 
-/// The refusals join_waitlist raises, as domain errors.
-fn join_refusal(error: DieselError, product_id: Uuid) -> DomainError {
+/// The refusals join_waitlist raises, as domain errors (`qty`: the units asked).
+fn join_refusal(error: DieselError, product_id: Uuid, qty: i64) -> DomainError {
     if let DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) = &error {
         let message = info.message();
         if message.starts_with("no product") {
@@ -337,6 +337,15 @@ fn join_refusal(error: DieselError, product_id: Uuid) -> DomainError {
                 );
             }
             _ => {}
+        }
+        if let Some(stock) = message.strip_prefix("more_than_stock ")
+            && let Ok(stock) = stock.parse()
+        {
+            return DomainError::InsufficientStock {
+                product_id,
+                requested: qty,
+                available: stock,
+            };
         }
         if let Some(remaining) = message.strip_prefix("buyer_limit ")
             && let Ok(remaining) = remaining.parse()

@@ -246,7 +246,7 @@ async fn withdrawn_stock_and_an_ended_sale_turn_the_line_away() {
     assert_eq!(reason(&ended), "STOCK_WITHDRAWN");
 
     // A sale that ends turns its line away too.
-    let (mut late, _) = join(&mut server.checkout().await, &product.id, 5).await;
+    let (mut late, _) = join(&mut server.checkout().await, &product.id, 2).await;
     let ends = prost_types::Timestamp::from(std::time::SystemTime::now() + Duration::from_secs(1));
     server
         .admin()
@@ -335,4 +335,27 @@ async fn the_buyer_limit_applies_to_the_line_too() {
     };
     assert_eq!(first, Update::Position(1));
     server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiter_asking_more_than_the_whole_stock_is_refused_and_blocks_nobody() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 2).await;
+    let mut checkout = server.checkout().await;
+    let taken = hold(&mut checkout, &product.id, 2).await;
+
+    let refused = checkout
+        .join_waitlist(JoinWaitlistRequest {
+            product_id: product.id.clone(),
+            qty: 3,
+            buyer_id: String::new(),
+        })
+        .await
+        .map(drop)
+        .expect_err("3 of 2 can never be served");
+    assert_eq!(reason(&refused), "INSUFFICIENT_STOCK");
+    let (mut next_in_line, first) = join(&mut checkout, &product.id, 1).await;
+    assert_eq!(first, Update::Position(1));
+    release(&mut checkout, &taken.hold_id).await;
+    served(&mut next_in_line).await;
 }
