@@ -136,6 +136,9 @@ pub struct ServeArgs {
     /// A CA (PEM): clients must present a certificate it signed (mutual TLS).
     #[arg(long, env = "FLASHSALE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Most unary calls running at once; more are refused with RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "FLASHSALE_MAX_IN_FLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
     /// Most connections open at once; more wait in the kernel's backlog.
     #[arg(long, env = "FLASHSALE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
@@ -170,6 +173,7 @@ impl ServeArgs {
             pool_size: self.pool_size.into(),
             db_timeout: self.db_timeout,
             transport: self.transport_config(),
+            max_in_flight: self.max_in_flight as usize,
             ..ServerConfig::new(database)
         }
     }

@@ -108,6 +108,8 @@ pub struct ServerConfig {
     pub tokens_file: Option<PathBuf>,
     /// TLS and the limits every connection lives within.
     pub transport: TransportConfig,
+    /// Most unary calls running at once; more are refused RESOURCE_EXHAUSTED at once.
+    pub max_in_flight: usize,
 }
 
 /// How callers reach the server: TLS, and the limits that keep one caller's connections
@@ -171,6 +173,7 @@ impl ServerConfig {
             health_check_interval: Duration::from_secs(5),
             tokens_file: None,
             transport: TransportConfig::default(),
+            max_in_flight: 2048,
         }
     }
 }

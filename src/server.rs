@@ -141,6 +141,7 @@ impl App {
         let tls = config.transport.tls.is_some();
         let incoming = Incoming::new(listener, config.transport.max_connections);
         let max_message = config.transport.max_message_bytes;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1)));
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
@@ -187,12 +188,14 @@ impl App {
                     .max_decoding_message_size(max_message),
                 authorizer.clone(),
                 checkout_scope,
+                in_flight.clone(),
             ))
             .add_service(Guarded::new(
                 InventoryAdminServiceServer::new(AdminApi::new(checkout))
                     .max_decoding_message_size(max_message),
                 authorizer,
                 admin_scope,
+                in_flight,
             ))
             .serve_with_incoming_shutdown(incoming, on_shutdown)
             .await;
@@ -257,6 +260,9 @@ async fn start_when_migrated(
         webhook_key_retention: config.webhook_key_retention,
     };
     tasks.spawn(run_reaper(checkout.clone(), reaper, stopping.clone()));
+    let releaser = checkout.clone();
+    let releasing = stopping.clone();
+    tasks.spawn(async move { releaser.release_orphaned_holds(releasing).await });
     tasks.spawn(run_change_feed(
         config.database.clone(),
         checkout.session(),

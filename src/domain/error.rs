@@ -62,6 +62,10 @@ pub enum DomainError {
     #[error("hold {hold_id} reached its maximum lifetime")]
     HoldLifetimeExceeded { hold_id: Uuid },
 
+    /// Too many calls are running: this one is refused at once rather than queued.
+    #[error("the server is at its limit of concurrent calls; retry with backoff")]
+    Overloaded,
+
     /// The order is paid: it can no longer be cancelled.
     #[error("order {order_id} is paid")]
     OrderPaid { order_id: Uuid },
@@ -155,6 +159,7 @@ impl DomainError {
             DomainError::HoldExpired { .. } => "HOLD_EXPIRED",
             DomainError::HoldReleased { .. } => "HOLD_RELEASED",
             DomainError::OrderPaid { .. } => "ORDER_PAID",
+            DomainError::Overloaded => "OVERLOADED",
             DomainError::SaleNotStarted { .. } => "SALE_NOT_STARTED",
             DomainError::SaleEnded { .. } => "SALE_ENDED",
             DomainError::StockWithdrawn { .. } => "STOCK_WITHDRAWN",

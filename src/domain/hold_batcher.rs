@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use diesel_async::AsyncPgConnection;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::DomainError;
@@ -49,16 +49,35 @@ pub struct HoldBatcher {
     queue: Lanes<PendingHold>,
     /// Where the batches run.
     io: Arc<IoThread>,
+    /// Holds granted to callers that went away before their answer (deadline passed, call
+    /// cancelled): to be released at once (by [`super::Checkout::release_orphaned_holds`]).
+    orphans: mpsc::UnboundedSender<Uuid>,
+}
+
+/// What a batch answered: one result per request, and the holds it created.
+struct Answers {
+    /// One per request, in order.
+    results: Vec<Result<Hold, DomainError>>,
+    /// The ids of the holds the batch granted (not those it found by key).
+    granted: Vec<Uuid>,
 }
 
 impl HoldBatcher {
-    /// A batcher with `lanes` queues (at least one) whose batches run on `io`.
-    pub fn new(pool: DbPool, hold_ttl: Duration, lanes: usize, io: Arc<IoThread>) -> Arc<Self> {
+    /// A batcher with `lanes` queues (at least one) whose batches run on `io`; holds whose
+    /// callers went away are sent to `orphans`.
+    pub fn new(
+        pool: DbPool,
+        hold_ttl: Duration,
+        lanes: usize,
+        io: Arc<IoThread>,
+        orphans: mpsc::UnboundedSender<Uuid>,
+    ) -> Arc<Self> {
         Arc::new(HoldBatcher {
             pool,
             hold_ttl: TimeDelta::from_std(hold_ttl).unwrap_or(TimeDelta::MAX),
             queue: Lanes::new(lanes, MAX_BATCH),
             io,
+            orphans,
         })
     }
 
@@ -80,41 +99,63 @@ impl HoldBatcher {
             .map_err(|_| DomainError::internal("hold batch ended without an answer"))?
     }
 
-    /// Runs one batch and answers every caller in it.
-    async fn run_batch(&self, batch: Vec<PendingHold>) {
+    /// Runs one batch and answers every caller in it. Callers that went away while they
+    /// queued (deadline passed, call cancelled) are left out before anything is sent; a hold
+    /// granted to callers who all went away before their answer is released at once.
+    async fn run_batch(&self, mut batch: Vec<PendingHold>) {
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         let started = std::time::Instant::now();
         let (requests, replies): (Vec<NewHold>, Vec<_>) = batch
             .into_iter()
             .map(|pending| (pending.request, pending.reply))
             .unzip();
-        let answers = self.answer(&requests).await;
+        let Answers { results, granted } = self.answer(&requests).await;
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            // A caller that went away does not need its answer.
-            let _ = reply.send(answer);
+        let mut delivered = Vec::with_capacity(granted.len());
+        for (reply, answer) in replies.into_iter().zip(results) {
+            let hold_id = answer.as_ref().ok().map(|hold| hold.id);
+            if reply.send(answer).is_ok() {
+                delivered.extend(hold_id);
+            }
+        }
+        for orphan in granted.into_iter().filter(|id| !delivered.contains(id)) {
+            tracing::info!(hold_id = %orphan, "hold granted to a caller that went away; releasing it");
+            let _ = self.orphans.send(orphan);
         }
     }
 
     /// One answer per request. A batch the database refused as a whole (for a reason other
     /// than being unreachable) may have been refused because of one request: each request
     /// then runs alone, so that request gets its error and the others are served.
-    async fn answer(&self, requests: &[NewHold]) -> Vec<Result<Hold, DomainError>> {
+    async fn answer(&self, requests: &[NewHold]) -> Answers {
         let error = match self.reserve(requests).await {
             Ok(answers) => return answers,
             Err(error) => error,
         };
         if requests.len() == 1 || matches!(error, DomainError::Unavailable(_)) {
-            return vec![Err(error); requests.len()];
+            return Answers {
+                results: vec![Err(error); requests.len()],
+                granted: Vec::new(),
+            };
         }
         tracing::warn!(%error, size = requests.len(), "hold batch refused; serving its requests one by one");
-        let mut answers = Vec::with_capacity(requests.len());
+        let mut answers = Answers {
+            results: Vec::with_capacity(requests.len()),
+            granted: Vec::new(),
+        };
         for request in requests {
-            let alone = self.reserve(std::slice::from_ref(request)).await;
-            answers.push(alone.and_then(|mut answer| {
-                answer
-                    .pop()
-                    .unwrap_or_else(|| Err(DomainError::internal("hold request left unanswered")))
-            }));
+            match self.reserve(std::slice::from_ref(request)).await {
+                Ok(mut alone) => {
+                    answers.granted.append(&mut alone.granted);
+                    answers.results.push(alone.results.pop().unwrap_or_else(|| {
+                        Err(DomainError::internal("hold request left unanswered"))
+                    }));
+                }
+                Err(error) => answers.results.push(Err(error)),
+            }
         }
         answers
     }
@@ -122,10 +163,7 @@ impl HoldBatcher {
     /// Reserves a batch in one statement (one round trip, one commit); one answer per
     /// request, in order. A client request id repeated within the batch is sent once; each
     /// repeat is checked against the hold its first request got or found.
-    async fn reserve(
-        &self,
-        requests: &[NewHold],
-    ) -> Result<Vec<Result<Hold, DomainError>>, DomainError> {
+    async fn reserve(&self, requests: &[NewHold]) -> Result<Answers, DomainError> {
         let mut conn = self.pool.get().await?;
         let first_with_same_key = first_with_same_key(requests);
         let rows: Vec<HoldRequestRow<'_>> = requests
@@ -141,11 +179,17 @@ impl HoldBatcher {
         // checked against the hold of its first request.
         let mut keyed_holds: Vec<Result<Hold, DomainError>> = Vec::with_capacity(requests.len());
         let mut answers = Vec::with_capacity(requests.len());
+        let mut granted = Vec::new();
         for (request, first) in requests.iter().zip(first_with_same_key) {
             let keyed_hold = match first {
                 Some(first) => keyed_holds[first].clone(),
                 None => match reservations.next() {
-                    Some(reservation) => resolve(&mut conn, request, reservation).await,
+                    Some(reservation) => {
+                        if let Reservation::Granted(hold) = &reservation {
+                            granted.push(hold.id);
+                        }
+                        resolve(&mut conn, request, reservation).await
+                    }
                     None => Err(DomainError::internal("hold request left unanswered")),
                 },
             };
@@ -156,7 +200,10 @@ impl HoldBatcher {
             );
             keyed_holds.push(keyed_hold);
         }
-        Ok(answers)
+        Ok(Answers {
+            results: answers,
+            granted,
+        })
     }
 }
 

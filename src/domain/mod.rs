@@ -92,6 +92,9 @@ pub struct Checkout {
     /// This process's advisory-lock key: its waiters live while the change feed's
     /// connection holds it.
     session: i64,
+    /// Holds granted to callers that went away before their answer, for
+    /// [`Checkout::release_orphaned_holds`] to release (taken by the one task that does).
+    orphaned: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
 }
 
 /// Largest value `max_qty_per_hold` may take: times [`products::MAX_PRICE_CENTS`], it stays
@@ -104,11 +107,13 @@ const CONFLICT_RETRIES: usize = 3;
 impl Checkout {
     /// Wraps a pool; the schema must already be migrated. Hold batches run on `io`.
     pub fn new(pool: DbPool, settings: CheckoutSettings, io: Arc<IoThread>) -> Self {
+        let (orphans, orphaned) = tokio::sync::mpsc::unbounded_channel();
         let hold_batcher = HoldBatcher::new(
             pool.clone(),
             settings.hold_ttl,
             settings.hold_batch_lanes,
             io.clone(),
+            orphans,
         );
         let stock_folder = StockFolder::new(pool.clone(), io);
         Checkout {
@@ -119,6 +124,7 @@ impl Checkout {
             availability: Arc::new(AvailabilityHub::default()),
             waitlist: waitlist::WaitlistHub::default(),
             session: new_session(),
+            orphaned: std::sync::Mutex::new(Some(orphaned)),
         }
     }
 
@@ -141,6 +147,32 @@ impl Checkout {
             FeedEvent::Waitlist(product) => {
                 let checkout = self.clone();
                 tokio::spawn(async move { checkout.refresh_waiters(product).await });
+            }
+        }
+    }
+
+    /// Releases, until `stopping`, every hold granted to a caller that went away before its
+    /// answer (its deadline passed, it cancelled): nobody will ever use it. Runs once per
+    /// process; a second call returns at once.
+    pub async fn release_orphaned_holds(&self, stopping: tokio_util::sync::CancellationToken) {
+        let taken = self
+            .orphaned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut orphaned) = taken else {
+            return;
+        };
+        loop {
+            let hold_id = tokio::select! {
+                _ = stopping.cancelled() => return,
+                next = orphaned.recv() => match next {
+                    Some(hold_id) => hold_id,
+                    None => return,
+                },
+            };
+            if let Err(error) = self.release_hold(hold_id).await {
+                tracing::warn!(%error, %hold_id, "releasing an orphaned hold failed; it expires with its TTL");
             }
         }
     }

@@ -1,20 +1,27 @@
 //! Every call to a guarded service passes the [`Authorizer`] first: the scope it needs
 //! follows from its method, and a refusal is answered without reaching the handler. An
 //! allowed call carries its [`Caller`] in the request's extensions, for the handler
-//! ([`super::convert::caller`]).
+//! ([`super::convert::caller`]). Then the in-flight limit: a unary call takes a slot for as
+//! long as it runs; with none free it is answered `RESOURCE_EXHAUSTED` at once, not
+//! queued. Streams (WatchAvailability, JoinWaitlist) live long and take none.
 
 use std::convert::Infallible;
-use std::future::{Ready, ready};
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::Either;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
 use crate::auth::{Authorizer, Scope};
-use crate::domain::Caller;
+use crate::domain::{Caller, DomainError};
+
+/// The methods that answer with a long-lived stream: they take no in-flight slot.
+const STREAMING_METHODS: [&str; 2] = ["WatchAvailability", "JoinWaitlist"];
 
 /// A service whose calls need a token with the scope `scope_of` gives for their method.
 #[derive(Clone)]
@@ -25,15 +32,23 @@ pub struct Guarded<S> {
     authorizer: Arc<Authorizer>,
     /// The scope a method (the last segment of the call's path) needs.
     scope_of: fn(&str) -> Scope,
+    /// One permit per unary call running, shared by every guarded service.
+    in_flight: Arc<Semaphore>,
 }
 
 impl<S> Guarded<S> {
-    /// Guards `inner`.
-    pub fn new(inner: S, authorizer: Arc<Authorizer>, scope_of: fn(&str) -> Scope) -> Self {
+    /// Guards `inner`; unary calls share the slots of `in_flight`.
+    pub fn new(
+        inner: S,
+        authorizer: Arc<Authorizer>,
+        scope_of: fn(&str) -> Scope,
+        in_flight: Arc<Semaphore>,
+    ) -> Self {
         Guarded {
             inner,
             authorizer,
             scope_of,
+            in_flight,
         }
     }
 }
@@ -58,7 +73,7 @@ where
     type Response = http::Response<Body>;
     type Error = Infallible;
     /// The service's own future when allowed, the refusal at once when not: no allocation.
-    type Future = Either<S::Future, Ready<Result<Self::Response, Infallible>>>;
+    type Future = Either<InFlight<S::Future>, Ready<Result<Self::Response, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -66,19 +81,50 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-        match self
+        let refuse =
+            |refusal: DomainError| Either::Right(ready(Ok(Status::from(refusal).into_http())));
+        let caller = match self
             .authorizer
             .authorize(request.headers(), (self.scope_of)(method))
         {
-            Ok(caller) => {
-                request.extensions_mut().insert::<Caller>(caller);
-                Either::Left(self.inner.call(request))
+            Ok(caller) => caller,
+            Err(refusal) => return refuse(refusal),
+        };
+        let slot = if STREAMING_METHODS.contains(&method) {
+            None
+        } else {
+            match self.in_flight.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => return refuse(DomainError::Overloaded),
             }
-            Err(refusal) => Either::Right(ready(Ok(Status::from(refusal).into_http()))),
-        }
+        };
+        request.extensions_mut().insert::<Caller>(caller);
+        Either::Left(InFlight {
+            inner: self.inner.call(request),
+            _slot: slot,
+        })
     }
 }
 
 impl<S: NamedService> NamedService for Guarded<S> {
     const NAME: &'static str = S::NAME;
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response future, holding its in-flight slot until it completes.
+    pub struct InFlight<F> {
+        // The service's future.
+        #[pin]
+        inner: F,
+        // Given back when the call's future completes or is dropped.
+        _slot: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<F: Future> Future for InFlight<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
 }

@@ -50,6 +50,7 @@ fn status_code(error: &DomainError) -> Code {
         DomainError::UniqueViolation { .. } | DomainError::Conflict(_) => Code::Aborted,
         DomainError::Unavailable(_) | DomainError::ShuttingDown => Code::Unavailable,
         DomainError::Unauthenticated => Code::Unauthenticated,
+        DomainError::Overloaded => Code::ResourceExhausted,
         DomainError::MissingScope { .. } => Code::PermissionDenied,
         DomainError::Internal(_) => Code::Internal,
     }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::support::{
     Checkout, Counters, TestServer, assert_counters, eventually, get_product, reason,
+    waiting_on_locks,
 };
 
 /// Fires all `requests` at once over `connections` connections; answers in request order.
@@ -289,24 +290,6 @@ async fn a_key_another_process_takes_mid_batch_answers_with_that_hold() {
     )
     .await;
     server.assert_consistent().await;
-}
-
-/// Whether some session of this database waits for a lock.
-async fn waiting_on_locks(database_url: &str) -> bool {
-    #[derive(diesel::QueryableByName)]
-    struct Waiting {
-        #[diesel(sql_type = BigInt)]
-        waiting: i64,
-    }
-    let mut conn = AsyncPgConnection::establish(database_url).await.unwrap();
-    let row: Waiting = diesel::sql_query(
-        "SELECT count(*) AS waiting FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
-    row.waiting > 0
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -904,3 +904,24 @@ pub fn seconds_between(
     };
     at(to) - at(from)
 }
+
+/// Whether some session of this database waits for a lock.
+pub async fn waiting_on_locks(database_url: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        waiting: i64,
+    }
+    let mut conn =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
+            .await
+            .unwrap();
+    let row: Waiting = diesel::sql_query(
+        "SELECT count(*) AS waiting FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    row.waiting > 0
+}
