@@ -127,6 +127,12 @@ pub struct ServeArgs {
     /// Longest wait for a database connection before a call fails with UNAVAILABLE.
     #[arg(long, env = "FLASHSALE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
+    /// Longest a statement may run on the server's database connections.
+    #[arg(long, env = "FLASHSALE_DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub db_statement_timeout: Duration,
+    /// Longest a statement may wait for a row lock (then the call fails ABORTED, to retry).
+    #[arg(long, env = "FLASHSALE_DB_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub db_lock_timeout: Duration,
     /// The server's TLS certificate chain (PEM); with --tls-key, serves TLS only.
     #[arg(long, env = "FLASHSALE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -172,6 +178,8 @@ impl ServeArgs {
             hold_batch_lanes: self.hold_batch_lanes.into(),
             pool_size: self.pool_size.into(),
             db_timeout: self.db_timeout,
+            db_statement_timeout: self.db_statement_timeout,
+            db_lock_timeout: self.db_lock_timeout,
             transport: self.transport_config(),
             max_in_flight: self.max_in_flight as usize,
             ..ServerConfig::new(database)

@@ -56,6 +56,24 @@ impl DatabaseConfig {
         DatabaseConfig { inner }
     }
 
+    /// With server-side limits on every statement and every lock wait of the connection
+    /// (added to the operator's `options`), so a slow query or a long lock holder turns
+    /// into an error instead of a call that hangs.
+    pub fn with_timeouts(&self, statement: Duration, lock: Duration) -> DatabaseConfig {
+        let mut inner = self.inner.clone();
+        let limits = format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            statement.as_millis(),
+            lock.as_millis()
+        );
+        let options = match inner.get_options() {
+            Some(own) if !own.trim().is_empty() => format!("{own} {limits}"),
+            _ => limits,
+        };
+        inner.options(&options);
+        DatabaseConfig { inner }
+    }
+
     /// The database's name, if the connection string gave one.
     pub fn database(&self) -> Option<&str> {
         self.inner.get_dbname()
@@ -99,8 +117,13 @@ pub struct ServerConfig {
     pub hold_batch_lanes: usize,
     /// Connections in the pool (the listener's dedicated connection comes on top).
     pub pool_size: usize,
-    /// Longest wait for a pooled connection (or a new one) before a call fails UNAVAILABLE.
+    /// Longest wait for a pooled connection (or a new one) before a call fails UNAVAILABLE;
+    /// also how long health waits for the database's answer.
     pub db_timeout: Duration,
+    /// Longest a statement may run on the server's connections.
+    pub db_statement_timeout: Duration,
+    /// Longest a statement may wait for a lock.
+    pub db_lock_timeout: Duration,
     /// How often health re-checks that the database answers.
     pub health_check_interval: Duration,
     /// The tokens callers must present (see [`crate::auth`]); `None`: every caller may
@@ -170,6 +193,8 @@ impl ServerConfig {
             hold_batch_lanes: 1,
             pool_size: 16,
             db_timeout: Duration::from_secs(5),
+            db_statement_timeout: Duration::from_secs(30),
+            db_lock_timeout: Duration::from_secs(10),
             health_check_interval: Duration::from_secs(5),
             tokens_file: None,
             transport: TransportConfig::default(),

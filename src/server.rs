@@ -93,7 +93,9 @@ impl App {
     pub fn new(config: ServerConfig) -> Result<App, ServerError> {
         let io = IoThread::start("flashsale-db-io")?;
         let pool = db::build_pool(
-            &config.database,
+            &config
+                .database
+                .with_timeouts(config.db_statement_timeout, config.db_lock_timeout),
             config.pool_size,
             config.db_timeout,
             io.clone(),
@@ -273,6 +275,7 @@ async fn start_when_migrated(
         pool,
         health,
         config.health_check_interval,
+        config.db_timeout,
         stopping,
     ));
     while tasks.join_next().await.is_some() {}
@@ -329,6 +332,7 @@ async fn monitor_health(
     pool: DbPool,
     health: HealthReporter,
     interval: Duration,
+    ping_timeout: Duration,
     stopping: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -338,10 +342,16 @@ async fn monitor_health(
             _ = stopping.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let answers = match pool.get().await {
-            Ok(mut conn) => db::ping(&mut conn).await.is_ok(),
-            Err(_) => false,
+        // A hung database (or a dead socket nobody noticed) must not leave health SERVING.
+        let check = async {
+            match pool.get().await {
+                Ok(mut conn) => db::ping(&mut conn).await.is_ok(),
+                Err(_) => false,
+            }
         };
+        let answers = tokio::time::timeout(ping_timeout, check)
+            .await
+            .unwrap_or(false);
         if serving != Some(answers) && !stopping.is_cancelled() {
             tracing::info!(serving = answers, "health changed");
             set_serving(&health, answers).await;

@@ -210,6 +210,12 @@ impl From<DieselError> for DomainError {
                     DomainError::Unavailable
                 }
                 _ if info.message().contains("deadlock detected") => DomainError::Conflict,
+                // lock_timeout: another transaction held the row too long; worth a retry.
+                _ if info.message().contains("due to lock timeout") => DomainError::Conflict,
+                // statement_timeout: the database is too slow to answer now.
+                _ if info.message().contains("due to statement timeout") => {
+                    DomainError::Unavailable
+                }
                 _ if CONNECTION_LOST_MESSAGES
                     .iter()
                     .any(|needle| info.message().contains(needle)) =>

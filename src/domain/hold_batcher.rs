@@ -135,7 +135,13 @@ impl HoldBatcher {
             Ok(answers) => return answers,
             Err(error) => error,
         };
-        if requests.len() == 1 || matches!(error, DomainError::Unavailable(_)) {
+        // Unreachable, too slow or kept waiting on a lock: one by one would fare no better.
+        if requests.len() == 1
+            || matches!(
+                error,
+                DomainError::Unavailable(_) | DomainError::Conflict(_)
+            )
+        {
             return Answers {
                 results: vec![Err(error); requests.len()],
                 granted: Vec::new(),

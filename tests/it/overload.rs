@@ -147,3 +147,126 @@ async fn holds_whose_callers_are_gone_are_released_leaving_no_orphan_reservation
     .await;
     server.assert_consistent().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_held_too_long_fails_the_call_instead_of_hanging() {
+    let server = TestServer::start_with(|config| {
+        config.db_lock_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let product = server.product("ticket", 100, 10).await;
+    let mut lock = lock_product(&server, &product.id).await;
+
+    // The row stays locked for the whole call: it must come back anyway, to be retried.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        server
+            .checkout()
+            .await
+            .create_hold(hold_within(&product.id, Duration::from_secs(60))),
+    )
+    .await
+    .expect("the call comes back while the row is still locked");
+    assert_status(answer, Code::Aborted, "TRANSACTION_CONFLICT");
+
+    diesel::sql_query("COMMIT")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_database_turns_health_not_serving_until_it_thaws() {
+    use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalPostgres::start(LocalPostgresOptions::throwaway(dir.path().join("pg")))
+        .await
+        .expect("a cluster of this test's own");
+    let mut config = crate::support::test_config(&cluster.url("postgres"));
+    config.db_timeout = Duration::from_secs(1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = flashsale::server::App::new(config).unwrap();
+    let served = tokio::spawn(app.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let status = || {
+        let url = url.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await;
+            let Ok(channel) = channel else {
+                return ServingStatus::Unknown;
+            };
+            let request = tonic_health::pb::HealthCheckRequest::default();
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(request)
+                .await
+                .map(|answer| answer.into_inner().status())
+                .unwrap_or(ServingStatus::Unknown)
+        }
+    };
+    eventually("SERVING", || async {
+        status().await == ServingStatus::Serving
+    })
+    .await;
+
+    // Every process of the cluster stops answering (its sockets stay open). PostgreSQL's
+    // children leave the postmaster's process group: signal each.
+    let cluster_processes = {
+        let postmaster = cluster.pid().expect("running");
+        let mut pids = vec![postmaster];
+        pids.extend(children_of(postmaster));
+        pids
+    };
+    signal_all(&cluster_processes, libc::SIGSTOP);
+    eventually("NOT_SERVING while frozen", || async {
+        status().await == ServingStatus::NotServing
+    })
+    .await;
+    signal_all(&cluster_processes, libc::SIGCONT);
+    eventually("SERVING again once thawed", || async {
+        status().await == ServingStatus::Serving
+    })
+    .await;
+
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+    cluster.stop().await.unwrap();
+}
+
+/// The processes whose parent is `parent`, from /proc.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The field after the command name (in parentheses) is the state, then the ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Sends `signal` to each of `pids`.
+fn signal_all(pids: &[u32], signal: libc::c_int) {
+    for &pid in pids {
+        // SAFETY: kill(2) on processes of the cluster this test started.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
+}
