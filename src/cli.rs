@@ -219,6 +219,10 @@ pub fn main() -> ExitCode {
     })
 }
 
+/// Environment variable choosing the log format: `text` (the default) or `json` (one JSON
+/// object per line).
+const LOG_FORMAT_ENV: &str = "FLASHSALE_LOG_FORMAT";
+
 /// What a command line does once parsed (this binary's and `flashsale-tools`'): logs to
 /// stderr filtered by `RUST_LOG` (else `default_log`), runs `command` on a multi-threaded
 /// runtime, and reports failure as `error: ...` with exit code 1.
@@ -226,12 +230,25 @@ pub fn run_command(
     default_log: &str,
     command: impl Future<Output = Result<(), CliError>>,
 ) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_log.into()),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_log.into());
+    match std::env::var(LOG_FORMAT_ENV).as_deref() {
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        Ok("text") | Err(std::env::VarError::NotPresent) => {
+            use std::io::IsTerminal;
+            tracing_subscriber::fmt()
+                .with_ansi(std::io::stdout().is_terminal())
+                .with_env_filter(filter)
+                .init()
+        }
+        Ok(_) | Err(_) => {
+            eprintln!("error: {LOG_FORMAT_ENV} must be json or text");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

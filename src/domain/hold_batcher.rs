@@ -116,6 +116,11 @@ impl HoldBatcher {
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
         let mut delivered = Vec::with_capacity(granted.len());
         for (reply, answer) in replies.into_iter().zip(results) {
+            if let Ok(hold) = &answer
+                && granted.contains(&hold.id)
+            {
+                tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, qty = hold.qty, "hold created");
+            }
             let hold_id = answer.as_ref().ok().map(|hold| hold.id);
             if reply.send(answer).is_ok() {
                 delivered.extend(hold_id);

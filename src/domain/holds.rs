@@ -82,6 +82,9 @@ impl Checkout {
             })
             .await?;
         drop(conn);
+        if moved.is_some() {
+            tracing::info!(hold_id = %id, product_id = %hold.product_id, qty = hold.qty, "hold released");
+        }
         self.fold_after_commit(moved.as_slice()).await;
         Ok(hold)
     }
@@ -142,9 +145,15 @@ impl Checkout {
             if !products.is_empty() {
                 fold_movements(conn, &products).await?;
             }
-            Ok(expired.len())
+            Ok(expired)
         })
         .await
+        .map(|expired: Vec<Hold>| {
+            for hold in &expired {
+                tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, "hold expired");
+            }
+            expired.len()
+        })
     }
 }
 

@@ -45,6 +45,9 @@ impl Checkout {
             })
             .await?;
         drop(conn);
+        if let Ok(order) = &converted {
+            tracing::info!(order_id = %order.id, hold_id = %order.hold_id, status = ?order.status, "order created");
+        }
         self.fold_after_commit(moved_product.as_slice()).await;
         converted
     }
@@ -86,6 +89,9 @@ impl Checkout {
             })
             .await?;
         drop(conn);
+        if moved.is_some() {
+            tracing::info!(order_id = %order.id, reason = ?order.cancel_reason, "order cancelled");
+        }
         self.fold_after_commit(moved.as_slice()).await;
         Ok(order)
     }
@@ -105,9 +111,15 @@ impl Checkout {
             if !products.is_empty() {
                 fold_movements(conn, &products).await?;
             }
-            Ok(cancelled.len())
+            Ok(cancelled)
         })
         .await
+        .map(|cancelled: Vec<Order>| {
+            for order in &cancelled {
+                tracing::info!(order_id = %order.id, reason = "payment_timeout", "order cancelled");
+            }
+            cancelled.len()
+        })
     }
 
     /// The payment TTL as the database takes it.

@@ -84,6 +84,13 @@ impl Checkout {
             attempt += 1;
         };
         drop(conn);
+        tracing::info!(
+            idempotency_key = %receipt.idempotency_key,
+            outcome = ?receipt.outcome,
+            order_id = ?receipt.order_id,
+            order_status = ?receipt.order_status,
+            "webhook handled"
+        );
         self.fold_after_commit(settled_product.as_slice()).await;
         Ok(receipt)
     }

@@ -196,6 +196,9 @@ impl Checkout {
                 .transaction(async |conn| adjust_stock_once(conn, &adjustment).await)
                 .await;
             if !retryable(&outcome, attempt) {
+                if let Ok(product) = &outcome {
+                    tracing::info!(product_id = %product.id, delta, stock_total = product.stock_total, "stock adjusted");
+                }
                 return outcome;
             }
             attempt += 1;

@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
 
 use crate::auth::{Authorizer, Scope};
 use crate::domain::{Caller, DomainError};
@@ -73,7 +75,8 @@ where
     type Response = http::Response<Body>;
     type Error = Infallible;
     /// The service's own future when allowed, the refusal at once when not: no allocation.
-    type Future = Either<InFlight<S::Future>, Ready<Result<Self::Response, Infallible>>>;
+    type Future =
+        Either<InFlight<Instrumented<S::Future>>, Ready<Result<Self::Response, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -98,9 +101,10 @@ where
                 Err(_) => return refuse(DomainError::Overloaded),
             }
         };
+        let span = call_span(method, &caller, request.headers());
         request.extensions_mut().insert::<Caller>(caller);
         Either::Left(InFlight {
-            inner: self.inner.call(request),
+            inner: self.inner.call(request).instrument(span),
             _slot: slot,
         })
     }
@@ -126,5 +130,62 @@ impl<F: Future> Future for InFlight<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         self.project().inner.poll(cx)
+    }
+}
+
+/// The span a call's log lines carry: its method, its caller's token name, and the trace
+/// it belongs to when the caller sent a W3C `traceparent`.
+fn call_span(method: &str, caller: &Caller, headers: &http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "call",
+        rpc = method,
+        caller = caller.name(),
+        trace_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some((trace_id, parent)) = headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_traceparent)
+    {
+        span.record("trace_id", trace_id);
+        span.record("parent_span_id", parent);
+    }
+    span
+}
+
+/// The trace id and parent span id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.trim().split('-');
+    let (_version, trace_id, parent, _flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |text: &str, len: usize| {
+        text.len() == len
+            && text.bytes().all(|b| b.is_ascii_hexdigit())
+            && text.bytes().any(|b| b != b'0')
+    };
+    (hex(trace_id, 32) && hex(parent, 16)).then_some((trace_id, parent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_traceparent;
+
+    #[test]
+    fn a_w3c_traceparent_gives_its_trace_and_parent_and_a_malformed_one_nothing() {
+        assert_eq!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"))
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-zzf067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad:?}");
+        }
     }
 }

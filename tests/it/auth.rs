@@ -470,3 +470,76 @@ async fn keys_belong_to_the_token_that_sent_them() {
         .into_inner();
     assert_eq!((product.reserved, product.sold), (0, 3));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_name_the_caller_and_carry_the_trace_of_each_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens_path = dir.path().join("tokens.toml");
+    let tokens = write_tokens(
+        &tokens_path,
+        &[("shop", &[Scope::Checkout]), ("ops", &[Scope::Admin])],
+    );
+    let log_path = dir.path().join("server.log");
+    let db = TestDb::new().await;
+    let server = ServerProcess::start_logging(
+        &db.url,
+        &[
+            ("FLASHSALE_TOKENS_FILE", tokens_path.to_str().unwrap()),
+            ("FLASHSALE_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info"),
+        ],
+        &log_path,
+    )
+    .await;
+    let mut shop = Caller::new(&server.url, Some(&tokens[0])).await;
+    let mut ops = Caller::new(&server.url, Some(&tokens[1])).await;
+    let product_id = ops
+        .admin
+        .create_product(CreateProductRequest {
+            name: "ticket".into(),
+            price_cents: 100,
+            stock_total: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let held = shop
+        .checkout
+        .create_hold(CreateHoldRequest {
+            product_id,
+            qty: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut release = Request::new(ReleaseHoldRequest {
+        hold_id: held.hold_id.clone(),
+    });
+    release.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    shop.checkout.release_hold(release).await.unwrap();
+    server.stop().await;
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let released = lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "hold released")
+        .unwrap_or_else(|| panic!("no release logged:\n{log}"));
+    assert_eq!(released["fields"]["hold_id"], held.hold_id.as_str());
+    assert_eq!(released["span"]["caller"], "shop");
+    assert_eq!(released["span"]["rpc"], "ReleaseHold");
+    assert_eq!(released["span"]["trace_id"], trace_id);
+    assert_eq!(released["span"]["parent_span_id"], "00f067aa0ba902b7");
+}

@@ -797,6 +797,25 @@ impl ServerProcess {
         env: &[(&str, &str)],
         open_files: Option<u64>,
     ) -> ServerProcess {
+        Self::launch(database_url, env, open_files, None).await
+    }
+
+    /// [`ServerProcess::start_with`], its standard output (the log) written to `log`.
+    pub async fn start_logging(
+        database_url: &str,
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> ServerProcess {
+        Self::launch(database_url, env, None, Some(log)).await
+    }
+
+    /// Starts the binary (see the constructors above) and waits until it is healthy.
+    async fn launch(
+        database_url: &str,
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+        log: Option<&std::path::Path>,
+    ) -> ServerProcess {
         let port = StdListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -824,7 +843,12 @@ impl ServerProcess {
             .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(match log {
+                Some(path) => {
+                    Stdio::from(std::fs::File::create(path).expect("create the log file"))
+                }
+                None => Stdio::null(),
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("spawn flashsale serve");
