@@ -142,6 +142,9 @@ pub struct ServeArgs {
     /// A CA (PEM): clients must present a certificate it signed (mutual TLS).
     #[arg(long, env = "FLASHSALE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Where Prometheus scrapes /metrics; empty turns metrics off.
+    #[arg(long, env = "FLASHSALE_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
     /// Most unary calls running at once; more are refused with RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "FLASHSALE_MAX_IN_FLIGHT", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
@@ -182,6 +185,7 @@ impl ServeArgs {
             db_lock_timeout: self.db_lock_timeout,
             transport: self.transport_config(),
             max_in_flight: self.max_in_flight as usize,
+            metrics_addr: self.metrics_addr.0,
             ..ServerConfig::new(database)
         }
     }
@@ -217,6 +221,21 @@ pub fn main() -> ExitCode {
             Command::Token(args) => token(args),
         }
     })
+}
+
+/// Where the metrics are served, if anywhere (`--metrics-addr`; empty: nowhere).
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsAddr(Option<SocketAddr>);
+
+/// An address for the metrics endpoint; empty means none.
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    match text.trim() {
+        "" => Ok(MetricsAddr(None)),
+        addr => addr
+            .parse()
+            .map(|addr| MetricsAddr(Some(addr)))
+            .map_err(|error| format!("not an address (host:port): {error}")),
+    }
 }
 
 /// Environment variable choosing the log format: `text` (the default) or `json` (one JSON

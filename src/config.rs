@@ -133,6 +133,8 @@ pub struct ServerConfig {
     pub transport: TransportConfig,
     /// Most unary calls running at once; more are refused RESOURCE_EXHAUSTED at once.
     pub max_in_flight: usize,
+    /// Where Prometheus scrapes `/metrics`; `None`: no metrics.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How callers reach the server: TLS, and the limits that keep one caller's connections
@@ -199,6 +201,7 @@ impl ServerConfig {
             tokens_file: None,
             transport: TransportConfig::default(),
             max_in_flight: 2048,
+            metrics_addr: None,
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`local_pg`]: a private PostgreSQL from the machine's binaries, for `serve` without
 //!   `DATABASE_URL` and for the test harness.
 //! - [`config`]: the server's settings, parsed once into types.
+//! - [`metrics`]: the Prometheus series and the endpoint that serves them.
 //!
 //! `ARCHITECTURE.md` walks a CreateHold and a payment webhook through these layers and
 //! names where each invariant is enforced.
@@ -36,5 +37,6 @@ pub mod db;
 pub mod domain;
 pub mod grpc;
 pub mod local_pg;
+pub mod metrics;
 pub mod server;
 pub mod transport;

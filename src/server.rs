@@ -42,6 +42,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tokens(#[from] crate::auth::TokensFileError),
+    #[error("cannot serve metrics on --metrics-addr (FLASHSALE_METRICS_ADDR): {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
     #[error("cannot read the TLS file {path}: {source}")]
     TlsFile {
         path: std::path::PathBuf,
@@ -139,6 +141,10 @@ impl App {
             authorizer,
         } = self;
         let mut server = server_builder(&config.transport)?;
+        if let Some(addr) = config.metrics_addr {
+            crate::metrics::install(addr)?;
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
         let local_addr = listener.local_addr().ok();
         let tls = config.transport.tls.is_some();
         let incoming = Incoming::new(listener, config.transport.max_connections);
@@ -265,18 +271,19 @@ async fn start_when_migrated(
     let releaser = checkout.clone();
     let releasing = stopping.clone();
     tasks.spawn(async move { releaser.release_orphaned_holds(releasing).await });
-    tasks.spawn(run_change_feed(
-        config.database.clone(),
-        checkout.session(),
-        stopping.clone(),
-        move |event| checkout.on_feed_event(event),
-    ));
     tasks.spawn(monitor_health(
         pool,
+        checkout.clone(),
         health,
         config.health_check_interval,
         config.db_timeout,
+        stopping.clone(),
+    ));
+    tasks.spawn(run_change_feed(
+        config.database.clone(),
+        checkout.session(),
         stopping,
+        move |event| checkout.on_feed_event(event),
     ));
     while tasks.join_next().await.is_some() {}
 }
@@ -330,6 +337,7 @@ async fn reload_tokens_on_sighup(authorizer: Arc<Authorizer>, stopping: Cancella
 /// Keeps health in step with the database: SERVING while it answers, NOT_SERVING when not.
 async fn monitor_health(
     pool: DbPool,
+    checkout: Arc<Checkout>,
     health: HealthReporter,
     interval: Duration,
     ping_timeout: Duration,
@@ -352,6 +360,13 @@ async fn monitor_health(
         let answers = tokio::time::timeout(ping_timeout, check)
             .await
             .unwrap_or(false);
+        let status = pool.status();
+        crate::metrics::pool_connections(
+            status.size.saturating_sub(status.available),
+            status.available,
+            status.waiting,
+        );
+        crate::metrics::watch_streams(checkout.availability().open_streams());
         if serving != Some(answers) && !stopping.is_cancelled() {
             tracing::info!(serving = answers, "health changed");
             set_serving(&health, answers).await;

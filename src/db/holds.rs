@@ -108,6 +108,22 @@ pub async fn lock_due_holds(conn: &mut AsyncPgConnection, limit: i64) -> QueryRe
         .await
 }
 
+/// Seconds since the oldest active hold past its expiry expired (0 when none).
+pub async fn oldest_overdue_hold_age(conn: &mut AsyncPgConnection) -> QueryResult<f64> {
+    #[derive(QueryableByName)]
+    struct Age {
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        seconds: f64,
+    }
+    let age: Age = CachedSql::new(
+        "SELECT coalesce(extract(epoch FROM now() - min(expires_at)), 0)::float8 AS seconds \
+         FROM holds WHERE status = 'active' AND expires_at <= now()",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(age.seconds)
+}
+
 /// One request of a batch for [`reserve_holds`].
 #[derive(Debug, Clone)]
 pub struct HoldRequestRow<'a> {

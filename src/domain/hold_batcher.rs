@@ -113,6 +113,8 @@ impl HoldBatcher {
             .map(|pending| (pending.request, pending.reply))
             .unzip();
         let Answers { results, granted } = self.answer(&requests).await;
+        crate::metrics::hold_batch(requests.len());
+        crate::metrics::holds_created(granted.len());
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
         let mut delivered = Vec::with_capacity(granted.len());
         for (reply, answer) in replies.into_iter().zip(results) {
@@ -120,6 +122,9 @@ impl HoldBatcher {
                 && granted.contains(&hold.id)
             {
                 tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, qty = hold.qty, "hold created");
+            }
+            if let Err(refusal) = &answer {
+                crate::metrics::hold_rejected(refusal.reason());
             }
             let hold_id = answer.as_ref().ok().map(|hold| hold.id);
             if reply.send(answer).is_ok() {

@@ -84,6 +84,7 @@ impl Checkout {
         drop(conn);
         if moved.is_some() {
             tracing::info!(hold_id = %id, product_id = %hold.product_id, qty = hold.qty, "hold released");
+            crate::metrics::hold_released();
         }
         self.fold_after_commit(moved.as_slice()).await;
         Ok(hold)
@@ -130,6 +131,14 @@ impl Checkout {
         extended
     }
 
+    /// The age of the oldest active hold past its expiry (zero when there is none): how far
+    /// the reaper is behind.
+    pub async fn reaper_lag(&self) -> Result<std::time::Duration, DomainError> {
+        let mut conn = self.conn().await?;
+        let seconds = queries::oldest_overdue_hold_age(&mut conn).await?;
+        Ok(std::time::Duration::from_secs_f64(seconds.max(0.0)))
+    }
+
     /// Expires up to `batch_size` due holds in one transaction and returns how many. Holds
     /// locked elsewhere (a CreateOrder, another reaper) are skipped and left to their owner.
     /// The sweep folds its products' movements in the same transaction: a reader who sees a
@@ -152,6 +161,7 @@ impl Checkout {
             for hold in &expired {
                 tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, "hold expired");
             }
+            crate::metrics::holds_expired(expired.len());
             expired.len()
         })
     }

@@ -47,6 +47,10 @@ impl Checkout {
         drop(conn);
         if let Ok(order) = &converted {
             tracing::info!(order_id = %order.id, hold_id = %order.hold_id, status = ?order.status, "order created");
+            // Payments that waited on the hold may have settled it at once.
+            if moved_product.is_some() && order.status.is_final() {
+                crate::metrics::orders_final(order.status.into(), 1);
+            }
         }
         self.fold_after_commit(moved_product.as_slice()).await;
         converted
@@ -91,6 +95,7 @@ impl Checkout {
         drop(conn);
         if moved.is_some() {
             tracing::info!(order_id = %order.id, reason = ?order.cancel_reason, "order cancelled");
+            crate::metrics::orders_final("cancelled", 1);
         }
         self.fold_after_commit(moved.as_slice()).await;
         Ok(order)
@@ -118,6 +123,7 @@ impl Checkout {
             for order in &cancelled {
                 tracing::info!(order_id = %order.id, reason = "payment_timeout", "order cancelled");
             }
+            crate::metrics::orders_final("cancelled", cancelled.len());
             cancelled.len()
         })
     }

@@ -91,6 +91,13 @@ impl Checkout {
             order_status = ?receipt.order_status,
             "webhook handled"
         );
+        crate::metrics::webhook(receipt.outcome.name());
+        // A payment that changed the order, or one found past its deadline, ended it.
+        if let (Some(status), Some(_)) = (receipt.order_status, settled_product)
+            && status.is_final()
+        {
+            crate::metrics::orders_final(status.into(), 1);
+        }
         self.fold_after_commit(settled_product.as_slice()).await;
         Ok(receipt)
     }
@@ -317,6 +324,19 @@ fn target_ids(target: PaymentTarget) -> (Option<Uuid>, Option<Uuid>) {
     match target {
         PaymentTarget::Order(id) => (Some(id), None),
         PaymentTarget::Hold(id) => (None, Some(id)),
+    }
+}
+
+impl WebhookOutcome {
+    /// Its name in metrics: the proto enum's value without its prefix, lowercase.
+    pub fn name(self) -> &'static str {
+        match self {
+            WebhookOutcome::Applied => "applied",
+            WebhookOutcome::Duplicate => "duplicate",
+            WebhookOutcome::Deferred => "deferred",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::RefundRequired => "refund_required",
+        }
     }
 }
 

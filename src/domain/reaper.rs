@@ -64,6 +64,10 @@ async fn sweep(checkout: &Checkout, settings: &ReaperSettings, shutdown: &Cancel
         Ok(products) => tracing::info!(products, "reaper ended the waitlists of ended sales"),
         Err(error) => tracing::warn!(%error, "ending the waitlists of ended sales failed"),
     }
+    match checkout.reaper_lag().await {
+        Ok(lag) => crate::metrics::reaper_lag(lag),
+        Err(error) => tracing::debug!(%error, "reading the reaper's lag failed"),
+    }
     // A safety net for waitlist changes the change feed missed.
     checkout.refresh_waiters(None).await;
     let retention = settings.webhook_key_retention;

@@ -25,6 +25,28 @@ use crate::domain::{Caller, DomainError};
 /// The methods that answer with a long-lived stream: they take no in-flight slot.
 const STREAMING_METHODS: [&str; 2] = ["WatchAvailability", "JoinWaitlist"];
 
+/// Every method of the guarded services, so metrics label calls with `'static` names.
+const METHODS: [&str; 18] = [
+    "GetProduct",
+    "ListProducts",
+    "CreateHold",
+    "GetHold",
+    "ReleaseHold",
+    "ExtendHold",
+    "CreateOrder",
+    "GetOrder",
+    "CancelOrder",
+    "HandlePaymentWebhook",
+    "WatchAvailability",
+    "JoinWaitlist",
+    "CreateProduct",
+    "UpdateProduct",
+    "AdjustStock",
+    "AuditInventory",
+    "ListRefundsRequired",
+    "MarkRefunded",
+];
+
 /// A service whose calls need a token with the scope `scope_of` gives for their method.
 #[derive(Clone)]
 pub struct Guarded<S> {
@@ -36,9 +58,11 @@ pub struct Guarded<S> {
     scope_of: fn(&str) -> Scope,
     /// One permit per unary call running, shared by every guarded service.
     in_flight: Arc<Semaphore>,
+    /// The service's full name, for the metrics.
+    service: &'static str,
 }
 
-impl<S> Guarded<S> {
+impl<S: NamedService> Guarded<S> {
     /// Guards `inner`; unary calls share the slots of `in_flight`.
     pub fn new(
         inner: S,
@@ -51,6 +75,7 @@ impl<S> Guarded<S> {
             authorizer,
             scope_of,
             in_flight,
+            service: S::NAME,
         }
     }
 }
@@ -84,21 +109,25 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-        let refuse =
-            |refusal: DomainError| Either::Right(ready(Ok(Status::from(refusal).into_http())));
+        let metric = CallMetric::start(self.service, method);
+        let refuse = |refusal: DomainError, metric: CallMetric| {
+            let status = Status::from(refusal);
+            metric.finish(status.code() as i32);
+            Either::Right(ready(Ok(status.into_http())))
+        };
         let caller = match self
             .authorizer
             .authorize(request.headers(), (self.scope_of)(method))
         {
             Ok(caller) => caller,
-            Err(refusal) => return refuse(refusal),
+            Err(refusal) => return refuse(refusal, metric),
         };
         let slot = if STREAMING_METHODS.contains(&method) {
             None
         } else {
             match self.in_flight.clone().try_acquire_owned() {
                 Ok(slot) => Some(slot),
-                Err(_) => return refuse(DomainError::Overloaded),
+                Err(_) => return refuse(DomainError::Overloaded, metric),
             }
         };
         let span = call_span(method, &caller, request.headers());
@@ -106,6 +135,7 @@ where
         Either::Left(InFlight {
             inner: self.inner.call(request).instrument(span),
             _slot: slot,
+            metric: Some(metric),
         })
     }
 }
@@ -122,14 +152,81 @@ pin_project_lite::pin_project! {
         inner: F,
         // Given back when the call's future completes or is dropped.
         _slot: Option<OwnedSemaphorePermit>,
+        // Recorded when the call's answer is ready (or, dropped unanswered, as Canceled).
+        metric: Option<CallMetric>,
     }
 }
 
-impl<F: Future> Future for InFlight<F> {
+impl<F> Future for InFlight<F>
+where
+    F: Future<Output = Result<http::Response<Body>, Infallible>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+        let this = self.project();
+        let answer = std::task::ready!(this.inner.poll(cx));
+        if let (Some(metric), Ok(response)) = (this.metric.take(), &answer) {
+            // An error is in the headers (trailers-only); an answer's status follows its body.
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0);
+            metric.finish(code);
+        }
+        Poll::Ready(answer)
+    }
+}
+
+/// One call as the gRPC metrics see it: started when made, handled once with its code.
+struct CallMetric {
+    /// The service's full name.
+    service: &'static str,
+    /// The method, or "unknown".
+    method: &'static str,
+    /// For the handling time.
+    started: std::time::Instant,
+    /// Whether it was recorded as handled.
+    done: bool,
+}
+
+impl CallMetric {
+    /// Counts a call of `method` as started.
+    fn start(service: &'static str, method: &str) -> CallMetric {
+        let method = METHODS
+            .iter()
+            .find(|known| **known == method)
+            .copied()
+            .unwrap_or("unknown");
+        crate::metrics::call_started(service, method);
+        CallMetric {
+            service,
+            method,
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Counts the call as handled with gRPC status `code`.
+    fn finish(mut self, code: i32) {
+        self.record(code);
+    }
+
+    /// Records once.
+    fn record(&mut self, code: i32) {
+        if !std::mem::replace(&mut self.done, true) {
+            let code = crate::metrics::code_name(code);
+            crate::metrics::call_handled(self.service, self.method, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for CallMetric {
+    /// A call dropped before its answer (deadline passed, client went away) was cancelled.
+    fn drop(&mut self) {
+        self.record(tonic::Code::Cancelled as i32);
     }
 }
 

@@ -335,6 +335,7 @@ async fn without_tokens_only_loopback_is_served_unless_allowed() {
         .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
         .env_remove("FLASHSALE_TOKENS_FILE")
         .env_remove("FLASHSALE_ALLOW_UNAUTHENTICATED")
+        .env("FLASHSALE_METRICS_ADDR", "")
         .output()
         .expect("run flashsale serve");
     assert!(!refused.status.success());
@@ -346,6 +347,7 @@ async fn without_tokens_only_loopback_is_served_unless_allowed() {
         .args(["serve", "--listen-addr", "0.0.0.0:0"])
         .env("DATABASE_URL", &db.url)
         .env("FLASHSALE_ALLOW_UNAUTHENTICATED", "true")
+        .env("FLASHSALE_METRICS_ADDR", "")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

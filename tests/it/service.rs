@@ -381,3 +381,121 @@ async fn open_watch_streams_end_unavailable_on_shutdown() {
         .unwrap()
         .expect("graceful shutdown");
 }
+
+/// Scrapes `http://{addr}/metrics`: the samples, by their name and labels as written.
+async fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    tcp.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let (_, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_a_known_sequence_of_calls_did() {
+    use flashsale::grpc::pb::{CreateHoldRequest, GetProductRequest};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let db = crate::support::TestDb::new().await;
+    let server =
+        crate::support::ServerProcess::start_with(&db.url, &[("FLASHSALE_METRICS_ADDR", &addr)])
+            .await;
+    let mut checkout = server.checkout().await;
+    let product =
+        flashsale::grpc::pb::inventory_admin_service_client::InventoryAdminServiceClient::connect(
+            server.url.clone(),
+        )
+        .await
+        .unwrap()
+        .create_product(flashsale::grpc::pb::CreateProductRequest {
+            name: "ticket".into(),
+            price_cents: 100,
+            stock_total: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(crate::support::hold(&mut checkout, &product.id, 1).await);
+    }
+    let refused = checkout
+        .create_hold(CreateHoldRequest {
+            product_id: product.id.clone(),
+            qty: 1,
+            ..Default::default()
+        })
+        .await;
+    assert!(refused.is_err());
+    crate::support::release(&mut checkout, &held[0].hold_id).await;
+    let order = crate::support::order(&mut checkout, &held[1].hold_id).await;
+    crate::support::pay(&mut checkout, &order, "evt-1").await;
+    let unknown = checkout
+        .get_product(GetProductRequest {
+            product_id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await;
+    assert!(unknown.is_err());
+
+    let samples = scrape(&addr).await;
+    let sample = |series: &str| {
+        samples
+            .get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in {samples:#?}"))
+    };
+    assert_eq!(sample("flashsale_holds_created_total"), 3.0);
+    assert_eq!(
+        sample(r#"flashsale_holds_rejected_total{reason="INSUFFICIENT_STOCK"}"#),
+        1.0
+    );
+    assert_eq!(sample("flashsale_holds_released_total"), 1.0);
+    assert_eq!(sample(r#"flashsale_orders_total{status="paid"}"#), 1.0);
+    assert_eq!(
+        sample(r#"flashsale_webhooks_total{outcome="applied"}"#),
+        1.0
+    );
+    let calls = |method: &str, code: &str| {
+        sample(&format!(
+            r#"grpc_server_handled_total{{grpc_service="flashsale.v1.CheckoutService",grpc_method="{method}",grpc_code="{code}"}}"#
+        ))
+    };
+    assert_eq!(calls("CreateHold", "OK"), 3.0);
+    assert_eq!(calls("CreateHold", "FailedPrecondition"), 1.0);
+    assert_eq!(calls("GetProduct", "NotFound"), 1.0);
+    assert_eq!(
+        sample(
+            r#"grpc_server_started_total{grpc_service="flashsale.v1.CheckoutService",grpc_method="CreateHold"}"#
+        ),
+        4.0
+    );
+    assert!(
+        samples
+            .keys()
+            .any(|series| series.starts_with("grpc_server_handling_seconds_bucket"))
+    );
+    assert!(
+        samples
+            .keys()
+            .any(|series| series.starts_with("flashsale_hold_batch_size_bucket"))
+    );
+    server.stop().await;
+}

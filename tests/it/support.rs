@@ -842,6 +842,8 @@ impl ServerProcess {
             .env("FLASHSALE_REAPER_INTERVAL", "50ms")
             .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
             .env("RUST_LOG", "warn")
+            // No metrics endpoint unless a test asks: parallel servers would share its port.
+            .env("FLASHSALE_METRICS_ADDR", "")
             .envs(env.iter().copied())
             .stdout(match log {
                 Some(path) => {

@@ -432,6 +432,8 @@ impl ServerProcess {
             .args(extra_flags.split_whitespace())
             .env("DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
+            // Metrics on, as in production, on a port of its own.
+            .env("FLASHSALE_METRICS_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;

@@ -1,0 +1,140 @@
+//! Prometheus metrics, served on `FLASHSALE_METRICS_ADDR` at `/metrics`.
+//!
+//! The gRPC series use the go-grpc-prometheus names (`grpc_server_started_total`,
+//! `grpc_server_handled_total`, `grpc_server_handling_seconds`); the rest are
+//! `flashsale_*`. Counters count what committed, in this process; every process serves its
+//! own. Without an address nothing is recorded (the `metrics` facade's calls do nothing).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+/// Seconds a call may take, as the handling histogram's buckets.
+const HANDLING_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Requests per hold batch, as the batch-size histogram's buckets.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Starts recording and serving the metrics on `addr` (path `/metrics`).
+pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("grpc_server_handling_seconds".into()),
+            &HANDLING_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("flashsale_hold_batch_size".into()),
+            &BATCH_BUCKETS,
+        )?
+        .install()
+}
+
+/// A call began.
+pub fn call_started(service: &'static str, method: &'static str) {
+    counter!("grpc_server_started_total", "grpc_service" => service, "grpc_method" => method)
+        .increment(1);
+    gauge!("flashsale_in_flight_requests").increment(1.0);
+}
+
+/// A call ended with `code` after `elapsed`.
+pub fn call_handled(
+    service: &'static str,
+    method: &'static str,
+    code: &'static str,
+    elapsed: Duration,
+) {
+    counter!(
+        "grpc_server_handled_total",
+        "grpc_service" => service,
+        "grpc_method" => method,
+        "grpc_code" => code
+    )
+    .increment(1);
+    histogram!("grpc_server_handling_seconds", "grpc_service" => service, "grpc_method" => method)
+        .record(elapsed.as_secs_f64());
+    gauge!("flashsale_in_flight_requests").decrement(1.0);
+}
+
+/// Holds a batch granted (committed).
+pub fn holds_created(count: usize) {
+    counter!("flashsale_holds_created_total").increment(count as u64);
+}
+
+/// A hold request refused, for `reason` (an ErrorInfo reason).
+pub fn hold_rejected(reason: &'static str) {
+    counter!("flashsale_holds_rejected_total", "reason" => reason).increment(1);
+}
+
+/// Holds the reaper expired (committed).
+pub fn holds_expired(count: usize) {
+    counter!("flashsale_holds_expired_total").increment(count as u64);
+}
+
+/// A hold released (committed).
+pub fn hold_released() {
+    counter!("flashsale_holds_released_total").increment(1);
+}
+
+/// Orders that reached a final status (`paid`, `cancelled`).
+pub fn orders_final(status: &'static str, count: usize) {
+    counter!("flashsale_orders_total", "status" => status).increment(count as u64);
+}
+
+/// A webhook delivery answered with `outcome`.
+pub fn webhook(outcome: &'static str) {
+    counter!("flashsale_webhooks_total", "outcome" => outcome).increment(1);
+}
+
+/// The size of a hold batch.
+pub fn hold_batch(size: usize) {
+    histogram!("flashsale_hold_batch_size").record(size as f64);
+}
+
+/// Open WatchAvailability streams.
+pub fn watch_streams(open: usize) {
+    gauge!("flashsale_watch_streams").set(open as f64);
+}
+
+/// The age of the oldest hold past its expiry (0 when none).
+pub fn reaper_lag(lag: Duration) {
+    gauge!("flashsale_reaper_lag_seconds").set(lag.as_secs_f64());
+}
+
+/// The pool's connections by state.
+pub fn pool_connections(in_use: usize, idle: usize, waiting: usize) {
+    for (state, count) in [("in_use", in_use), ("idle", idle), ("waiting", waiting)] {
+        gauge!("flashsale_db_pool_connections", "state" => state).set(count as f64);
+    }
+}
+
+/// A gRPC status code by its go-grpc-prometheus name.
+pub fn code_name(code: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|index| NAMES.get(index))
+        .copied()
+        .unwrap_or("Unknown")
+}
