@@ -9,7 +9,7 @@
 //! time and gathers whatever arrived while the previous batch was in flight, so a lone
 //! call goes straight through (a batch of one) and a crowd on one product shares commits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,22 +116,31 @@ impl HoldBatcher {
         crate::metrics::hold_batch(requests.len());
         crate::metrics::holds_created(granted.len());
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
-        let mut delivered = Vec::with_capacity(granted.len());
+        // Holds some caller received, and holds some caller never did (rare: only then is
+        // anything looked up).
+        let (mut delivered, mut undelivered) = (Vec::with_capacity(requests.len()), Vec::new());
         for (reply, answer) in replies.into_iter().zip(results) {
-            if let Ok(hold) = &answer
-                && granted.contains(&hold.id)
-            {
-                tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, qty = hold.qty, "hold created");
-            }
             if let Err(refusal) = &answer {
                 crate::metrics::hold_rejected(refusal.reason());
             }
             let hold_id = answer.as_ref().ok().map(|hold| hold.id);
-            if reply.send(answer).is_ok() {
-                delivered.extend(hold_id);
+            match reply.send(answer) {
+                Ok(()) => delivered.extend(hold_id),
+                Err(_) => undelivered.extend(hold_id),
             }
         }
-        for orphan in granted.into_iter().filter(|id| !delivered.contains(id)) {
+        if !undelivered.is_empty() {
+            self.release_orphans(&granted, &delivered, undelivered);
+        }
+    }
+
+    /// Hands the holds this batch granted that no caller received to the releaser (a key
+    /// repeated in the batch shares one hold: it is an orphan only if nobody got it).
+    fn release_orphans(&self, granted: &[Uuid], delivered: &[Uuid], undelivered: Vec<Uuid>) {
+        let delivered: HashSet<&Uuid> = delivered.iter().collect();
+        let mut orphans: HashSet<Uuid> = undelivered.into_iter().collect();
+        orphans.retain(|id| granted.contains(id) && !delivered.contains(id));
+        for orphan in orphans {
             tracing::info!(hold_id = %orphan, "hold granted to a caller that went away; releasing it");
             let _ = self.orphans.send(orphan);
         }
@@ -202,6 +211,7 @@ impl HoldBatcher {
                 None => match reservations.next() {
                     Some(reservation) => {
                         if let Reservation::Granted(hold) = &reservation {
+                            tracing::debug!(hold_id = %hold.id, product_id = %hold.product_id, qty = hold.qty, "hold created");
                             granted.push(hold.id);
                         }
                         resolve(&mut conn, request, reservation).await
