@@ -213,6 +213,7 @@ BEGIN
 END;
 $$;
 
+DROP FUNCTION buyer_units(uuid, text);
 DROP INDEX holds_buyer;
 ALTER TABLE holds DROP COLUMN buyer_id;
 ALTER TABLE products DROP CONSTRAINT products_sale_window_check;

@@ -56,6 +56,17 @@ $$;
 
 DROP FUNCTION reserve_holds(uuid[], uuid[], int4[], int8[], text[], text[], interval, bool);
 
+-- buyer_units: the units a buyer has of a product, as max_per_buyer counts them: its
+-- active holds, and its holds that became pending or paid orders. Takes no lock: callers
+-- hold the product's lock, under which only they can add to the count.
+CREATE FUNCTION buyer_units(product uuid, buyer text) RETURNS int8
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(h.qty), 0)::int8
+      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
+     WHERE h.product_id = product AND h.buyer_id = buyer
+       AND (h.status = 'active' OR o.status IN ('pending', 'paid'));
+$$;
+
 -- reserve_holds: a whole batch of hold requests in one statement. Run outside an explicit
 -- transaction it is one round trip and one transaction: one row lock per product, one
 -- multi-row insert, one counter update per product, one commit.
@@ -138,7 +149,7 @@ DECLARE
     ends        timestamptz[];
     -- units each (product, buyer) of the batch holds, as far as counted: parallel arrays
     buyer_keys  text[] := '{}';
-    buyer_units int8[] := '{}';
+    units_held int8[] := '{}';
     buyer_at    int4;
     granted     int4[] := '{}';
     known       record;
@@ -184,11 +195,7 @@ BEGIN
             buyer_at := array_position(buyer_keys, locked_ids[at] || '/' || request_buyers[i]);
             IF buyer_at IS NULL THEN
                 buyer_keys := buyer_keys || (locked_ids[at] || '/' || request_buyers[i]);
-                buyer_units := buyer_units || (
-                    SELECT coalesce(sum(h.qty), 0)::int8
-                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
-                     WHERE h.product_id = locked_ids[at] AND h.buyer_id = request_buyers[i]
-                       AND (h.status = 'active' OR o.status IN ('pending', 'paid')));
+                units_held := units_held || buyer_units(locked_ids[at], request_buyers[i]);
                 buyer_at := cardinality(buyer_keys);
             END IF;
         END IF;
@@ -208,16 +215,16 @@ BEGIN
             RETURN QUERY SELECT i, 'buyer_required'::text, NULL::int8, NULL::uuid, NULL::uuid,
                                 NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
                                 NULL::timestamptz, NULL::timestamptz, NULL::text;
-        ELSIF buyer_at IS NOT NULL AND buyer_units[buyer_at] + request_qtys[i] > limits[at] THEN
+        ELSIF buyer_at IS NOT NULL AND units_held[buyer_at] + request_qtys[i] > limits[at] THEN
             RETURN QUERY SELECT i, 'buyer_limit'::text,
-                                greatest(limits[at] - buyer_units[buyer_at], 0)::int8,
+                                greatest(limits[at] - units_held[buyer_at], 0)::int8,
                                 NULL::uuid, NULL::uuid, NULL::int8, NULL::text, NULL::text,
                                 NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
                                 NULL::text;
         ELSIF request_qtys[i] <= lefts[at] THEN
             lefts[at] := lefts[at] - request_qtys[i];
             IF buyer_at IS NOT NULL THEN
-                buyer_units[buyer_at] := buyer_units[buyer_at] + request_qtys[i];
+                units_held[buyer_at] := units_held[buyer_at] + request_qtys[i];
             END IF;
             granted := granted || i;
         ELSE

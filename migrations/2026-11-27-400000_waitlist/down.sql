@@ -47,7 +47,7 @@ DECLARE
     ends        timestamptz[];
     -- units each (product, buyer) of the batch holds, as far as counted: parallel arrays
     buyer_keys  text[] := '{}';
-    buyer_units int8[] := '{}';
+    units_held int8[] := '{}';
     buyer_at    int4;
     granted     int4[] := '{}';
     known       record;
@@ -93,11 +93,7 @@ BEGIN
             buyer_at := array_position(buyer_keys, locked_ids[at] || '/' || request_buyers[i]);
             IF buyer_at IS NULL THEN
                 buyer_keys := buyer_keys || (locked_ids[at] || '/' || request_buyers[i]);
-                buyer_units := buyer_units || (
-                    SELECT coalesce(sum(h.qty), 0)::int8
-                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
-                     WHERE h.product_id = locked_ids[at] AND h.buyer_id = request_buyers[i]
-                       AND (h.status = 'active' OR o.status IN ('pending', 'paid')));
+                units_held := units_held || buyer_units(locked_ids[at], request_buyers[i]);
                 buyer_at := cardinality(buyer_keys);
             END IF;
         END IF;
@@ -117,16 +113,16 @@ BEGIN
             RETURN QUERY SELECT i, 'buyer_required'::text, NULL::int8, NULL::uuid, NULL::uuid,
                                 NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
                                 NULL::timestamptz, NULL::timestamptz, NULL::text;
-        ELSIF buyer_at IS NOT NULL AND buyer_units[buyer_at] + request_qtys[i] > limits[at] THEN
+        ELSIF buyer_at IS NOT NULL AND units_held[buyer_at] + request_qtys[i] > limits[at] THEN
             RETURN QUERY SELECT i, 'buyer_limit'::text,
-                                greatest(limits[at] - buyer_units[buyer_at], 0)::int8,
+                                greatest(limits[at] - units_held[buyer_at], 0)::int8,
                                 NULL::uuid, NULL::uuid, NULL::int8, NULL::text, NULL::text,
                                 NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
                                 NULL::text;
         ELSIF request_qtys[i] <= lefts[at] THEN
             lefts[at] := lefts[at] - request_qtys[i];
             IF buyer_at IS NOT NULL THEN
-                buyer_units[buyer_at] := buyer_units[buyer_at] + request_qtys[i];
+                units_held[buyer_at] := units_held[buyer_at] + request_qtys[i];
             END IF;
             granted := granted || i;
         ELSE

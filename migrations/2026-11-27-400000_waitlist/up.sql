@@ -103,7 +103,7 @@ DECLARE
     ends        timestamptz[];
     -- units each (product, buyer) of the batch holds, as far as counted: parallel arrays
     buyer_keys  text[] := '{}';
-    buyer_units int8[] := '{}';
+    units_held int8[] := '{}';
     buyer_at    int4;
     granted     int4[] := '{}';
     known       record;
@@ -150,11 +150,7 @@ BEGIN
             buyer_at := array_position(buyer_keys, locked_ids[at] || '/' || request_buyers[i]);
             IF buyer_at IS NULL THEN
                 buyer_keys := buyer_keys || (locked_ids[at] || '/' || request_buyers[i]);
-                buyer_units := buyer_units || (
-                    SELECT coalesce(sum(h.qty), 0)::int8
-                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
-                     WHERE h.product_id = locked_ids[at] AND h.buyer_id = request_buyers[i]
-                       AND (h.status = 'active' OR o.status IN ('pending', 'paid')));
+                units_held := units_held || buyer_units(locked_ids[at], request_buyers[i]);
                 buyer_at := cardinality(buyer_keys);
             END IF;
         END IF;
@@ -174,16 +170,16 @@ BEGIN
             RETURN QUERY SELECT i, 'buyer_required'::text, NULL::int8, NULL::uuid, NULL::uuid,
                                 NULL::int8, NULL::text, NULL::text, NULL::timestamptz,
                                 NULL::timestamptz, NULL::timestamptz, NULL::text;
-        ELSIF buyer_at IS NOT NULL AND buyer_units[buyer_at] + request_qtys[i] > limits[at] THEN
+        ELSIF buyer_at IS NOT NULL AND units_held[buyer_at] + request_qtys[i] > limits[at] THEN
             RETURN QUERY SELECT i, 'buyer_limit'::text,
-                                greatest(limits[at] - buyer_units[buyer_at], 0)::int8,
+                                greatest(limits[at] - units_held[buyer_at], 0)::int8,
                                 NULL::uuid, NULL::uuid, NULL::int8, NULL::text, NULL::text,
                                 NULL::timestamptz, NULL::timestamptz, NULL::timestamptz,
                                 NULL::text;
         ELSIF request_qtys[i] <= lefts[at] THEN
             lefts[at] := lefts[at] - request_qtys[i];
             IF buyer_at IS NOT NULL THEN
-                buyer_units[buyer_at] := buyer_units[buyer_at] + request_qtys[i];
+                units_held[buyer_at] := units_held[buyer_at] + request_qtys[i];
             END IF;
             granted := granted || i;
         ELSE
@@ -330,12 +326,8 @@ BEGIN
         LOOP
             IF NOT waiter_alive(waiter.session) THEN
                 UPDATE waiters SET status = 'left' WHERE id = waiter.id;
-            ELSIF product.max_per_buyer > 0 AND waiter.buyer_id IS NOT NULL AND (
-                    SELECT coalesce(sum(h.qty), 0)
-                      FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
-                     WHERE h.product_id = product.id AND h.buyer_id = waiter.buyer_id
-                       AND (h.status = 'active' OR o.status IN ('pending', 'paid'))
-                  ) + waiter.qty > product.max_per_buyer THEN
+            ELSIF product.max_per_buyer > 0 AND waiter.buyer_id IS NOT NULL
+                  AND buyer_units(product.id, waiter.buyer_id) + waiter.qty > product.max_per_buyer THEN
                 UPDATE waiters SET status = 'ended', end_reason = 'buyer_limit' WHERE id = waiter.id;
             ELSIF waiter.qty <= left_units THEN
                 hold := gen_random_uuid();
@@ -397,10 +389,7 @@ BEGIN
         IF buyer IS NULL THEN
             RAISE EXCEPTION 'buyer_required';
         END IF;
-        SELECT coalesce(sum(h.qty), 0) INTO held
-          FROM holds h LEFT JOIN orders o ON o.hold_id = h.id
-         WHERE h.product_id = product AND h.buyer_id = buyer
-           AND (h.status = 'active' OR o.status IN ('pending', 'paid'));
+        held := buyer_units(product, buyer);
         IF held + units > p.max_per_buyer THEN
             RAISE EXCEPTION 'buyer_limit %', greatest(p.max_per_buyer - held, 0);
         END IF;
