@@ -124,14 +124,16 @@ pub struct ServeArgs {
     /// Serve without a tokens file on a non-loopback address.
     #[arg(long, env = "FLASHSALE_ALLOW_UNAUTHENTICATED", default_value_t = false)]
     pub allow_unauthenticated: bool,
-    /// Longest wait for a database connection before a call fails with UNAVAILABLE.
+    /// Longest a call waits on the database (a connection, then its answers) before it
+    /// fails UNAVAILABLE; also bounds the health check's ping and a silent database socket.
     #[arg(long, env = "FLASHSALE_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
     /// Longest a statement may run on the server's database connections.
     #[arg(long, env = "FLASHSALE_DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
-    /// Longest a statement may wait for a row lock (then the call fails ABORTED, to retry).
-    #[arg(long, env = "FLASHSALE_DB_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Longest a statement may wait for a row lock (then the call fails ABORTED, to retry);
+    /// keep it below --db-timeout, which bounds the whole call.
+    #[arg(long, env = "FLASHSALE_DB_LOCK_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub db_lock_timeout: Duration,
     /// The server's TLS certificate chain (PEM); with --tls-key, serves TLS only.
     #[arg(long, env = "FLASHSALE_TLS_CERT", requires = "tls_key")]

@@ -74,6 +74,30 @@ impl DatabaseConfig {
         DatabaseConfig { inner }
     }
 
+    /// With the database's silence noticed on every TCP connection: connecting, an
+    /// unacknowledged write and an idle socket's keepalive probes each give up after about
+    /// `timeout`, so a dead host or a dropped network breaks the connection (and the call
+    /// fails UNAVAILABLE) instead of hanging until the kernel's own, much later, limits.
+    /// What the connection string set itself is kept.
+    pub fn with_liveness(&self, timeout: Duration) -> DatabaseConfig {
+        /// tokio-postgres's idle time before the first probe when none is given.
+        const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+        let mut inner = self.inner.clone();
+        if inner.get_connect_timeout().is_none() {
+            inner.connect_timeout(timeout);
+        }
+        if inner.get_tcp_user_timeout().is_none() {
+            inner.tcp_user_timeout(timeout);
+        }
+        if inner.get_keepalives() && inner.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+            let probe_every = (timeout / 3).max(Duration::from_secs(1));
+            inner.keepalives_idle(probe_every);
+            inner.keepalives_interval(probe_every);
+            inner.keepalives_retries(3);
+        }
+        DatabaseConfig { inner }
+    }
+
     /// The database's name, if the connection string gave one.
     pub fn database(&self) -> Option<&str> {
         self.inner.get_dbname()
@@ -117,8 +141,9 @@ pub struct ServerConfig {
     pub hold_batch_lanes: usize,
     /// Connections in the pool (the listener's dedicated connection comes on top).
     pub pool_size: usize,
-    /// Longest wait for a pooled connection (or a new one) before a call fails UNAVAILABLE;
-    /// also how long health waits for the database's answer.
+    /// Longest a call waits on the database (for a connection, then for its answers) before
+    /// it fails UNAVAILABLE; also how long health waits for the database's answer, and how
+    /// long a silent database socket lives (see [`DatabaseConfig::with_liveness`]).
     pub db_timeout: Duration,
     /// Longest a statement may run on the server's connections.
     pub db_statement_timeout: Duration,
@@ -196,7 +221,7 @@ impl ServerConfig {
             pool_size: 16,
             db_timeout: Duration::from_secs(5),
             db_statement_timeout: Duration::from_secs(30),
-            db_lock_timeout: Duration::from_secs(10),
+            db_lock_timeout: Duration::from_secs(3),
             health_check_interval: Duration::from_secs(5),
             tokens_file: None,
             transport: TransportConfig::default(),

@@ -92,7 +92,10 @@ pub struct App {
 impl App {
     /// Builds the pool (no connection is opened yet; they will be driven by a database i/o
     /// thread of its own), the domain and the hub.
-    pub fn new(config: ServerConfig) -> Result<App, ServerError> {
+    pub fn new(mut config: ServerConfig) -> Result<App, ServerError> {
+        // Every connection the server opens (pool, change feed, migrations) notices a silent
+        // database within the database timeout.
+        config.database = config.database.with_liveness(config.db_timeout);
         let io = IoThread::start("flashsale-db-io")?;
         let pool = db::build_pool(
             &config
@@ -150,6 +153,7 @@ impl App {
         let incoming = Incoming::new(listener, config.transport.max_connections);
         let max_message = config.transport.max_message_bytes;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1)));
+        let db_timeout = config.db_timeout;
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
@@ -197,6 +201,7 @@ impl App {
                 authorizer.clone(),
                 checkout_scope,
                 in_flight.clone(),
+                db_timeout,
             ))
             .add_service(Guarded::new(
                 InventoryAdminServiceServer::new(AdminApi::new(checkout))
@@ -204,6 +209,7 @@ impl App {
                 authorizer,
                 admin_scope,
                 in_flight,
+                db_timeout,
             ))
             .serve_with_incoming_shutdown(incoming, on_shutdown)
             .await;
@@ -352,7 +358,7 @@ async fn monitor_health(
         }
         // A hung database (or a dead socket nobody noticed) must not leave health SERVING.
         let check = async {
-            match pool.get().await {
+            match db::connection(&pool).await {
                 Ok(mut conn) => db::ping(&mut conn).await.is_ok(),
                 Err(_) => false,
             }

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::{ConnectionError, ConnectionResult};
-use diesel_async::pooled_connection::deadpool::{BuildError, Pool};
+use diesel_async::pooled_connection::deadpool::{BuildError, Object, Pool, PoolError};
 use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+    AsyncDieselConnectionManager, ManagerConfig, PoolableConnection, RecyclingMethod,
 };
 use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -85,6 +85,41 @@ pub fn build_pool(
         .recycle_timeout(Some(timeout))
         .runtime(deadpool::Runtime::Tokio1)
         .build()
+}
+
+/// Borrows a connection from `pool`, waiting at most the pool's timeout.
+pub async fn connection(pool: &DbPool) -> Result<PooledConnection, PoolError> {
+    Ok(PooledConnection(Some(pool.get().await?)))
+}
+
+/// A pooled connection that, dropped in the middle of a transaction (its call gave up on a
+/// database that stopped answering), is closed instead of going back to the pool: closing
+/// its socket makes PostgreSQL roll the transaction back and free its row locks at once,
+/// instead of whenever the pool next looks at the connection.
+pub struct PooledConnection(Option<Object<AsyncPgConnection>>);
+
+impl std::ops::Deref for PooledConnection {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        self.0.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.0.take()
+            && conn.is_broken()
+        {
+            drop(Object::take(conn));
+        }
+    }
 }
 
 /// Applies pending migrations over a dedicated connection.

@@ -105,7 +105,9 @@ pub enum DomainError {
     #[error("token {token:?} lacks the scope {scope:?}")]
     MissingScope { token: String, scope: &'static str },
 
-    /// The database cannot be reached or went away mid-call; nothing was applied.
+    /// The database cannot be reached, went away mid-call or did not answer in time;
+    /// nothing was applied, unless the answer was lost with the commit in flight (so
+    /// callers retry with the same key).
     #[error("database unavailable: {0}")]
     Unavailable(#[source] Source),
 

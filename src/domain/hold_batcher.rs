@@ -189,7 +189,7 @@ impl HoldBatcher {
     /// request, in order. A client request id repeated within the batch is sent once; each
     /// repeat is checked against the hold its first request got or found.
     async fn reserve(&self, requests: &[NewHold]) -> Result<Answers, DomainError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = crate::db::connection(&self.pool).await?;
         let first_with_same_key = first_with_same_key(requests);
         let rows: Vec<HoldRequestRow<'_>> = requests
             .iter()

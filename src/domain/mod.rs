@@ -20,12 +20,9 @@ pub mod waitlist;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::deadpool::Object;
-
-use crate::db::DbPool;
 use crate::db::change_feed::FeedEvent;
 use crate::db::io_thread::IoThread;
+use crate::db::{DbPool, PooledConnection};
 use availability::{AvailabilityHub, StockSnapshot};
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
@@ -213,8 +210,8 @@ impl Checkout {
     }
 
     /// Borrows a pooled connection; an unreachable database is `Unavailable`.
-    async fn conn(&self) -> Result<Object<AsyncPgConnection>, DomainError> {
-        Ok(self.pool.get().await?)
+    async fn conn(&self) -> Result<PooledConnection, DomainError> {
+        Ok(crate::db::connection(&self.pool).await?)
     }
 }
 

@@ -70,7 +70,7 @@ impl StockFolder {
     /// Folds the pending movements of up to [`SWEEP_PRODUCTS`] products, whoever left
     /// them (a fold that failed, a process that died); returns how many it folded.
     pub async fn sweep(&self) -> Result<i64, DomainError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = crate::db::connection(&self.pool).await?;
         let product_ids = products_with_movements(&mut conn, SWEEP_PRODUCTS).await?;
         if product_ids.is_empty() {
             return Ok(0);
@@ -98,7 +98,7 @@ impl StockFolder {
 
     /// One fold statement over `product_ids`.
     async fn fold_now(&self, product_ids: &[Uuid]) -> Result<i64, DomainError> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = crate::db::connection(&self.pool).await?;
         Ok(fold_movements(&mut conn, product_ids).await?)
     }
 }

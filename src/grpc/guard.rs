@@ -3,16 +3,21 @@
 //! allowed call carries its [`Caller`] in the request's extensions, for the handler
 //! ([`super::convert::caller`]). Then the in-flight limit: a unary call takes a slot for as
 //! long as it runs; with none free it is answered `RESOURCE_EXHAUSTED` at once, not
-//! queued. Streams (WatchAvailability, JoinWaitlist) live long and take none.
+//! queued. Streams (WatchAvailability, JoinWaitlist) live long and take none. Last, the
+//! database budget: a call not answered within the database timeout fails `UNAVAILABLE`
+//! (every call's work is the database's), whatever it was waiting for; for a stream, the
+//! budget covers opening it.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::Either;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Timeout;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -60,15 +65,19 @@ pub struct Guarded<S> {
     in_flight: Arc<Semaphore>,
     /// The service's full name, for the metrics.
     service: &'static str,
+    /// How long a call may wait for its answer (from the database) before it fails.
+    db_timeout: Duration,
 }
 
 impl<S: NamedService> Guarded<S> {
-    /// Guards `inner`; unary calls share the slots of `in_flight`.
+    /// Guards `inner`; unary calls share the slots of `in_flight`, and each call is
+    /// answered within `db_timeout`.
     pub fn new(
         inner: S,
         authorizer: Arc<Authorizer>,
         scope_of: fn(&str) -> Scope,
         in_flight: Arc<Semaphore>,
+        db_timeout: Duration,
     ) -> Self {
         Guarded {
             inner,
@@ -76,6 +85,7 @@ impl<S: NamedService> Guarded<S> {
             scope_of,
             in_flight,
             service: S::NAME,
+            db_timeout,
         }
     }
 }
@@ -132,10 +142,12 @@ where
         };
         let span = call_span(method, &caller, request.headers());
         request.extensions_mut().insert::<Caller>(caller);
+        let call = self.inner.call(request).instrument(span);
         Either::Left(InFlight {
-            inner: self.inner.call(request).instrument(span),
+            inner: tokio::time::timeout(self.db_timeout, call),
             _slot: slot,
             metric: Some(metric),
+            db_timeout: self.db_timeout,
         })
     }
 }
@@ -145,15 +157,18 @@ impl<S: NamedService> NamedService for Guarded<S> {
 }
 
 pin_project_lite::pin_project! {
-    /// A call's response future, holding its in-flight slot until it completes.
+    /// A call's response future, holding its in-flight slot until it completes, and
+    /// answering UNAVAILABLE in its place once the database budget is spent.
     pub struct InFlight<F> {
-        // The service's future.
+        // The service's future, dropped (with whatever it holds) when the budget runs out.
         #[pin]
-        inner: F,
+        inner: Timeout<F>,
         // Given back when the call's future completes or is dropped.
         _slot: Option<OwnedSemaphorePermit>,
         // Recorded when the call's answer is ready (or, dropped unanswered, as Canceled).
         metric: Option<CallMetric>,
+        // The budget, to say what ran out.
+        db_timeout: Duration,
     }
 }
 
@@ -165,7 +180,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let answer = std::task::ready!(this.inner.poll(cx));
+        let answer = match std::task::ready!(this.inner.poll(cx)) {
+            Ok(answer) => answer,
+            Err(_elapsed) => Ok(out_of_time(*this.db_timeout)),
+        };
         if let (Some(metric), Ok(response)) = (this.metric.take(), &answer) {
             // An error is in the headers (trailers-only); an answer's status follows its body.
             let code = response
@@ -178,6 +196,16 @@ where
         }
         Poll::Ready(answer)
     }
+}
+
+/// The answer of a call the database did not answer within `budget`: what it was doing is
+/// dropped (a transaction in flight is rolled back as its connection closes).
+fn out_of_time(budget: Duration) -> http::Response<Body> {
+    let silence = std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {}", humantime::format_duration(budget)),
+    );
+    Status::from(DomainError::Unavailable(Arc::new(silence))).into_http()
 }
 
 /// One call as the gRPC metrics see it: started when made, handled once with its code.

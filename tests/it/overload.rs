@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use flashsale::grpc::pb::{CreateHoldRequest, GetProductRequest, WatchAvailabilityRequest};
+use flashsale::grpc::pb::{
+    CreateHoldRequest, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
+};
 use tonic::Code;
 
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_status, eventually, waiting_on_locks,
+    Counters, TestDb, TestServer, assert_counters, assert_status, eventually, hold, test_config,
+    try_order, try_release, waiting_on_locks,
 };
 
 /// A connection holding the product's row lock, as a long transaction elsewhere would.
@@ -177,7 +180,86 @@ async fn a_row_held_too_long_fails_the_call_instead_of_hanging() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frozen_database_turns_health_not_serving_until_it_thaws() {
+async fn a_call_given_up_mid_transaction_leaves_nothing_held() {
+    let server = TestServer::start_with(|config| {
+        config.db_timeout = Duration::from_millis(500);
+        config.db_lock_timeout = Duration::from_secs(20);
+        // Nothing in the background borrows (and so recycles) connections meanwhile.
+        config.reaper_interval = Duration::from_secs(600);
+        config.health_check_interval = Duration::from_secs(600);
+    })
+    .await;
+    let product = server.product("ticket", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2).await;
+
+    // Several idle connections in the pool, so the next call is not handed the one the
+    // given-up call used.
+    let others: Vec<String> = futures::future::join_all((0..6).map(|_| {
+        let server = &server;
+        let product_id = product.id.clone();
+        async move {
+            hold(&mut server.checkout().await, &product_id, 1)
+                .await
+                .hold_id
+        }
+    }))
+    .await;
+    let mut lock = lock_rows(&server, "holds", &others).await;
+    let releases = others.iter().map(|hold_id| {
+        let (server, hold_id) = (&server, hold_id.clone());
+        async move { try_release(&mut server.checkout().await, &hold_id).await }
+    });
+    let unlock = async {
+        eventually(
+            "the releases to wait for their rows, one connection each",
+            || waiting_on_locks(&server.db.url),
+        )
+        .await;
+        commit(&mut lock).await;
+    };
+    let (released, ()) = tokio::join!(futures::future::join_all(releases), unlock);
+    assert!(released.iter().all(Result::is_ok), "{released:?}");
+
+    // The order's transaction waits for the hold's row past the call's budget.
+    let mut lock = lock_rows(&server, "holds", std::slice::from_ref(&held.hold_id)).await;
+    let abandoned = try_order(&mut checkout, &held.hold_id).await;
+    assert_status(abandoned, Code::Unavailable, "DATABASE_UNAVAILABLE");
+    commit(&mut lock).await;
+
+    // The given-up transaction ended with its connection: it holds no lock, made no order.
+    let released = tokio::time::timeout(
+        Duration::from_secs(10),
+        try_release(&mut checkout, &held.hold_id),
+    )
+    .await
+    .expect("the hold's row is free again");
+    assert_eq!(released.expect("released").status(), HoldStatus::Released);
+    assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+/// A transaction holding the row locks of `ids` in `table`, as a long transaction would.
+async fn lock_rows(server: &TestServer, table: &str, ids: &[String]) -> AsyncPgConnection {
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
+    for id in ids {
+        diesel::sql_query(format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE"))
+            .bind::<SqlUuid, _>(uuid::Uuid::parse_str(id).unwrap())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    conn
+}
+
+/// Ends the transaction of [`lock_rows`].
+async fn commit(conn: &mut AsyncPgConnection) {
+    diesel::sql_query("COMMIT").execute(conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_database_fails_calls_quickly_and_turns_health_not_serving_until_it_thaws() {
     use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
     use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -185,37 +267,13 @@ async fn a_frozen_database_turns_health_not_serving_until_it_thaws() {
     let cluster = LocalPostgres::start(LocalPostgresOptions::throwaway(dir.path().join("pg")))
         .await
         .expect("a cluster of this test's own");
-    let mut config = crate::support::test_config(&cluster.url("postgres"));
+    let db = TestDb::on_own_cluster(cluster.url("postgres"));
+    let mut config = test_config(&db.url);
     config.db_timeout = Duration::from_secs(1);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = flashsale::server::App::new(config).unwrap();
-    let served = tokio::spawn(app.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    let status = || {
-        let url = url.clone();
-        async move {
-            let channel = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await;
-            let Ok(channel) = channel else {
-                return ServingStatus::Unknown;
-            };
-            let request = tonic_health::pb::HealthCheckRequest::default();
-            tonic_health::pb::health_client::HealthClient::new(channel)
-                .check(request)
-                .await
-                .map(|answer| answer.into_inner().status())
-                .unwrap_or(ServingStatus::Unknown)
-        }
-    };
-    eventually("SERVING", || async {
-        status().await == ServingStatus::Serving
-    })
-    .await;
+    let server = TestServer::spawn(config, db).await;
+    server.wait_serving().await;
+    let product = server.product("ticket", 100, 10).await;
+    let mut checkout = server.checkout().await;
 
     // Every process of the cluster stops answering (its sockets stay open). PostgreSQL's
     // children leave the postmaster's process group: signal each.
@@ -226,18 +284,50 @@ async fn a_frozen_database_turns_health_not_serving_until_it_thaws() {
         pids
     };
     signal_all(&cluster_processes, libc::SIGSTOP);
+
+    // Calls come back UNAVAILABLE once their database budget is spent, not when (if ever)
+    // the database answers.
+    let read = checkout.get_product(GetProductRequest {
+        product_id: product.id.clone(),
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a read comes back while the database is frozen");
+    assert_status(answer, Code::Unavailable, "DATABASE_UNAVAILABLE");
+    let hold = checkout.create_hold(hold_within(&product.id, Duration::from_secs(60)));
+    let answer = tokio::time::timeout(Duration::from_secs(10), hold)
+        .await
+        .expect("a hold comes back while the database is frozen");
+    assert_status(answer, Code::Unavailable, "DATABASE_UNAVAILABLE");
     eventually("NOT_SERVING while frozen", || async {
-        status().await == ServingStatus::NotServing
-    })
-    .await;
-    signal_all(&cluster_processes, libc::SIGCONT);
-    eventually("SERVING again once thawed", || async {
-        status().await == ServingStatus::Serving
+        server.health().await == ServingStatus::NotServing
     })
     .await;
 
-    let _ = stop.send(());
-    served.await.unwrap().unwrap();
+    signal_all(&cluster_processes, libc::SIGCONT);
+    eventually("SERVING again once thawed", || async {
+        server.health().await == ServingStatus::Serving
+    })
+    .await;
+    // Served again without a restart; the hold nobody was told about (if its batch
+    // committed after the thaw) is given back.
+    checkout
+        .create_hold(hold_within(&product.id, Duration::from_secs(10)))
+        .await
+        .expect("holds are served again");
+    eventually("only the answered hold to stay reserved", || {
+        let (checkout, id) = (server.checkout(), product.id.clone());
+        async move {
+            let shown = checkout
+                .await
+                .get_product(GetProductRequest { product_id: id })
+                .await;
+            shown.is_ok_and(|product| product.into_inner().reserved == 1)
+        }
+    })
+    .await;
+    server.assert_consistent().await;
+    server.stop().await.unwrap();
     cluster.stop().await.unwrap();
 }
 

@@ -170,6 +170,15 @@ impl TestDb {
         }
     }
 
+    /// A database on a cluster the test owns, which goes with the cluster: nothing to drop.
+    pub fn on_own_cluster(url: String) -> TestDb {
+        TestDb {
+            server: url.parse().expect("a PostgreSQL URL"),
+            url,
+            name: String::new(),
+        }
+    }
+
     /// Its connection settings.
     pub fn config(&self) -> DatabaseConfig {
         self.server.with_database(&self.name)
@@ -178,6 +187,9 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         let (server, name) = (self.server.clone(), self.name.clone());
         // Drop runs outside any runtime we may block: use a thread with its own.
         let _ = std::thread::spawn(move || {
