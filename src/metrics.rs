@@ -8,7 +8,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
 /// Seconds a call may take, as the handling histogram's buckets.
@@ -33,30 +35,74 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
         .install()
 }
 
-/// A call began.
-pub fn call_started(service: &'static str, method: &'static str) {
-    counter!("grpc_server_started_total", "grpc_service" => service, "grpc_method" => method)
-        .increment(1);
-    gauge!("flashsale_in_flight_requests").increment(1.0);
+/// The gRPC series of one method's calls. Each is registered on its first use, then kept,
+/// so a call only bumps atomics instead of looking its labels up in the registry.
+pub struct CallSeries {
+    /// The `grpc_service` label.
+    service: &'static str,
+    /// The `grpc_method` label.
+    method: &'static str,
+    /// `grpc_server_started_total`.
+    started: OnceLock<Counter>,
+    /// `grpc_server_handled_total`, one per status code.
+    handled: [OnceLock<Counter>; CODE_NAMES.len()],
+    /// `grpc_server_handling_seconds`.
+    seconds: OnceLock<Histogram>,
 }
 
-/// A call ended with `code` after `elapsed`.
-pub fn call_handled(
-    service: &'static str,
-    method: &'static str,
-    code: &'static str,
-    elapsed: Duration,
-) {
-    counter!(
-        "grpc_server_handled_total",
-        "grpc_service" => service,
-        "grpc_method" => method,
-        "grpc_code" => code
-    )
-    .increment(1);
-    histogram!("grpc_server_handling_seconds", "grpc_service" => service, "grpc_method" => method)
-        .record(elapsed.as_secs_f64());
-    gauge!("flashsale_in_flight_requests").decrement(1.0);
+impl CallSeries {
+    /// The series of `method` of `service` (registered when first used).
+    pub fn new(service: &'static str, method: &'static str) -> CallSeries {
+        CallSeries {
+            service,
+            method,
+            started: OnceLock::new(),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+            seconds: OnceLock::new(),
+        }
+    }
+
+    /// A call began.
+    pub fn started(&self) {
+        let (service, method) = (self.service, self.method);
+        self.started
+            .get_or_init(|| {
+                counter!("grpc_server_started_total", "grpc_service" => service, "grpc_method" => method)
+            })
+            .increment(1);
+        in_flight().increment(1.0);
+    }
+
+    /// A call ended with gRPC status `code` after `elapsed`.
+    pub fn handled(&self, code: i32, elapsed: Duration) {
+        let index = usize::try_from(code)
+            .ok()
+            .filter(|index| *index < CODE_NAMES.len())
+            .unwrap_or(UNKNOWN_CODE);
+        let (service, method) = (self.service, self.method);
+        self.handled[index]
+            .get_or_init(|| {
+                counter!(
+                    "grpc_server_handled_total",
+                    "grpc_service" => service,
+                    "grpc_method" => method,
+                    "grpc_code" => CODE_NAMES[index]
+                )
+            })
+            .increment(1);
+        self.seconds
+            .get_or_init(|| {
+                histogram!("grpc_server_handling_seconds", "grpc_service" => service, "grpc_method" => method)
+            })
+            .record(elapsed.as_secs_f64());
+        in_flight().decrement(1.0);
+    }
+}
+
+/// `flashsale_in_flight_requests`: calls begun and not yet handled.
+fn in_flight() -> &'static Gauge {
+    static IN_FLIGHT: OnceLock<Gauge> = OnceLock::new();
+    IN_FLIGHT.get_or_init(|| gauge!("flashsale_in_flight_requests"))
 }
 
 /// Holds a batch granted (committed).
@@ -111,30 +157,26 @@ pub fn pool_connections(in_use: usize, idle: usize, waiting: usize) {
     }
 }
 
-/// A gRPC status code by its go-grpc-prometheus name.
-pub fn code_name(code: i32) -> &'static str {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "Canceled",
-        "Unknown",
-        "InvalidArgument",
-        "DeadlineExceeded",
-        "NotFound",
-        "AlreadyExists",
-        "PermissionDenied",
-        "ResourceExhausted",
-        "FailedPrecondition",
-        "Aborted",
-        "OutOfRange",
-        "Unimplemented",
-        "Internal",
-        "Unavailable",
-        "DataLoss",
-        "Unauthenticated",
-    ];
-    usize::try_from(code)
-        .ok()
-        .and_then(|index| NAMES.get(index))
-        .copied()
-        .unwrap_or("Unknown")
-}
+/// The gRPC status codes by their go-grpc-prometheus names, in code order.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// The index of `Unknown` in [`CODE_NAMES`], for a code outside it.
+const UNKNOWN_CODE: usize = 2;

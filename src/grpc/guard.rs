@@ -26,6 +26,7 @@ use tracing::instrument::Instrumented;
 
 use crate::auth::{Authorizer, Scope};
 use crate::domain::{Caller, DomainError};
+use crate::metrics::CallSeries;
 
 /// The methods that answer with a long-lived stream: they take no in-flight slot.
 const STREAMING_METHODS: [&str; 2] = ["WatchAvailability", "JoinWaitlist"];
@@ -63,8 +64,8 @@ pub struct Guarded<S> {
     scope_of: fn(&str) -> Scope,
     /// One permit per unary call running, shared by every guarded service.
     in_flight: Arc<Semaphore>,
-    /// The service's full name, for the metrics.
-    service: &'static str,
+    /// The metric series of each of [`METHODS`], then of any other method ("unknown").
+    series: Arc<[CallSeries]>,
     /// How long a call may wait for its answer (from the database) before it fails.
     db_timeout: Duration,
 }
@@ -84,7 +85,11 @@ impl<S: NamedService> Guarded<S> {
             authorizer,
             scope_of,
             in_flight,
-            service: S::NAME,
+            series: METHODS
+                .iter()
+                .chain(&["unknown"])
+                .map(|method| CallSeries::new(S::NAME, method))
+                .collect(),
             db_timeout,
         }
     }
@@ -119,7 +124,7 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-        let metric = CallMetric::start(self.service, method);
+        let metric = CallMetric::start(&self.series, method);
         let refuse = |refusal: DomainError, metric: CallMetric| {
             let status = Status::from(refusal);
             metric.finish(status.code() as i32);
@@ -210,10 +215,10 @@ fn out_of_time(budget: Duration) -> http::Response<Body> {
 
 /// One call as the gRPC metrics see it: started when made, handled once with its code.
 struct CallMetric {
-    /// The service's full name.
-    service: &'static str,
-    /// The method, or "unknown".
-    method: &'static str,
+    /// The series of every method of the service.
+    series: Arc<[CallSeries]>,
+    /// The index of the call's method in `series`.
+    method: usize,
     /// For the handling time.
     started: std::time::Instant,
     /// Whether it was recorded as handled.
@@ -221,16 +226,15 @@ struct CallMetric {
 }
 
 impl CallMetric {
-    /// Counts a call of `method` as started.
-    fn start(service: &'static str, method: &str) -> CallMetric {
+    /// Counts a call of `method` as started, in `series` (laid out as [`Guarded::series`]).
+    fn start(series: &Arc<[CallSeries]>, method: &str) -> CallMetric {
         let method = METHODS
             .iter()
-            .find(|known| **known == method)
-            .copied()
-            .unwrap_or("unknown");
-        crate::metrics::call_started(service, method);
+            .position(|known| *known == method)
+            .unwrap_or(METHODS.len());
+        series[method].started();
         CallMetric {
-            service,
+            series: series.clone(),
             method,
             started: std::time::Instant::now(),
             done: false,
@@ -245,8 +249,7 @@ impl CallMetric {
     /// Records once.
     fn record(&mut self, code: i32) {
         if !std::mem::replace(&mut self.done, true) {
-            let code = crate::metrics::code_name(code);
-            crate::metrics::call_handled(self.service, self.method, code, self.started.elapsed());
+            self.series[self.method].handled(code, self.started.elapsed());
         }
     }
 }
