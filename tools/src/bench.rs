@@ -331,6 +331,7 @@ async fn holds_run(
             duration: Some(args.duration),
             requests: None,
         },
+        backoff: Duration::ZERO,
     };
     println!();
     let before = processes.cpu_seconds();

@@ -33,6 +33,10 @@ pub struct HotHoldsArgs {
     /// Units the product starts with (the default never sells out).
     #[arg(long, default_value_t = UNLIMITED_STOCK, value_parser = clap::value_parser!(i64).range(0..))]
     pub stock: i64,
+    /// Pause after a RESOURCE_EXHAUSTED answer (the server's in-flight limit) before the
+    /// client's next call, as a client retrying with backoff would (e.g. 50ms).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub backoff: Duration,
 }
 
 /// `flashsale-tools load hot-holds`.
@@ -44,6 +48,7 @@ pub async fn run(server: &Server, args: HotHoldsArgs) -> Result<HoldsFigures, Lo
         pick: Pick::RoundRobin,
         crowd: args.crowd,
         budget: args.budget,
+        backoff: args.backoff,
     };
     run_plan(server, plan).await
 }
@@ -62,6 +67,8 @@ pub struct HoldsPlan {
     pub crowd: Crowd,
     /// When to stop.
     pub budget: Budget,
+    /// Pause of a client after an overload refusal.
+    pub backoff: Duration,
 }
 
 /// The headline figures of a holds race, for `flashsale-tools bench`.
@@ -167,6 +174,8 @@ struct HoldClient {
     tallies: Vec<ProductTally>,
     /// Reservation length seen on this client's first granted hold.
     hold_ttl: Option<Duration>,
+    /// Pause after an overload refusal.
+    backoff: Duration,
 }
 
 impl HoldClient {
@@ -201,6 +210,9 @@ impl HoldClient {
             Err(status) if super::stats::has_reason(&status, INSUFFICIENT_STOCK) => {
                 tally.sold_out += 1
             }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                tokio::time::sleep(self.backoff).await
+            }
             Err(_) => {}
         }
     }
@@ -227,6 +239,7 @@ async fn race(
             recorder: Recorder::new(progress.clone()),
             tallies: vec![ProductTally::default(); products.len()],
             hold_ttl: None,
+            backoff: plan.backoff,
         };
         clients.spawn(client.run());
     }

@@ -1,6 +1,8 @@
 //! `many-products`: the hot-holds race spread over many products, so contention is spread
 //! too; clients pick products round-robin or at random.
 
+use std::time::Duration;
+
 use clap::{Args, ValueEnum};
 use rand::RngExt;
 use rand::rngs::SmallRng;
@@ -47,6 +49,7 @@ pub async fn run(server: &Server, args: ManyProductsArgs) -> Result<HoldsFigures
         pick: args.pick,
         crowd: args.crowd,
         budget: args.budget,
+        backoff: Duration::ZERO,
     };
     run_plan(server, plan).await
 }

@@ -121,8 +121,11 @@ fn code_name(code: Code) -> &'static str {
 
 /// One client's latency histograms and status counts; merged into one at the end.
 pub struct Recorder {
-    /// Latency of every call of each kind, failures included, in microseconds.
+    /// Latency of every call of each kind the server took on (failures included), in
+    /// microseconds.
     latency: BTreeMap<Rpc, Histogram<u64>>,
+    /// Latency of the calls refused at the door (RESOURCE_EXHAUSTED: the in-flight limit).
+    refused: BTreeMap<Rpc, Histogram<u64>>,
     /// Calls of each kind by outcome label (`OK`, `FAILED_PRECONDITION/INSUFFICIENT_STOCK`).
     outcomes: BTreeMap<Rpc, BTreeMap<String, u64>>,
     /// The shared counters the progress line reads.
@@ -134,6 +137,7 @@ impl Recorder {
     pub fn new(progress: Arc<Progress>) -> Self {
         Recorder {
             latency: BTreeMap::new(),
+            refused: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             progress,
         }
@@ -146,7 +150,11 @@ impl Recorder {
 
     /// Records a call that took `elapsed` and returned `result`.
     pub fn record_elapsed<T>(&mut self, rpc: Rpc, elapsed: Duration, result: &Result<T, Status>) {
-        record_latency(self.latency.entry(rpc).or_insert_with(histogram), elapsed);
+        let latencies = match result {
+            Err(status) if status.code() == Code::ResourceExhausted => &mut self.refused,
+            _ => &mut self.latency,
+        };
+        record_latency(latencies.entry(rpc).or_insert_with(histogram), elapsed);
         match result {
             Ok(_) => self.count(rpc, OK),
             Err(status) => self.count(rpc, &outcome_label(status)),
@@ -167,15 +175,8 @@ impl Recorder {
 
     /// Adds another client's figures to these.
     pub fn merge(&mut self, other: Recorder) {
-        for (rpc, theirs) in other.latency {
-            let mine = self.latency.entry(rpc).or_insert_with(histogram);
-            // Same bounds on both sides, so adding cannot fail; saturate if it ever did.
-            if mine.add(&theirs).is_err() {
-                for value in theirs.iter_recorded() {
-                    mine.saturating_record_n(value.value_iterated_to(), value.count_at_value());
-                }
-            }
-        }
+        merge_histograms(&mut self.latency, other.latency);
+        merge_histograms(&mut self.refused, other.refused);
         for (rpc, counts) in other.outcomes {
             let mine = self.outcomes.entry(rpc).or_default();
             for (label, count) in counts {
@@ -216,6 +217,12 @@ impl Recorder {
         for (rpc, histogram) in &self.latency {
             print_latency(rpc.name(), histogram);
         }
+        for (rpc, histogram) in &self.refused {
+            print_latency(
+                &format!("{} refused (RESOURCE_EXHAUSTED)", rpc.name()),
+                histogram,
+            );
+        }
         for (rpc, counts) in &self.outcomes {
             // OK first, then the failures in label order.
             let ok = counts.get_key_value(OK).into_iter();
@@ -225,6 +232,22 @@ impl Recorder {
                 .map(|(label, count)| format!("{label}: {count}"))
                 .collect();
             println!("status {}: {}", rpc.name(), listed.join("; "));
+        }
+    }
+}
+
+/// Adds the histograms of `theirs` to `mine`, kind by kind.
+fn merge_histograms(
+    mine: &mut BTreeMap<Rpc, Histogram<u64>>,
+    theirs: BTreeMap<Rpc, Histogram<u64>>,
+) {
+    for (rpc, theirs) in theirs {
+        let mine = mine.entry(rpc).or_insert_with(histogram);
+        // Same bounds on both sides, so adding cannot fail; saturate if it ever did.
+        if mine.add(&theirs).is_err() {
+            for value in theirs.iter_recorded() {
+                mine.saturating_record_n(value.value_iterated_to(), value.count_at_value());
+            }
         }
     }
 }
