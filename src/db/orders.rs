@@ -40,6 +40,27 @@ pub async fn insert_order(
     .await
 }
 
+/// Turns the active holds of `hold_ids` (within their TTL, no payment waiting on them) into
+/// pending orders with the ids at the same positions of `order_ids`, in one statement (the
+/// database function `create_orders`); returns the orders made. The holds it leaves alone
+/// are the caller's to handle one by one.
+pub async fn create_orders(
+    conn: &mut AsyncPgConnection,
+    hold_ids: &[Uuid],
+    order_ids: &[Uuid],
+    payment_ttl: TimeDelta,
+) -> QueryResult<Vec<Order>> {
+    CachedSql::new("SELECT * FROM create_orders(")
+        .bind::<Array<SqlUuid>, _>(hold_ids)
+        .sql(", ")
+        .bind::<Array<SqlUuid>, _>(order_ids)
+        .sql(", ")
+        .bind::<Interval, _>(payment_ttl)
+        .sql(")")
+        .load(conn)
+        .await
+}
+
 /// One order by id.
 pub async fn find_order(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Order>> {
     orders::table

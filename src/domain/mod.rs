@@ -8,6 +8,7 @@ pub mod coalesce;
 pub mod error;
 pub mod hold_batcher;
 pub mod holds;
+pub mod order_batcher;
 pub mod orders;
 pub mod payments;
 pub mod products;
@@ -20,12 +21,15 @@ pub mod waitlist;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::TimeDelta;
+
 use crate::db::change_feed::FeedEvent;
 use crate::db::io_thread::IoThread;
 use crate::db::{DbPool, PooledConnection};
 use availability::{AvailabilityHub, StockSnapshot};
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
+use order_batcher::OrderBatcher;
 use stock_folder::StockFolder;
 use uuid::Uuid;
 
@@ -79,6 +83,8 @@ pub struct Checkout {
     settings: CheckoutSettings,
     /// Gathers concurrent CreateHold calls into shared transactions.
     hold_batcher: Arc<HoldBatcher>,
+    /// Gathers concurrent CreateOrder calls into shared transactions.
+    order_batcher: Arc<OrderBatcher>,
     /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
     /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
@@ -112,11 +118,18 @@ impl Checkout {
             io.clone(),
             orphans,
         );
+        let order_batcher = OrderBatcher::new(
+            pool.clone(),
+            TimeDelta::from_std(settings.payment_ttl).unwrap_or(TimeDelta::MAX),
+            settings.hold_batch_lanes,
+            io.clone(),
+        );
         let stock_folder = StockFolder::new(pool.clone(), io);
         Checkout {
             pool,
             settings,
             hold_batcher,
+            order_batcher,
             stock_folder,
             availability: Arc::new(AvailabilityHub::default()),
             waitlist: waitlist::WaitlistHub::default(),

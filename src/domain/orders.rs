@@ -7,6 +7,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
 use super::holds::end_holds;
+use super::order_batcher::Batched;
 use super::settlement::{apply_deferred_events, cancel_orders, order_total_cents};
 use super::{Checkout, DomainError};
 use crate::db::holds::{lock_hold, set_holds_status};
@@ -18,7 +19,21 @@ impl Checkout {
     /// Turns an active hold into a pending order; calling it again for the same hold returns
     /// the same order. A hold past its TTL is expired on the spot and never becomes an order.
     /// Payments that arrived for the hold before the order are applied right away.
+    /// Concurrent calls share a transaction (see [`super::order_batcher`]); what their
+    /// batch leaves alone is handled here, one hold per transaction.
     pub async fn create_order(&self, hold_id: Uuid) -> Result<Order, DomainError> {
+        match self.order_batcher.submit(hold_id).await? {
+            Batched::Created(order) => {
+                tracing::info!(order_id = %order.id, hold_id = %order.hold_id, status = ?order.status, "order created");
+                Ok(order)
+            }
+            Batched::LeftAlone => self.create_order_alone(hold_id).await,
+        }
+    }
+
+    /// CreateOrder for one hold, in a transaction of its own: every case, the rare ones
+    /// included (an order made before, an expiry on the spot, payments waiting on the hold).
+    async fn create_order_alone(&self, hold_id: Uuid) -> Result<Order, DomainError> {
         let mut conn = self.conn().await?;
         // The transaction commits an on-the-spot expiry even though the call is refused, so the
         // inner result carries the refusal past the commit, with the product whose units moved.

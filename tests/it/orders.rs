@@ -6,9 +6,12 @@ use std::time::Duration;
 use flashsale::grpc::pb::{GetOrderRequest, HoldStatus, OrderStatus, WebhookOutcome};
 use tonic::Code;
 
+use diesel_async::RunQueryDsl;
+
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_status, decline, get_hold, get_order, hold,
-    order, pay, pending_order, release, sleep_past, try_order,
+    Counters, TestServer, assert_counters, assert_status, decline, deliver, eventually, get_hold,
+    get_order, hold, on_hold, order, pay, pending_order, release, sleep_past, success, try_order,
+    waiting_on_locks,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -281,4 +284,123 @@ async fn create_order_after_settlement_returns_the_settled_order_without_reservi
     assert_eq!(again.status(), OrderStatus::Cancelled);
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Batches: concurrent CreateOrder calls share a transaction; each gets its own answer.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_orders_answers_each_hold_for_what_it_is() {
+    let server = TestServer::start_with(|config| {
+        config.hold_ttl = Duration::from_secs(4);
+        // Nothing expires the stale hold but the order path itself.
+        config.reaper_interval = Duration::from_secs(600);
+    })
+    .await;
+    let product = server.product("print", 300, 20).await;
+    let mut checkout = server.checkout().await;
+    let stale = hold(&mut checkout, &product.id, 1).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first = hold(&mut checkout, &product.id, 1).await;
+    let second = hold(&mut checkout, &product.id, 2).await;
+    let released = hold(&mut checkout, &product.id, 1).await;
+    release(&mut checkout, &released.hold_id).await;
+    let ordered = pending_order(&mut checkout, &product.id, 1).await;
+    let prepaid = hold(&mut checkout, &product.id, 3).await;
+    let early = deliver(
+        &mut checkout,
+        success("evt-early", on_hold(&prepaid.hold_id), 900),
+    )
+    .await;
+    assert_eq!(early.outcome(), WebhookOutcome::Deferred);
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    // One order waits for its hold's row; every other call queues behind its batch and
+    // goes in the next one, together.
+    let blocker = hold(&mut checkout, &product.id, 1).await;
+    let mut lock = lock_hold_row(&server, &blocker.hold_id).await;
+    let blocked = {
+        let mut checkout = server.checkout().await;
+        let hold_id = blocker.hold_id.clone();
+        tokio::spawn(async move { try_order(&mut checkout, &hold_id).await })
+    };
+    eventually("the first batch to wait for its hold", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    let targets = [
+        &first.hold_id,
+        &second.hold_id,
+        &first.hold_id,
+        &stale.hold_id,
+        &released.hold_id,
+        &ordered.hold_id,
+        &prepaid.hold_id,
+        &unknown,
+    ];
+    let calls: Vec<_> = targets
+        .iter()
+        .map(|hold_id| {
+            let (server, hold_id) = (&server, hold_id.to_string());
+            async move { try_order(&mut server.checkout().await, &hold_id).await }
+        })
+        .collect();
+    let release_lock = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        diesel::sql_query("COMMIT")
+            .execute(&mut lock)
+            .await
+            .unwrap();
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(calls), release_lock);
+    blocked.await.unwrap().expect("the blocked order is made");
+
+    let [
+        first_a,
+        second_a,
+        first_again,
+        stale_a,
+        released_a,
+        ordered_a,
+        prepaid_a,
+        unknown_a,
+    ] = <[_; 8]>::try_from(answers).unwrap();
+    let first_order = first_a.expect("an active hold becomes an order");
+    assert_eq!(first_order.status(), OrderStatus::Pending);
+    assert_eq!(first_order.total_cents, 300);
+    assert_eq!(
+        first_again.expect("the same hold twice").order_id,
+        first_order.order_id
+    );
+    let second_order = second_a.expect("an active hold becomes an order");
+    assert_eq!((second_order.qty, second_order.total_cents), (2, 600));
+    assert_status(stale_a, Code::FailedPrecondition, "HOLD_EXPIRED");
+    assert_status(released_a, Code::FailedPrecondition, "HOLD_RELEASED");
+    assert_eq!(
+        ordered_a.expect("an order made before").order_id,
+        ordered.order_id
+    );
+    let prepaid_order = prepaid_a.expect("a hold paid before its order");
+    assert_eq!(prepaid_order.status(), OrderStatus::Paid);
+    assert_status(unknown_a, Code::NotFound, "NOT_FOUND");
+
+    // Reserved: first 1, second 2, ordered 1, blocker 1; sold: prepaid 3.
+    assert_counters(&server, &product, Counters::stock(20).reserved(5).sold(3)).await;
+    server.assert_consistent().await;
+}
+
+/// A transaction holding the hold's row lock, as a long transaction would.
+async fn lock_hold_row(server: &TestServer, hold_id: &str) -> diesel_async::AsyncPgConnection {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut conn = diesel_async::AsyncPgConnection::establish(&server.db.url)
+        .await
+        .unwrap();
+    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
+    diesel::sql_query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind::<diesel::sql_types::Uuid, _>(uuid::Uuid::parse_str(hold_id).unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
 }

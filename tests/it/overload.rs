@@ -7,13 +7,13 @@ use std::time::Duration;
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{
-    CreateHoldRequest, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
+    CreateHoldRequest, ExtendHoldRequest, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
 };
 use tonic::Code;
 
 use crate::support::{
     Counters, TestDb, TestServer, assert_counters, assert_status, eventually, hold, test_config,
-    try_order, try_release, waiting_on_locks,
+    try_release, waiting_on_locks,
 };
 
 /// A connection holding the product's row lock, as a long transaction elsewhere would.
@@ -221,20 +221,29 @@ async fn a_call_given_up_mid_transaction_leaves_nothing_held() {
     let (released, ()) = tokio::join!(futures::future::join_all(releases), unlock);
     assert!(released.iter().all(Result::is_ok), "{released:?}");
 
-    // The order's transaction waits for the hold's row past the call's budget.
+    // ExtendHold's transaction waits for the hold's row past the call's budget.
     let mut lock = lock_rows(&server, "holds", std::slice::from_ref(&held.hold_id)).await;
-    let abandoned = try_order(&mut checkout, &held.hold_id).await;
+    let abandoned = checkout
+        .extend_hold(ExtendHoldRequest {
+            hold_id: held.hold_id.clone(),
+        })
+        .await;
     assert_status(abandoned, Code::Unavailable, "DATABASE_UNAVAILABLE");
     commit(&mut lock).await;
 
-    // The given-up transaction ended with its connection: it holds no lock, made no order.
+    // The given-up transaction ended with its connection: it holds no lock, changed nothing.
     let released = tokio::time::timeout(
         Duration::from_secs(10),
         try_release(&mut checkout, &held.hold_id),
     )
     .await
     .expect("the hold's row is free again");
-    assert_eq!(released.expect("released").status(), HoldStatus::Released);
+    let released = released.expect("released");
+    assert_eq!(released.status(), HoldStatus::Released);
+    assert_eq!(
+        released.expires_at, held.expires_at,
+        "the extension was rolled back"
+    );
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
 }
