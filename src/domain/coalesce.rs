@@ -1,9 +1,94 @@
-//! Coalescing queues shared by the batched operations (holds, stock folds). Requests queue
-//! on a lane; one task at a time drains a lane, batch after batch, each batch taking
-//! whatever arrived while the previous one ran. A lone request is a batch of one and waits
-//! for nothing; a crowd shares one round trip and one commit per batch.
+//! Coalescing queues shared by the batched operations (holds, orders, payments, stock
+//! folds). Requests queue on a lane; one task at a time drains a lane, batch after batch,
+//! each batch taking whatever arrived while the previous one ran. A lone request is a batch
+//! of one and waits for nothing; a crowd shares one round trip and one commit per batch.
+//! [`Batcher`] is the whole pattern for work that answers each request once: queue, drain
+//! on the database i/o thread, answer.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::oneshot;
+
+use crate::db::io_thread::IoThread;
+
+/// Work done a batch at a time: one call per batch, one answer per request, in order.
+pub trait BatchWork: Send + Sync + 'static {
+    /// What a caller asks.
+    type Request: Send + 'static;
+    /// What a caller gets back.
+    type Answer: Send + 'static;
+
+    /// Which lane a request queues on (the same key, the same lane).
+    fn lane_key(request: &Self::Request) -> u128;
+
+    /// Runs one batch; exactly one answer per request, in order. Callers get their answers
+    /// only when it returns, so everything it commits is committed before anyone hears.
+    fn run(&self, requests: Vec<Self::Request>) -> impl Future<Output = Vec<Self::Answer>> + Send;
+}
+
+/// A caller waiting in a [`Batcher`]'s queue.
+struct Waiting<W: BatchWork> {
+    /// What it asked.
+    request: W::Request,
+    /// Where its answer goes.
+    reply: oneshot::Sender<W::Answer>,
+}
+
+/// Gathers concurrent requests for `W` into batches run on the database i/o thread.
+pub struct Batcher<W: BatchWork> {
+    /// What a batch does.
+    work: W,
+    /// Independent queues.
+    queue: Lanes<Waiting<W>>,
+    /// Where the batches run.
+    io: Arc<IoThread>,
+}
+
+impl<W: BatchWork> Batcher<W> {
+    /// `lanes` queues (at least one) whose batches carry at most `max_batch` requests and
+    /// run on `io`.
+    pub fn new(work: W, lanes: usize, max_batch: usize, io: Arc<IoThread>) -> Arc<Self> {
+        Arc::new(Batcher {
+            work,
+            queue: Lanes::new(lanes, max_batch),
+            io,
+        })
+    }
+
+    /// Queues `request` and waits for its answer; `None` if its batch ended without one
+    /// (the batch's task died).
+    pub async fn submit(self: &Arc<Self>, request: W::Request) -> Option<W::Answer> {
+        let lane = self.queue.lane_for(W::lane_key(&request));
+        let (reply, answer) = oneshot::channel();
+        if self.queue.push(lane, Waiting { request, reply }) {
+            let batcher = self.clone();
+            self.io.handle().spawn(async move {
+                batcher
+                    .queue
+                    .drain(lane, |batch| batcher.run_batch(batch))
+                    .await
+            });
+        }
+        answer.await.ok()
+    }
+
+    /// Runs one batch, leaving out callers that went away while they queued (deadline
+    /// passed, call cancelled), and answers the others.
+    async fn run_batch(&self, mut batch: Vec<Waiting<W>>) {
+        batch.retain(|waiting| !waiting.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
+        let (requests, replies): (Vec<W::Request>, Vec<_>) = batch
+            .into_iter()
+            .map(|waiting| (waiting.request, waiting.reply))
+            .unzip();
+        let answers = self.work.run(requests).await;
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+}
 
 /// One lane's queue.
 struct Lane<T> {

@@ -27,9 +27,10 @@ use crate::db::change_feed::FeedEvent;
 use crate::db::io_thread::IoThread;
 use crate::db::{DbPool, PooledConnection};
 use availability::{AvailabilityHub, StockSnapshot};
+use coalesce::Batcher;
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
-use order_batcher::OrderBatcher;
+use order_batcher::OrderBatches;
 use stock_folder::StockFolder;
 use uuid::Uuid;
 
@@ -84,7 +85,7 @@ pub struct Checkout {
     /// Gathers concurrent CreateHold calls into shared transactions.
     hold_batcher: Arc<HoldBatcher>,
     /// Gathers concurrent CreateOrder calls into shared transactions.
-    order_batcher: Arc<OrderBatcher>,
+    order_batcher: Arc<Batcher<OrderBatches>>,
     /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
     /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
@@ -118,10 +119,13 @@ impl Checkout {
             io.clone(),
             orphans,
         );
-        let order_batcher = OrderBatcher::new(
-            pool.clone(),
-            TimeDelta::from_std(settings.payment_ttl).unwrap_or(TimeDelta::MAX),
+        let order_batcher = Batcher::new(
+            OrderBatches {
+                pool: pool.clone(),
+                payment_ttl: TimeDelta::from_std(settings.payment_ttl).unwrap_or(TimeDelta::MAX),
+            },
             settings.hold_batch_lanes,
+            order_batcher::MAX_BATCH,
             io.clone(),
         );
         let stock_folder = StockFolder::new(pool.clone(), io);

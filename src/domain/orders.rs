@@ -22,8 +22,13 @@ impl Checkout {
     /// Concurrent calls share a transaction (see [`super::order_batcher`]); what their
     /// batch leaves alone is handled here, one hold per transaction.
     pub async fn create_order(&self, hold_id: Uuid) -> Result<Order, DomainError> {
-        match self.order_batcher.submit(hold_id).await? {
-            Batched::Created(order) => {
+        let batched = self
+            .order_batcher
+            .submit(hold_id)
+            .await
+            .unwrap_or_else(|| Err(DomainError::internal("order batch ended without an answer")))?;
+        match batched {
+            Batched::Done(order) => {
                 tracing::info!(order_id = %order.id, hold_id = %order.hold_id, status = ?order.status, "order created");
                 Ok(order)
             }
