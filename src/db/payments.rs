@@ -10,7 +10,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::cached_sql::CachedSql;
-use super::models::{EventOutcome, OrderStatus, PaymentEvent, PaymentResult};
+use super::models::{EventOutcome, Order, OrderStatus, PaymentEvent, PaymentResult};
 use super::schema::payment_events;
 
 /// A payment event as first recorded.
@@ -28,6 +28,64 @@ pub struct NewPaymentEvent<'a> {
     pub order_id: Option<Uuid>,
     pub order_status: Option<OrderStatus>,
     pub processed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// One delivery for [`apply_payments`], reporting a payment for an order.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderPayment<'a> {
+    /// The name of the token that delivered it.
+    pub caller: &'a str,
+    pub idempotency_key: &'a str,
+    pub order_id: Uuid,
+    pub result: PaymentResult,
+    pub failure_reason: &'a str,
+    pub amount_cents: i64,
+}
+
+/// Settles the pending orders of `payments` in one statement (the database function
+/// `apply_payments`): each delivery with a new key for a pending order before its deadline,
+/// whose amount agrees, pays or cancels its order and is stored 'applied'. Returns the
+/// orders settled; the deliveries it left alone are the caller's to handle one by one.
+pub async fn apply_payments(
+    conn: &mut AsyncPgConnection,
+    payments: &[OrderPayment<'_>],
+) -> QueryResult<Vec<Order>> {
+    let callers: Vec<&str> = payments.iter().map(|payment| payment.caller).collect();
+    let keys: Vec<&str> = payments
+        .iter()
+        .map(|payment| payment.idempotency_key)
+        .collect();
+    let results: Vec<&str> = payments
+        .iter()
+        .map(|payment| match payment.result {
+            PaymentResult::Success => "success",
+            PaymentResult::Failure => "failure",
+        })
+        .collect();
+    let reasons: Vec<&str> = payments
+        .iter()
+        .map(|payment| payment.failure_reason)
+        .collect();
+    let order_ids: Vec<Uuid> = payments.iter().map(|payment| payment.order_id).collect();
+    let amounts: Vec<i64> = payments
+        .iter()
+        .map(|payment| payment.amount_cents)
+        .collect();
+    CachedSql::new("SELECT * FROM apply_payments(")
+        .bind::<Array<Text>, _>(callers)
+        .sql(", ")
+        .bind::<Array<Text>, _>(keys)
+        .sql(", ")
+        .bind::<Array<SqlUuid>, _>(order_ids)
+        .sql(", ")
+        .bind::<Array<Text>, _>(results)
+        .sql(", ")
+        .bind::<Array<Text>, _>(reasons)
+        .sql(", ")
+        .bind::<Array<BigInt>, _>(amounts)
+        .sql(")")
+        .load(conn)
+        .await
 }
 
 /// The event `caller` stored under this idempotency key, if any.

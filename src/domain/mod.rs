@@ -10,6 +10,7 @@ pub mod hold_batcher;
 pub mod holds;
 pub mod order_batcher;
 pub mod orders;
+pub mod payment_batcher;
 pub mod payments;
 pub mod products;
 pub mod reaper;
@@ -31,6 +32,7 @@ use coalesce::Batcher;
 pub use error::DomainError;
 use hold_batcher::HoldBatcher;
 use order_batcher::OrderBatches;
+use payment_batcher::PaymentBatches;
 use stock_folder::StockFolder;
 use uuid::Uuid;
 
@@ -86,6 +88,8 @@ pub struct Checkout {
     hold_batcher: Arc<HoldBatcher>,
     /// Gathers concurrent CreateOrder calls into shared transactions.
     order_batcher: Arc<Batcher<OrderBatches>>,
+    /// Gathers concurrent webhook deliveries for orders into shared transactions.
+    payment_batcher: Arc<Batcher<PaymentBatches>>,
     /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
     /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
@@ -128,12 +132,19 @@ impl Checkout {
             order_batcher::MAX_BATCH,
             io.clone(),
         );
+        let payment_batcher = Batcher::new(
+            PaymentBatches { pool: pool.clone() },
+            settings.hold_batch_lanes,
+            payment_batcher::MAX_BATCH,
+            io.clone(),
+        );
         let stock_folder = StockFolder::new(pool.clone(), io);
         Checkout {
             pool,
             settings,
             hold_batcher,
             order_batcher,
+            payment_batcher,
             stock_folder,
             availability: Arc::new(AvailabilityHub::default()),
             waitlist: waitlist::WaitlistHub::default(),

@@ -5,6 +5,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
+use super::order_batcher::Batched;
 use super::settlement::{cancel_orders, final_order_outcome, order_total_cents, settle};
 use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::holds::lock_hold;
@@ -72,6 +73,43 @@ impl Checkout {
         webhook: PaymentWebhook,
     ) -> Result<WebhookReceipt, DomainError> {
         validate_webhook(&webhook)?;
+        if let PaymentTarget::Order(_) = webhook.target {
+            let batched = self
+                .payment_batcher
+                .submit(webhook.clone())
+                .await
+                .unwrap_or_else(|| {
+                    Err(DomainError::internal(
+                        "payment batch ended without an answer",
+                    ))
+                })?;
+            if let Batched::Done(order) = batched {
+                return Ok(self.applied_in_batch(&webhook, order).await);
+            }
+        }
+        self.handle_payment_webhook_alone(webhook).await
+    }
+
+    /// The answer to a delivery its batch applied, once the units it moved are folded.
+    async fn applied_in_batch(&self, webhook: &PaymentWebhook, order: Order) -> WebhookReceipt {
+        let receipt = WebhookReceipt {
+            idempotency_key: webhook.idempotency_key.clone(),
+            order_id: Some(order.id),
+            order_status: Some(order.status),
+            outcome: WebhookOutcome::Applied,
+        };
+        log_receipt(&receipt);
+        crate::metrics::orders_final(order.status.into(), 1);
+        self.fold_after_commit(&[order.product_id]).await;
+        receipt
+    }
+
+    /// One delivery in a transaction of its own: every case, the rare ones included (a key
+    /// seen before, an order final or overdue, a payment before its order).
+    async fn handle_payment_webhook_alone(
+        &self,
+        webhook: PaymentWebhook,
+    ) -> Result<WebhookReceipt, DomainError> {
         let mut conn = self.conn().await?;
         let mut attempt = 1;
         let (receipt, settled_product) = loop {
@@ -84,14 +122,7 @@ impl Checkout {
             attempt += 1;
         };
         drop(conn);
-        tracing::info!(
-            idempotency_key = %receipt.idempotency_key,
-            outcome = ?receipt.outcome,
-            order_id = ?receipt.order_id,
-            order_status = ?receipt.order_status,
-            "webhook handled"
-        );
-        crate::metrics::webhook(receipt.outcome.name());
+        log_receipt(&receipt);
         // A payment that changed the order, or one found past its deadline, ended it.
         if let (Some(status), Some(_)) = (receipt.order_status, settled_product)
             && status.is_final()
@@ -101,6 +132,18 @@ impl Checkout {
         self.fold_after_commit(settled_product.as_slice()).await;
         Ok(receipt)
     }
+}
+
+/// Logs a delivery's answer and counts it.
+fn log_receipt(receipt: &WebhookReceipt) {
+    tracing::info!(
+        idempotency_key = %receipt.idempotency_key,
+        outcome = ?receipt.outcome,
+        order_id = ?receipt.order_id,
+        order_status = ?receipt.order_status,
+        "webhook handled"
+    );
+    crate::metrics::webhook(receipt.outcome.name());
 }
 
 /// Checks the fields a webhook must carry before touching the database.

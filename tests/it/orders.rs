@@ -6,12 +6,10 @@ use std::time::Duration;
 use flashsale::grpc::pb::{GetOrderRequest, HoldStatus, OrderStatus, WebhookOutcome};
 use tonic::Code;
 
-use diesel_async::RunQueryDsl;
-
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_status, decline, deliver, eventually, get_hold,
-    get_order, hold, on_hold, order, pay, pending_order, release, sleep_past, success, try_order,
-    waiting_on_locks,
+    Counters, TestServer, assert_counters, assert_status, commit, decline, deliver, eventually,
+    get_hold, get_order, hold, lock_rows, on_hold, order, pay, pending_order, release, sleep_past,
+    success, try_order, waiting_on_locks,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -319,7 +317,7 @@ async fn a_batch_of_orders_answers_each_hold_for_what_it_is() {
     // One order waits for its hold's row; every other call queues behind its batch and
     // goes in the next one, together.
     let blocker = hold(&mut checkout, &product.id, 1).await;
-    let mut lock = lock_hold_row(&server, &blocker.hold_id).await;
+    let mut lock = lock_rows(&server, "holds", std::slice::from_ref(&blocker.hold_id)).await;
     let blocked = {
         let mut checkout = server.checkout().await;
         let hold_id = blocker.hold_id.clone();
@@ -348,10 +346,7 @@ async fn a_batch_of_orders_answers_each_hold_for_what_it_is() {
         .collect();
     let release_lock = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        diesel::sql_query("COMMIT")
-            .execute(&mut lock)
-            .await
-            .unwrap();
+        commit(&mut lock).await;
     };
     let (answers, ()) = tokio::join!(futures::future::join_all(calls), release_lock);
     blocked.await.unwrap().expect("the blocked order is made");
@@ -388,19 +383,4 @@ async fn a_batch_of_orders_answers_each_hold_for_what_it_is() {
     // Reserved: first 1, second 2, ordered 1, blocker 1; sold: prepaid 3.
     assert_counters(&server, &product, Counters::stock(20).reserved(5).sold(3)).await;
     server.assert_consistent().await;
-}
-
-/// A transaction holding the hold's row lock, as a long transaction would.
-async fn lock_hold_row(server: &TestServer, hold_id: &str) -> diesel_async::AsyncPgConnection {
-    use diesel_async::{AsyncConnection, RunQueryDsl};
-    let mut conn = diesel_async::AsyncPgConnection::establish(&server.db.url)
-        .await
-        .unwrap();
-    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
-    diesel::sql_query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
-        .bind::<diesel::sql_types::Uuid, _>(uuid::Uuid::parse_str(hold_id).unwrap())
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn
 }

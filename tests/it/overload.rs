@@ -12,8 +12,8 @@ use flashsale::grpc::pb::{
 use tonic::Code;
 
 use crate::support::{
-    Counters, TestDb, TestServer, assert_counters, assert_status, eventually, hold, test_config,
-    try_release, waiting_on_locks,
+    Counters, TestDb, TestServer, assert_counters, assert_status, commit, eventually, hold,
+    lock_rows, test_config, try_release, waiting_on_locks,
 };
 
 /// A connection holding the product's row lock, as a long transaction elsewhere would.
@@ -246,25 +246,6 @@ async fn a_call_given_up_mid_transaction_leaves_nothing_held() {
     );
     assert_counters(&server, &product, Counters::stock(10).reserved(0).sold(0)).await;
     server.assert_consistent().await;
-}
-
-/// A transaction holding the row locks of `ids` in `table`, as a long transaction would.
-async fn lock_rows(server: &TestServer, table: &str, ids: &[String]) -> AsyncPgConnection {
-    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
-    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
-    for id in ids {
-        diesel::sql_query(format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE"))
-            .bind::<SqlUuid, _>(uuid::Uuid::parse_str(id).unwrap())
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    conn
-}
-
-/// Ends the transaction of [`lock_rows`].
-async fn commit(conn: &mut AsyncPgConnection) {
-    diesel::sql_query("COMMIT").execute(conn).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

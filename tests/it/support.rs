@@ -963,3 +963,30 @@ pub async fn waiting_on_locks(database_url: &str) -> bool {
     .unwrap();
     row.waiting > 0
 }
+
+/// A transaction holding the row locks of `ids` in `table`, as a long transaction would.
+pub async fn lock_rows(
+    server: &TestServer,
+    table: &str,
+    ids: &[String],
+) -> diesel_async::AsyncPgConnection {
+    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+        &server.db.url,
+    )
+    .await
+    .unwrap();
+    diesel::sql_query("BEGIN").execute(&mut conn).await.unwrap();
+    for id in ids {
+        diesel::sql_query(format!("SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE"))
+            .bind::<diesel::sql_types::Uuid, _>(uuid::Uuid::parse_str(id).unwrap())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    conn
+}
+
+/// Ends the transaction of [`lock_rows`].
+pub async fn commit(conn: &mut diesel_async::AsyncPgConnection) {
+    diesel::sql_query("COMMIT").execute(conn).await.unwrap();
+}

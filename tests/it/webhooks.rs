@@ -4,13 +4,16 @@
 
 use std::time::Duration;
 
-use flashsale::grpc::pb::{HandlePaymentWebhookRequest, OrderStatus, WebhookOutcome};
+use flashsale::grpc::pb::{
+    HandlePaymentWebhookRequest, HandlePaymentWebhookResponse, OrderStatus, WebhookOutcome,
+};
 use tonic::Code;
 
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_invalid, assert_status, decline, deliver,
-    failure, get_order, get_product, hold, on_hold, on_order, order, pay, pending_order, release,
-    sleep_past, success, try_deliver, try_order, with_amount,
+    Counters, TestServer, assert_counters, assert_invalid, assert_status, commit, decline, deliver,
+    eventually, failure, get_order, get_product, hold, lock_rows, on_hold, on_order, order, pay,
+    pending_order, release, sleep_past, success, try_deliver, try_order, waiting_on_locks,
+    with_amount,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -598,4 +601,135 @@ async fn payment_racing_create_order_on_the_same_hold_pays_the_order_exactly_onc
 /// How many of `outcomes` are `outcome`.
 fn tally(outcomes: &[WebhookOutcome], outcome: WebhookOutcome) -> usize {
     outcomes.iter().filter(|seen| **seen == outcome).count()
+}
+
+// ---------------------------------------------------------------------------------------
+// Batches: concurrent deliveries share a transaction; each gets its own answer.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_deliveries_answers_each_for_what_it_is() {
+    let server = TestServer::start().await;
+    let product = server.product("pass", 100, 50).await;
+    let mut checkout = server.checkout().await;
+    let mut orders = Vec::new();
+    for _ in 0..8 {
+        orders.push(pending_order(&mut checkout, &product.id, 1).await);
+    }
+    let [
+        plain,
+        contested,
+        mispriced,
+        twice,
+        reused,
+        reused_too,
+        settled,
+        blocker,
+    ] = <[_; 8]>::try_from(orders).unwrap();
+    pay(&mut checkout, &settled, "evt-settled").await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    // The blocker's delivery waits for its order's row; every other delivery queues behind
+    // its batch and goes in the next one, together.
+    let mut lock = lock_rows(&server, "orders", std::slice::from_ref(&blocker.order_id)).await;
+    let blocked = {
+        let mut checkout = server.checkout().await;
+        let webhook = success("evt-blocker", on_order(&blocker.order_id), 100);
+        tokio::spawn(async move { try_deliver(&mut checkout, webhook).await })
+    };
+    eventually("the first batch to wait for its order", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    let webhooks = [
+        success("evt-plain", on_order(&plain.order_id), 100),
+        success("evt-win", on_order(&contested.order_id), 100),
+        failure("evt-lose", on_order(&contested.order_id), "declined"),
+        success("evt-mispriced", on_order(&mispriced.order_id), 99),
+        success("evt-twice", on_order(&twice.order_id), 100),
+        success("evt-twice", on_order(&twice.order_id), 100),
+        success("evt-reused", on_order(&reused.order_id), 100),
+        success("evt-reused", on_order(&reused_too.order_id), 100),
+        success("evt-late", on_order(&settled.order_id), 100),
+        success("evt-unknown", on_order(&unknown), 100),
+    ];
+    let calls: Vec<_> = webhooks
+        .into_iter()
+        .map(|webhook| {
+            let server = &server;
+            async move { try_deliver(&mut server.checkout().await, webhook).await }
+        })
+        .collect();
+    let unlock = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        commit(&mut lock).await;
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(calls), unlock);
+    blocked
+        .await
+        .unwrap()
+        .expect("the blocked delivery is applied");
+    let [
+        plain_a,
+        win,
+        lose,
+        mispriced_a,
+        twice_1,
+        twice_2,
+        reused_1,
+        reused_2,
+        late,
+        unknown_a,
+    ] = <[_; 10]>::try_from(answers).unwrap();
+
+    let outcome = |answer: &Result<HandlePaymentWebhookResponse, tonic::Status>| {
+        answer
+            .as_ref()
+            .map(|answer| answer.outcome())
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+    };
+    // The contested order: exactly one delivery decides it; the other finds it final.
+    let contested_now = get_order(&mut checkout, &contested.order_id).await;
+    match contested_now.status() {
+        OrderStatus::Paid => {
+            assert_eq!(outcome(&win), Ok(WebhookOutcome::Applied));
+            assert_eq!(outcome(&lose), Ok(WebhookOutcome::Ignored));
+        }
+        OrderStatus::Cancelled => {
+            assert_eq!(outcome(&lose), Ok(WebhookOutcome::Applied));
+            assert_eq!(outcome(&win), Ok(WebhookOutcome::RefundRequired));
+        }
+        status => panic!("the contested order stayed {status:?}"),
+    }
+    assert_status(mispriced_a, Code::FailedPrecondition, "AMOUNT_MISMATCH");
+    assert_eq!(
+        get_order(&mut checkout, &mispriced.order_id).await.status(),
+        OrderStatus::Pending
+    );
+    let mut twice_outcomes = [outcome(&twice_1), outcome(&twice_2)];
+    twice_outcomes.sort_by_key(|outcome| format!("{outcome:?}"));
+    assert_eq!(
+        twice_outcomes,
+        [Ok(WebhookOutcome::Applied), Ok(WebhookOutcome::Duplicate)]
+    );
+    // One key for two orders: whichever came first applied; the other is refused.
+    let (applied, refused, untouched) = match outcome(&reused_1) {
+        Ok(WebhookOutcome::Applied) => (&reused, reused_2, &reused_too),
+        _ => (&reused_too, reused_1, &reused),
+    };
+    assert_status(refused, Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(
+        get_order(&mut checkout, &applied.order_id).await.status(),
+        OrderStatus::Paid
+    );
+    assert_eq!(
+        get_order(&mut checkout, &untouched.order_id).await.status(),
+        OrderStatus::Pending
+    );
+    assert_eq!(outcome(&plain_a), Ok(WebhookOutcome::Applied));
+    assert_eq!(outcome(&late), Ok(WebhookOutcome::Ignored));
+    assert_status(unknown_a, Code::NotFound, "NOT_FOUND");
+
+    // Every order settled once: the audit recomputes the counters from the rows.
+    server.assert_consistent().await;
 }

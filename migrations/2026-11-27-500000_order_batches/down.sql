@@ -1,2 +1,0 @@
--- Back to one order per statement.
-DROP FUNCTION create_orders(uuid[], uuid[], interval);
