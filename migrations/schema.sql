@@ -810,8 +810,10 @@ $$;
 --   before, an order already final or past its deadline, an amount that disagrees, an
 --   unknown order, a second request for one order.
 -- - Returns the orders it settled, as they are now.
--- - A key named twice, or stored by a transaction that committed after this one looked,
---   fails the call with unique_violation; nothing of it stays.
+-- - Stores the events in key order, so two calls storing the same keys wait for each
+--   other in one order, never in a cycle. A key named twice, or stored by a transaction
+--   that committed after this one looked, fails the call with unique_violation; nothing of
+--   it stays.
 CREATE FUNCTION apply_payments(callers text[], keys text[], order_ids uuid[],
     results text[], failure_reasons text[], amounts int8[])
 RETURNS SETOF orders
@@ -856,6 +858,7 @@ BEGIN
         SELECT p.caller, p.key, p.order_id, p.result, p.failure_reason, p.amount, 'applied',
                p.order_id, CASE p.result WHEN 'success' THEN 'paid' ELSE 'cancelled' END, now()
           FROM applied p
+         ORDER BY p.caller, p.key
     )
     SELECT * FROM settled;
 END;
