@@ -26,6 +26,14 @@ pub trait BatchWork: Send + Sync + 'static {
     fn run(&self, requests: Vec<Self::Request>) -> impl Future<Output = Vec<Self::Answer>> + Send;
 }
 
+/// What a batch did for one call.
+pub enum Batched<T> {
+    /// It did the call's work (committed); this is the result.
+    Done(T),
+    /// It left the call alone: the caller handles it on its own.
+    LeftAlone,
+}
+
 /// A caller waiting in a [`Batcher`]'s queue.
 struct Waiting<W: BatchWork> {
     /// What it asked.

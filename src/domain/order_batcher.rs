@@ -15,21 +15,13 @@ use chrono::TimeDelta;
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::BatchWork;
+use super::coalesce::{BatchWork, Batched};
 use crate::db::DbPool;
 use crate::db::models::Order;
 use crate::db::orders::create_orders;
 
 /// Largest number of calls one transaction carries.
 pub const MAX_BATCH: usize = 512;
-
-/// What a batch did for one call.
-pub enum Batched<T> {
-    /// It did the call's work (committed); this is the result.
-    Done(T),
-    /// It left the call alone: the caller handles it on its own.
-    LeftAlone,
-}
 
 /// CreateOrder batches: a hold id per request.
 pub struct OrderBatches {

@@ -6,8 +6,8 @@ use chrono::TimeDelta;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
+use super::coalesce::Batched;
 use super::holds::end_holds;
-use super::order_batcher::Batched;
 use super::settlement::{apply_deferred_events, cancel_orders, order_total_cents};
 use super::{Checkout, DomainError};
 use crate::db::holds::{lock_hold, set_holds_status};

@@ -15,8 +15,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::BatchWork;
-use super::order_batcher::Batched;
+use super::coalesce::{BatchWork, Batched};
 use super::payments::{PaymentTarget, PaymentWebhook};
 use crate::db::DbPool;
 use crate::db::models::Order;

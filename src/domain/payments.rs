@@ -5,7 +5,7 @@
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
-use super::order_batcher::Batched;
+use super::coalesce::Batched;
 use super::settlement::{cancel_orders, final_order_outcome, order_total_cents, settle};
 use super::{Caller, Checkout, DomainError, check_key, check_text, retryable};
 use crate::db::holds::lock_hold;
