@@ -1,5 +1,5 @@
--- CreateOrder and HandlePaymentWebhook batches: many holds become orders, many payments
--- settle their orders, in one statement each.
+-- CreateOrder, HandlePaymentWebhook and ReleaseHold batches: many holds become orders, many
+-- payments settle their orders, many holds are released, in one statement each.
 
 -- create_orders: turns active holds into pending orders, any number in one statement (the
 -- CreateOrder batches).
@@ -124,5 +124,38 @@ BEGIN
          ORDER BY p.caller, p.key
     )
     SELECT * FROM settled;
+END;
+$$;
+
+-- release_holds: gives active holds' units back, any number in one statement (the
+-- ReleaseHold batches).
+-- - Locks the named holds FOR UPDATE in id order (it locks no order and no product: the
+--   order every transaction takes them in), then decides under those locks, in a statement
+--   of its own, so it sees every change committed before its locks were granted.
+-- - Releases each hold that is 'active' (whatever its expiry: a release before the reaper
+--   gets there is still a release) and has no payment waiting on it ('deferred' events):
+--   marks it 'released' and records its units going back as one counter movement, folded
+--   later. A hold named twice is released once.
+-- - Leaves every other hold as it was, and unknown ids are skipped: the caller handles
+--   each alone (a hold already released, expired or converted, payments waiting to be
+--   closed, a hold not found).
+-- - Returns the holds it released, as they are now.
+CREATE FUNCTION release_holds(hold_ids uuid[])
+RETURNS SETOF holds
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM holds WHERE id = ANY (hold_ids) ORDER BY id FOR UPDATE;
+    RETURN QUERY
+    WITH released AS (
+        UPDATE holds h SET status = 'released', updated_at = now()
+         WHERE h.id = ANY (hold_ids) AND h.status = 'active'
+           AND NOT EXISTS (SELECT 1 FROM payment_events e
+                            WHERE e.target_hold_id = h.id AND e.outcome = 'deferred')
+        RETURNING h.*
+    ), moved AS (
+        INSERT INTO stock_movements (product_id, hold_id, reserved_delta, sold_delta)
+        SELECT r.product_id, r.id, -r.qty, 0 FROM released r
+    )
+    SELECT * FROM released;
 END;
 $$;

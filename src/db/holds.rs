@@ -52,6 +52,21 @@ pub async fn find_hold_by_client_request_id(
         .optional()
 }
 
+/// Releases the active holds of `hold_ids` that have no payment waiting on them, in one
+/// statement (the database function `release_holds`): each is marked released and its
+/// units go back as a counter movement. Returns the holds released; the others are the
+/// caller's to handle one by one.
+pub async fn release_holds(
+    conn: &mut AsyncPgConnection,
+    hold_ids: &[Uuid],
+) -> QueryResult<Vec<Hold>> {
+    CachedSql::new("SELECT * FROM release_holds(")
+        .bind::<Array<SqlUuid>, _>(hold_ids)
+        .sql(")")
+        .load(conn)
+        .await
+}
+
 /// Moves holds to `status` in one statement that stays prepared (see [`CachedSql`]): one
 /// hold by its id, several (a reaper sweep) by an array; returns them as they are now.
 pub async fn set_holds_status(

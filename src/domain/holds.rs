@@ -4,6 +4,7 @@ use chrono::TimeDelta;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use uuid::Uuid;
 
+use super::coalesce::Batched;
 use super::{Caller, Checkout, DomainError, check_key};
 use crate::db::holds as queries;
 use crate::db::models::{Hold, HoldStatus};
@@ -59,8 +60,28 @@ impl Checkout {
     }
 
     /// Gives an active hold's units back now. Releasing a released or expired hold changes
-    /// nothing and answers with it; a converted hold is refused.
+    /// nothing and answers with it; a converted hold is refused. Concurrent calls share a
+    /// transaction (see [`super::release_batcher`]); what their batch leaves alone is
+    /// handled here, one hold per transaction.
     pub async fn release_hold(&self, id: Uuid) -> Result<Hold, DomainError> {
+        let batched = self.release_batcher.submit(id).await.unwrap_or_else(|| {
+            Err(DomainError::internal(
+                "release batch ended without an answer",
+            ))
+        })?;
+        match batched {
+            Batched::Done(hold) => {
+                log_release(&hold);
+                self.fold_after_commit(&[hold.product_id]).await;
+                Ok(hold)
+            }
+            Batched::LeftAlone => self.release_hold_alone(id).await,
+        }
+    }
+
+    /// ReleaseHold for one hold, in a transaction of its own: every case, the rare ones
+    /// included (a hold already ended or converted, payments waiting on it to close).
+    async fn release_hold_alone(&self, id: Uuid) -> Result<Hold, DomainError> {
         let mut conn = self.conn().await?;
         let (hold, moved) = conn
             .transaction(async |conn| {
@@ -83,8 +104,7 @@ impl Checkout {
             .await?;
         drop(conn);
         if moved.is_some() {
-            tracing::info!(hold_id = %id, product_id = %hold.product_id, qty = hold.qty, "hold released");
-            crate::metrics::hold_released();
+            log_release(&hold);
         }
         self.fold_after_commit(moved.as_slice()).await;
         Ok(hold)
@@ -196,6 +216,12 @@ pub(super) async fn end_holds(
         .collect();
     insert_movements(conn, &movements).await?;
     Ok(ended)
+}
+
+/// Logs and counts a release that committed.
+fn log_release(hold: &Hold) {
+    tracing::info!(hold_id = %hold.id, product_id = %hold.product_id, qty = hold.qty, "hold released");
+    crate::metrics::hold_released();
 }
 
 /// A retried CreateHold gets the original hold; the same key for another request is refused.

@@ -15,6 +15,7 @@ pub mod payments;
 pub mod products;
 pub mod reaper;
 pub mod refunds;
+pub mod release_batcher;
 pub mod settlement;
 pub mod stock_folder;
 pub mod waitlist;
@@ -33,6 +34,7 @@ pub use error::DomainError;
 use hold_batcher::HoldBatcher;
 use order_batcher::OrderBatches;
 use payment_batcher::PaymentBatches;
+use release_batcher::ReleaseBatches;
 use stock_folder::StockFolder;
 use uuid::Uuid;
 
@@ -90,6 +92,8 @@ pub struct Checkout {
     order_batcher: Arc<Batcher<OrderBatches>>,
     /// Gathers concurrent webhook deliveries for orders into shared transactions.
     payment_batcher: Arc<Batcher<PaymentBatches>>,
+    /// Gathers concurrent ReleaseHold calls into shared transactions.
+    release_batcher: Arc<Batcher<ReleaseBatches>>,
     /// Folds counter movements (settlements, releases) into their products, many per statement.
     stock_folder: Arc<StockFolder>,
     /// The latest stock states, fanned out to this process's WatchAvailability streams; fed
@@ -138,6 +142,12 @@ impl Checkout {
             payment_batcher::MAX_BATCH,
             io.clone(),
         );
+        let release_batcher = Batcher::new(
+            ReleaseBatches { pool: pool.clone() },
+            settings.hold_batch_lanes,
+            release_batcher::MAX_BATCH,
+            io.clone(),
+        );
         let stock_folder = StockFolder::new(pool.clone(), io);
         Checkout {
             pool,
@@ -145,6 +155,7 @@ impl Checkout {
             hold_batcher,
             order_batcher,
             payment_batcher,
+            release_batcher,
             stock_folder,
             availability: Arc::new(AvailabilityHub::default()),
             waitlist: waitlist::WaitlistHub::default(),

@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-use flashsale::grpc::pb::{GetHoldRequest, HoldStatus, OrderStatus};
+use flashsale::grpc::pb::{GetHoldRequest, HoldStatus, OrderStatus, WebhookOutcome};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_status, get_hold, get_order, get_product, hold,
-    order, release, try_hold, try_order, try_release,
+    Counters, TestServer, assert_counters, assert_status, commit, deliver, eventually, get_hold,
+    get_order, get_product, hold, lock_rows, on_hold, order, release, success, try_hold, try_order,
+    try_release, waiting_on_locks,
 };
 
 /// A protobuf timestamp as a chrono instant.
@@ -318,5 +319,105 @@ async fn concurrent_releases_return_units_exactly_once() {
         assert_eq!(released.status(), HoldStatus::Released);
     }
     assert_counters(&server, &product, Counters::stock(100).reserved(50).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Batches: concurrent ReleaseHold calls share a transaction; each gets its own answer.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_releases_answers_each_hold_for_what_it_is() {
+    let server = TestServer::start().await;
+    let product = server.product("mug", 100, 20).await;
+    let mut checkout = server.checkout().await;
+    let first = hold(&mut checkout, &product.id, 1).await;
+    let second = hold(&mut checkout, &product.id, 2).await;
+    let gone = hold(&mut checkout, &product.id, 1).await;
+    release(&mut checkout, &gone.hold_id).await;
+    let ordered = hold(&mut checkout, &product.id, 1).await;
+    order(&mut checkout, &ordered.hold_id).await;
+    let prepaid = hold(&mut checkout, &product.id, 3).await;
+    let early = success("evt-early", on_hold(&prepaid.hold_id), 300);
+    assert_eq!(
+        deliver(&mut checkout, early.clone()).await.outcome(),
+        WebhookOutcome::Deferred
+    );
+    let unknown = uuid::Uuid::now_v7().to_string();
+
+    // One release waits for its hold's row; every other call queues behind its batch and
+    // goes in the next one, together.
+    let blocker = hold(&mut checkout, &product.id, 1).await;
+    let mut lock = lock_rows(&server, "holds", std::slice::from_ref(&blocker.hold_id)).await;
+    let blocked = {
+        let mut checkout = server.checkout().await;
+        let hold_id = blocker.hold_id.clone();
+        tokio::spawn(async move { try_release(&mut checkout, &hold_id).await })
+    };
+    eventually("the first batch to wait for its hold", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    let targets = [
+        &first.hold_id,
+        &second.hold_id,
+        &first.hold_id,
+        &gone.hold_id,
+        &ordered.hold_id,
+        &prepaid.hold_id,
+        &unknown,
+    ];
+    let calls: Vec<_> = targets
+        .iter()
+        .map(|hold_id| {
+            let (server, hold_id) = (&server, hold_id.to_string());
+            async move { try_release(&mut server.checkout().await, &hold_id).await }
+        })
+        .collect();
+    let unlock = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        commit(&mut lock).await;
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(calls), unlock);
+    blocked.await.unwrap().expect("the blocked release is made");
+
+    let [
+        first_a,
+        second_a,
+        first_again,
+        gone_a,
+        ordered_a,
+        prepaid_a,
+        unknown_a,
+    ] = <[_; 7]>::try_from(answers).unwrap();
+    for (answer, hold) in [
+        (first_a, &first),
+        (first_again, &first),
+        (second_a, &second),
+    ] {
+        let released = answer.expect("an active hold is released");
+        assert_eq!(
+            (released.hold_id.as_str(), released.status()),
+            (hold.hold_id.as_str(), HoldStatus::Released)
+        );
+    }
+    assert_eq!(
+        gone_a.expect("released before").status(),
+        HoldStatus::Released
+    );
+    assert_status(ordered_a, Code::FailedPrecondition, "HOLD_CONVERTED");
+    assert_eq!(
+        prepaid_a.expect("a hold paid before its order").status(),
+        HoldStatus::Released
+    );
+    // Its payment bought nothing: a refund is owed, and said on every redelivery.
+    assert_eq!(
+        deliver(&mut checkout, early).await.outcome(),
+        WebhookOutcome::RefundRequired
+    );
+    assert_status(unknown_a, Code::NotFound, "NOT_FOUND");
+
+    // Still held: the ordered unit only.
+    assert_counters(&server, &product, Counters::stock(20).reserved(1).sold(0)).await;
     server.assert_consistent().await;
 }
