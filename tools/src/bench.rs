@@ -1,14 +1,14 @@
-//! `flashsale-tools bench`: the hot-product throughput benchmark, side by side in one run. On one
-//! fresh, durable PostgreSQL it measures PostgreSQL's own one-hold-per-commit ceiling with
-//! pgbench (the `atomic` shape of `shared/bench/pg_limit.sh`: a guarded UPDATE plus an
-//! INSERT per transaction, at each client count, keeping the best), then runs rounds of:
-//! the full gRPC server (`flashsale serve` as a child process) under `flashsale-tools load
-//! hot-holds`, then under `many-products` (each with a server and database of its own),
-//! then pgbench again at its best client count. A round's ratio to the ceiling uses the mean
-//! of the pgbench readings on either side of it. It prints each round's figures and the
-//! median ratios: the shared machine's speed drifts by tens of percent within minutes, so
-//! one round alone says little.
-
+//! `flashsale-tools bench`: the throughput benchmark, side by side in one run. On one
+//! fresh, durable PostgreSQL it measures PostgreSQL's own ceilings with pgbench, the shapes
+//! of `shared/bench/pg_limit.sh` at each client count, keeping the best: `atomic` (one hold
+//! per commit: a guarded UPDATE plus an INSERT) and `full` (the whole purchase, one commit
+//! per step: hold; order; payment). Then it runs rounds of: the full gRPC server
+//! (`flashsale serve` as a child process) under `flashsale-tools load hot-holds`, then
+//! under `many-products`, then pgbench `atomic` again; then the server under `flash-crowd`
+//! and pgbench `full` again (each server run with a server and database of its own). A
+//! round's ratio to a ceiling uses the mean of the pgbench readings on either side of its
+//! run. It prints each round's figures and the median ratios: the shared machine's speed
+//! drifts by tens of percent within minutes, so one round alone says little.
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use clap::Args;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use tokio::process::{Child, Command};
 
+use crate::load::flash_crowd::{self, Abandon, CrowdFigures, FlashCrowdArgs};
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
 
@@ -36,14 +37,55 @@ CREATE TABLE holds (id bigserial PRIMARY KEY, product_id bigint NOT NULL REFEREN
     qty int NOT NULL, status text NOT NULL DEFAULT 'active', expires_at timestamptz NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX ON holds (expires_at) WHERE status = 'active';
+CREATE TABLE orders (id bigserial PRIMARY KEY, hold_id bigint NOT NULL UNIQUE REFERENCES holds (id),
+    status text NOT NULL DEFAULT 'pending', total bigint NOT NULL);
+CREATE TABLE payment_events (key text PRIMARY KEY, order_id bigint REFERENCES orders (id),
+    status text NOT NULL);
 INSERT INTO products VALUES (1, 1000000000000, 0, 0);";
 
+/// A pgbench script of `pg_limit.sh`, and what one of its transactions (scripts) is.
+struct Shape {
+    /// Its name in `pg_limit.sh`.
+    name: &'static str,
+    /// The script.
+    script: &'static str,
+    /// What one script run is: a hold, a buyer.
+    unit: &'static str,
+}
+
 /// One hold per transaction: the ceiling of any server that commits each hold on its own.
-const BASELINE_SCRIPT: &str = "BEGIN;
+const ATOMIC: Shape = Shape {
+    name: "atomic",
+    script: "BEGIN;
 UPDATE products SET reserved = reserved + 1 WHERE id = 1 AND stock_total - reserved - sold >= 1;
 INSERT INTO holds (product_id, qty, expires_at) VALUES (1, 1, now() + interval '2 minutes');
 END;
-";
+",
+    unit: "holds",
+};
+
+/// The whole purchase one commit per step (hold; order; payment): the ceiling of any server
+/// that commits each step of each buyer on its own.
+const FULL: Shape = Shape {
+    name: "full",
+    script: "BEGIN;
+UPDATE products SET reserved = reserved + 1 WHERE id = 1 AND stock_total - reserved - sold >= 1;
+INSERT INTO holds (product_id, qty, expires_at) VALUES (1, 1, now() + interval '2 minutes') RETURNING id \\gset h_
+END;
+BEGIN;
+SELECT status FROM holds WHERE id = :h_id FOR UPDATE;
+UPDATE holds SET status = 'converted' WHERE id = :h_id;
+INSERT INTO orders (hold_id, total) VALUES (:h_id, 100) RETURNING id \\gset o_
+END;
+BEGIN;
+INSERT INTO payment_events (key, order_id, status) VALUES ('evt-' || :o_id, :o_id, 'paid');
+SELECT status FROM orders WHERE id = :o_id FOR UPDATE;
+UPDATE orders SET status = 'paid' WHERE id = :o_id;
+UPDATE products SET reserved = reserved - 1, sold = sold + 1 WHERE id = 1;
+END;
+",
+    unit: "buyers",
+};
 
 /// Options of `flashsale-tools bench`.
 #[derive(Debug, Clone, Args)]
@@ -63,6 +105,9 @@ pub struct BenchArgs {
     /// Products of the many-products run.
     #[arg(long, default_value_t = 64)]
     pub products: usize,
+    /// Buyers of the flash-crowd run (for three quarters as many units).
+    #[arg(long, default_value_t = 20_000)]
+    pub crowd_buyers: usize,
     /// Rounds of hot-holds, many-products and pgbench; the medians of their ratios are
     /// the result.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
@@ -112,39 +157,48 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// pgbench's one-hold-per-commit rate at its best client count, measured before a round
-/// and again right after it: the shared machine's speed drifts by tens of percent within
-/// minutes, so the round's ratio uses the mean and both readings are printed.
+/// A pgbench shape's rate at its best client count, measured before a round and again
+/// right after it: the shared machine's speed drifts by tens of percent within minutes, so
+/// the round's ratio uses the mean and both readings are printed.
 struct Baseline {
     /// The best of the client counts tried.
     clients: u32,
-    /// Holds per second before the round.
+    /// Scripts (holds, buyers) per second before the round.
     before: f64,
-    /// Holds per second right after the round.
+    /// Scripts per second right after the round.
     after: f64,
 }
 
 impl Baseline {
     /// The mean of the two readings.
-    fn holds_per_second(&self) -> f64 {
+    fn per_second(&self) -> f64 {
         (self.before + self.after) / 2.0
     }
 }
 
 /// One round's figures.
 struct Round {
-    /// The ceiling on either side of the round.
+    /// The one-hold-per-commit ceiling on either side of the holds runs.
     baseline: Baseline,
     /// `hot-holds`: one product.
     hot: HoldsFigures,
     /// `many-products`.
     many: HoldsFigures,
+    /// The whole-purchase ceiling on either side of the flash crowd.
+    full: Baseline,
+    /// `flash-crowd`.
+    crowd: CrowdFigures,
 }
 
 impl Round {
     /// hot-holds over the one-hold-per-commit ceiling.
     fn hot_over_baseline(&self) -> f64 {
-        self.hot.holds_per_second / self.baseline.holds_per_second()
+        self.hot.holds_per_second / self.baseline.per_second()
+    }
+
+    /// flash-crowd over the whole-purchase ceiling.
+    fn crowd_over_full(&self) -> f64 {
+        self.crowd.buyers_per_second / self.full.per_second()
     }
 
     /// many-products over hot-holds.
@@ -159,24 +213,34 @@ async fn measure(
     postgres: &LocalPostgres,
     workdir: &Path,
 ) -> Result<Vec<Round>, BenchError> {
-    let (clients, mut before) = pgbench_baseline(args, postgres, workdir).await?;
+    prepare_pgbench(postgres).await?;
+    let (clients, mut before) = pgbench_best(args, postgres, workdir, &ATOMIC).await?;
+    let (full_clients, mut full_before) = pgbench_best(args, postgres, workdir, &FULL).await?;
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         println!("\n== round {round} of {} ==", args.rounds);
         let hot = server_run(args, postgres, "hot-holds", 1, round).await?;
         let many = server_run(args, postgres, "many-products", args.products, round).await?;
-        let after = rerun_pgbench(args, postgres, workdir, clients).await?;
-        let baseline = Baseline {
-            clients,
-            before,
-            after,
-        };
+        let after = pgbench_again(args, postgres, workdir, &ATOMIC, clients).await?;
+        let crowd = crowd_run(args, postgres, round).await?;
+        let full_after = pgbench_again(args, postgres, workdir, &FULL, full_clients).await?;
         rounds.push(Round {
-            baseline,
+            baseline: Baseline {
+                clients,
+                before,
+                after,
+            },
             hot,
             many,
+            full: Baseline {
+                clients: full_clients,
+                before: full_before,
+                after: full_after,
+            },
+            crowd,
         });
         before = after;
+        full_before = full_after;
     }
     Ok(rounds)
 }
@@ -190,6 +254,46 @@ async fn server_run(
     products: usize,
     round: u32,
 ) -> Result<HoldsFigures, BenchError> {
+    let (server, processes) = start_server(args, postgres, scenario, round).await?;
+    let figures = holds_run(args, &server.url, scenario, products, &processes).await;
+    server.stop().await?;
+    figures
+}
+
+/// A flash crowd of `--crowd-buyers` buyers for three quarters as many units (10% of
+/// payments failing, 10% of buyers releasing their hold), against a server and database of
+/// its own.
+async fn crowd_run(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    round: u32,
+) -> Result<CrowdFigures, BenchError> {
+    let (server, _processes) = start_server(args, postgres, "flash-crowd", round).await?;
+    let crowd = FlashCrowdArgs {
+        crowd: Crowd {
+            clients: args.clients,
+            connections: args.connections,
+        },
+        buyers: args.crowd_buyers,
+        stock: (args.crowd_buyers as i64) * 3 / 4,
+        fail_ratio: 0.1,
+        abandon_ratio: 0.1,
+        abandon: Abandon::Release,
+    };
+    println!();
+    let figures = flash_crowd::run(&Server::open(&server.url), crowd).await;
+    server.stop().await?;
+    figures
+}
+
+/// `flashsale serve` on a fresh database of its own, started after a CHECKPOINT: no run
+/// inherits another's rows, autovacuum work or checkpoint.
+async fn start_server(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    scenario: &str,
+    round: u32,
+) -> Result<(ServerProcess, Processes), BenchError> {
     let database = format!("flashsale_{}_{round}", scenario.replace('-', "_"));
     db::create_database_if_missing(&postgres.url("postgres").parse()?, &database).await?;
     let server = ServerProcess::start(
@@ -206,27 +310,31 @@ async fn server_run(
         server: server.child.id().unwrap_or_default(),
         postgres: postgres.pid().unwrap_or_default(),
     };
-    let figures = holds_run(args, &server.url, scenario, products, &processes).await;
-    server.stop().await?;
-    figures
+    Ok((server, processes))
 }
 
-/// pgbench's best one-hold-per-commit rate: `(clients, holds per second)`.
-async fn pgbench_baseline(
-    args: &BenchArgs,
-    postgres: &LocalPostgres,
-    workdir: &Path,
-) -> Result<(u32, f64), BenchError> {
+/// The database the pgbench shapes run on (`pg_limit.sh`'s schema).
+async fn prepare_pgbench(postgres: &LocalPostgres) -> Result<(), BenchError> {
     db::create_database_if_missing(&postgres.url("postgres").parse()?, "pgbench").await?;
     let mut conn = AsyncPgConnection::establish(&postgres.url("pgbench")).await?;
     conn.batch_execute(BASELINE_SCHEMA).await?;
-    let script = workdir.join("atomic.sql");
-    std::fs::write(&script, BASELINE_SCRIPT)?;
-    let pgbench = find_postgres_bin()?.join("pgbench");
+    Ok(())
+}
+
+/// pgbench's best rate of `shape` over the client counts: `(clients, scripts per second)`.
+async fn pgbench_best(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    workdir: &Path,
+    shape: &Shape,
+) -> Result<(u32, f64), BenchError> {
     let mut best = (0, 0.0);
     for &clients in &args.pgbench_clients {
-        let tps = run_pgbench(&pgbench, postgres, clients, args.duration, &script).await?;
-        println!("baseline pgbench atomic: {clients} clients: {tps:.0} holds/s");
+        let tps = run_shape(args, postgres, workdir, shape, clients).await?;
+        println!(
+            "baseline pgbench {}: {clients} clients: {tps:.0} {}/s",
+            shape.name, shape.unit
+        );
         if tps > best.1 {
             best = (clients, tps);
         }
@@ -234,22 +342,37 @@ async fn pgbench_baseline(
     Ok(best)
 }
 
-/// The baseline again at `clients`, on the database and script `pgbench_baseline` made.
-async fn rerun_pgbench(
+/// `shape` again at `clients`.
+async fn pgbench_again(
     args: &BenchArgs,
     postgres: &LocalPostgres,
     workdir: &Path,
+    shape: &Shape,
     clients: u32,
 ) -> Result<f64, BenchError> {
-    let pgbench = find_postgres_bin()?.join("pgbench");
-    let script = workdir.join("atomic.sql");
-    let tps = run_pgbench(&pgbench, postgres, clients, args.duration, &script).await?;
-    println!("baseline pgbench atomic again: {clients} clients: {tps:.0} holds/s");
+    let tps = run_shape(args, postgres, workdir, shape, clients).await?;
+    println!(
+        "baseline pgbench {} again: {clients} clients: {tps:.0} {}/s",
+        shape.name, shape.unit
+    );
     Ok(tps)
 }
 
-/// One pgbench run over the private cluster's Unix socket; its transactions per second
-/// (one hold each).
+/// One pgbench run of `shape` at `clients`, its script written to `workdir`.
+async fn run_shape(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    workdir: &Path,
+    shape: &Shape,
+    clients: u32,
+) -> Result<f64, BenchError> {
+    let script = workdir.join(format!("{}.sql", shape.name));
+    std::fs::write(&script, shape.script)?;
+    let pgbench = find_postgres_bin()?.join("pgbench");
+    run_pgbench(&pgbench, postgres, clients, args.duration, &script).await
+}
+
+/// One pgbench run over the private cluster's Unix socket; its scripts per second.
 async fn run_pgbench(
     pgbench: &PathBuf,
     postgres: &LocalPostgres,
@@ -375,7 +498,7 @@ fn print_comparison(args: &BenchArgs, rounds: &[Round]) {
             "{:<5}  {:>7.0} ({:.0} / {:.0}){:>13}  {:>9.0}  {:>5.1} / {:<5.1}  {:>5.1}x  \
              {:>13.0}  {:>5.1} / {:<5.1}  {:>7.2}x",
             number + 1,
-            round.baseline.holds_per_second(),
+            round.baseline.per_second(),
             round.baseline.before,
             round.baseline.after,
             "",
@@ -396,6 +519,37 @@ fn print_comparison(args: &BenchArgs, rounds: &[Round]) {
         rounds.len(),
         median(hot_ratios),
         median(many_ratios)
+    );
+    println!();
+    println!(
+        "== the whole purchase: one-commit-per-step ceiling (pgbench full) vs. the server \
+         (flash-crowd, {} buyers, {} clients) ==",
+        args.crowd_buyers, args.clients
+    );
+    println!(
+        "round  pgbench full ({} clients; before / after)  flash-crowd buyers/s  worst p99 ms   ratio",
+        first.full.clients
+    );
+    for (number, round) in rounds.iter().enumerate() {
+        let (p99, rpc) = round.crowd.worst_p99;
+        println!(
+            "{:<5}  {:>7.0} ({:.0} / {:.0}){:>18}  {:>20.0}  {:>6.1} {:<22}  {:>5.1}x",
+            number + 1,
+            round.full.per_second(),
+            round.full.before,
+            round.full.after,
+            "",
+            round.crowd.buyers_per_second,
+            ms(p99),
+            format!("({rpc})"),
+            round.crowd_over_full(),
+        );
+    }
+    let crowd_ratios: Vec<f64> = rounds.iter().map(Round::crowd_over_full).collect();
+    println!(
+        "median of {} rounds: flash-crowd / pgbench full {:.1}x",
+        rounds.len(),
+        median(crowd_ratios)
     );
 }
 

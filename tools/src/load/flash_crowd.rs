@@ -59,7 +59,7 @@ pub enum Abandon {
 }
 
 /// `flashsale-tools load flash-crowd`.
-pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<(), LoadError> {
+pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<CrowdFigures, LoadError> {
     let connections = connect(server, args.crowd.connections).await?;
     let (run, seed) = run_id();
     let label = format!("flash-crowd {run}");
@@ -74,7 +74,38 @@ pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<(), LoadError>
     });
     let outcome = crowd(&plan, &connections).await?;
     print_summary(&args, &product_id, &outcome);
-    check(&args, &connections[0], &product_id, &outcome).await
+    check(&args, &connections[0], &product_id, &outcome).await?;
+    Ok(CrowdFigures::of(&args, &outcome))
+}
+
+/// The headline figures of a flash crowd, for `flashsale-tools bench`.
+#[derive(Debug, Clone, Copy)]
+pub struct CrowdFigures {
+    /// Buyers served per second, from the first call to the last answer.
+    pub buyers_per_second: f64,
+    /// The highest 99th percentile latency of any kind of call, and that call.
+    pub worst_p99: (Duration, &'static str),
+}
+
+impl CrowdFigures {
+    /// The figures of a finished crowd.
+    fn of(args: &FlashCrowdArgs, outcome: &CrowdOutcome) -> CrowdFigures {
+        let rpcs = [
+            Rpc::CreateHold,
+            Rpc::CreateOrder,
+            Rpc::HandlePaymentWebhook,
+            Rpc::ReleaseHold,
+        ];
+        let worst_p99 = rpcs
+            .into_iter()
+            .filter_map(|rpc| Some((outcome.recorder.latency_at(rpc, 0.99)?, rpc.name())))
+            .max()
+            .unwrap_or((Duration::ZERO, "none"));
+        CrowdFigures {
+            buyers_per_second: per_second(args.buyers as u64, outcome.elapsed),
+            worst_p99,
+        }
+    }
 }
 
 /// What every client of the crowd shares.

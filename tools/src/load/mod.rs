@@ -19,7 +19,7 @@
 mod checks;
 mod conn;
 pub use conn::Server;
-mod flash_crowd;
+pub mod flash_crowd;
 pub mod hot_holds;
 pub mod many_products;
 pub mod procfs;
@@ -93,7 +93,7 @@ pub struct Budget {
 pub async fn run(args: LoadArgs) -> Result<(), LoadError> {
     match args.scenario {
         Scenario::HotHolds(scenario) => hot_holds::run(&args.server, scenario).await.map(drop),
-        Scenario::FlashCrowd(scenario) => flash_crowd::run(&args.server, scenario).await,
+        Scenario::FlashCrowd(scenario) => flash_crowd::run(&args.server, scenario).await.map(drop),
         Scenario::ManyProducts(scenario) => {
             many_products::run(&args.server, scenario).await.map(drop)
         }
