@@ -3,7 +3,8 @@
 //! of `shared/bench/pg_limit.sh` at each client count, keeping the best: `atomic` (one hold
 //! per commit: a guarded UPDATE plus an INSERT) and `full` (the whole purchase, one commit
 //! per step: hold; order; payment). Then it runs rounds of: the full gRPC server
-//! (`flashsale serve` as a child process) under `flashsale-tools load hot-holds`, then
+//! (`flashsale serve` as a child process) under `flashsale-tools load hot-holds` and then
+//! `health-checks` (the rate of a call with no database work, same server and crowd), then
 //! under `many-products`, then pgbench `atomic` again; then the server under `flash-crowd`
 //! and pgbench `full` again (each server run with a server and database of its own). A
 //! round's ratio to a ceiling uses the mean of the pgbench readings on either side of its
@@ -18,6 +19,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use tokio::process::{Child, Command};
 
 use crate::load::flash_crowd::{self, Abandon, CrowdFigures, FlashCrowdArgs};
+use crate::load::health_checks::{self, HealthChecksArgs, HealthFigures};
 use crate::load::hot_holds::{HoldsFigures, HoldsPlan, UNLIMITED_STOCK, run_plan};
 use crate::load::many_products::Pick;
 
@@ -182,6 +184,8 @@ struct Round {
     baseline: Baseline,
     /// `hot-holds`: one product.
     hot: HoldsFigures,
+    /// `health-checks` on the hot-holds server: the ceiling of a call.
+    health: HealthFigures,
     /// `many-products`.
     many: HoldsFigures,
     /// The whole-purchase ceiling on either side of the flash crowd.
@@ -194,6 +198,11 @@ impl Round {
     /// hot-holds over the one-hold-per-commit ceiling.
     fn hot_over_baseline(&self) -> f64 {
         self.hot.holds_per_second / self.baseline.per_second()
+    }
+
+    /// hot-holds over the health-check rate of the same server.
+    fn hot_over_health(&self) -> f64 {
+        self.hot.holds_per_second / self.health.calls_per_second
     }
 
     /// flash-crowd over the whole-purchase ceiling.
@@ -219,7 +228,7 @@ async fn measure(
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         println!("\n== round {round} of {} ==", args.rounds);
-        let hot = server_run(args, postgres, "hot-holds", 1, round).await?;
+        let (hot, health) = hot_run(args, postgres, round).await?;
         let many = server_run(args, postgres, "many-products", args.products, round).await?;
         let after = pgbench_again(args, postgres, workdir, &ATOMIC, clients).await?;
         let crowd = crowd_run(args, postgres, round).await?;
@@ -231,6 +240,7 @@ async fn measure(
                 after,
             },
             hot,
+            health,
             many,
             full: Baseline {
                 clients: full_clients,
@@ -258,6 +268,33 @@ async fn server_run(
     let figures = holds_run(args, &server.url, scenario, products, &processes).await;
     server.stop().await?;
     figures
+}
+
+/// `hot-holds`, then `health-checks` on the same server with the same crowd: the rate of
+/// a gRPC call that does no database work, through the same server and load driver.
+async fn hot_run(
+    args: &BenchArgs,
+    postgres: &LocalPostgres,
+    round: u32,
+) -> Result<(HoldsFigures, HealthFigures), BenchError> {
+    let (server, processes) = start_server(args, postgres, "hot-holds", round).await?;
+    let holds = holds_run(args, &server.url, "hot-holds", 1, &processes).await;
+    let health = match holds {
+        Ok(_) => {
+            println!();
+            let checks = HealthChecksArgs {
+                crowd: Crowd {
+                    clients: args.clients,
+                    connections: args.connections,
+                },
+                duration: Some(args.duration),
+            };
+            health_checks::run(&Server::open(&server.url), checks).await
+        }
+        Err(_) => Err("hot-holds failed".into()),
+    };
+    server.stop().await?;
+    Ok((holds?, health?))
 }
 
 /// A flash crowd of `--crowd-buyers` buyers for three quarters as many units (10% of
@@ -519,6 +556,28 @@ fn print_comparison(args: &BenchArgs, rounds: &[Round]) {
         rounds.len(),
         median(hot_ratios),
         median(many_ratios)
+    );
+    println!();
+    println!(
+        "== a call's ceiling: Health/Check (no database) vs. hot-holds, same server, {} clients ==",
+        args.clients
+    );
+    println!("round  health-checks calls/s  p99 ms  hot-holds  hot/health");
+    for (number, round) in rounds.iter().enumerate() {
+        println!(
+            "{:<5}  {:>21.0}  {:>6.1}  {:>9.0}  {:>9.0}%",
+            number + 1,
+            round.health.calls_per_second,
+            ms(round.health.p99),
+            round.hot.holds_per_second,
+            round.hot_over_health() * 100.0,
+        );
+    }
+    let health_ratios: Vec<f64> = rounds.iter().map(Round::hot_over_health).collect();
+    println!(
+        "median of {} rounds: hot-holds / health-checks {:.0}%",
+        rounds.len(),
+        median(health_ratios) * 100.0
     );
     println!();
     println!(

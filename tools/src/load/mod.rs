@@ -8,6 +8,8 @@
 //! - [`flash_crowd`]: buyers hold, order and pay (or fail, or walk away) on a small stock.
 //! - [`watchers`]: thousands of `WatchAvailability` streams and the delivery latency of
 //!   stock changes to all of them.
+//! - [`health_checks`]: `grpc.health.v1.Health/Check` as fast as it goes: the ceiling of a
+//!   gRPC call, no database.
 //!
 //! Shared pieces: [`conn`] (connections, products), [`stats`] (per-client latency histograms
 //! and status counts merged at the end, the progress line), [`checks`] (the final checks
@@ -20,6 +22,7 @@ mod checks;
 mod conn;
 pub use conn::Server;
 pub mod flash_crowd;
+pub mod health_checks;
 pub mod hot_holds;
 pub mod many_products;
 pub mod procfs;
@@ -33,6 +36,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 pub use flash_crowd::FlashCrowdArgs;
+pub use health_checks::HealthChecksArgs;
 pub use hot_holds::HotHoldsArgs;
 pub use many_products::ManyProductsArgs;
 pub use watchers::WatchersArgs;
@@ -65,6 +69,8 @@ pub enum Scenario {
     ManyProducts(ManyProductsArgs),
     /// Thousands of WatchAvailability streams on one product: delivery latency of changes.
     Watchers(WatchersArgs),
+    /// Many clients call grpc.health.v1.Health/Check: the ceiling of a call, no database.
+    HealthChecks(HealthChecksArgs),
 }
 
 /// How many clients run and over how many HTTP/2 connections.
@@ -98,6 +104,9 @@ pub async fn run(args: LoadArgs) -> Result<(), LoadError> {
             many_products::run(&args.server, scenario).await.map(drop)
         }
         Scenario::Watchers(scenario) => watchers::run(&args.server, scenario).await,
+        Scenario::HealthChecks(scenario) => {
+            health_checks::run(&args.server, scenario).await.map(drop)
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub enum Rpc {
     HandlePaymentWebhook,
     AdjustStock,
     WatchAvailability,
+    HealthCheck,
 }
 
 impl Rpc {
@@ -41,6 +42,7 @@ impl Rpc {
             Rpc::HandlePaymentWebhook => "HandlePaymentWebhook",
             Rpc::AdjustStock => "AdjustStock",
             Rpc::WatchAvailability => "WatchAvailability",
+            Rpc::HealthCheck => "Health/Check",
         }
     }
 }
