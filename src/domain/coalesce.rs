@@ -24,6 +24,12 @@ pub trait BatchWork: Send + Sync + 'static {
     /// Runs one batch; exactly one answer per request, in order. Callers get their answers
     /// only when it returns, so everything it commits is committed before anyone hears.
     fn run(&self, requests: Vec<Self::Request>) -> impl Future<Output = Vec<Self::Answer>> + Send;
+
+    /// Takes the answers of a batch whose callers went away before they could be given
+    /// (deadline passed, call cancelled); by default they are dropped.
+    fn unheard(&self, answers: Vec<Self::Answer>) {
+        drop(answers);
+    }
 }
 
 /// What a batch did for one call.
@@ -81,7 +87,8 @@ impl<W: BatchWork> Batcher<W> {
     }
 
     /// Runs one batch, leaving out callers that went away while they queued (deadline
-    /// passed, call cancelled), and answers the others.
+    /// passed, call cancelled), answers the others, and hands the answers that found nobody
+    /// to [`BatchWork::unheard`].
     async fn run_batch(&self, mut batch: Vec<Waiting<W>>) {
         batch.retain(|waiting| !waiting.reply.is_closed());
         if batch.is_empty() {
@@ -92,8 +99,13 @@ impl<W: BatchWork> Batcher<W> {
             .map(|waiting| (waiting.request, waiting.reply))
             .unzip();
         let answers = self.work.run(requests).await;
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        let unheard: Vec<W::Answer> = replies
+            .into_iter()
+            .zip(answers)
+            .filter_map(|(reply, answer)| reply.send(answer).err())
+            .collect();
+        if !unheard.is_empty() {
+            self.work.unheard(unheard);
         }
     }
 }

@@ -9,49 +9,45 @@
 //! time and gathers whatever arrived while the previous batch was in flight, so a lone
 //! call goes straight through (a batch of one) and a crowd on one product shares commits.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
 
 use chrono::TimeDelta;
 use diesel_async::AsyncPgConnection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::Lanes;
+use super::coalesce::BatchWork;
 use super::holds::{NewHold, same_hold_request};
 use crate::db::DbPool;
 use crate::db::holds::{
     HoldRequestRow, Reservation, find_hold_by_client_request_id, reserve_holds,
 };
-use crate::db::io_thread::IoThread;
 use crate::db::models::Hold;
 
 /// Largest number of calls one transaction carries.
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 
-/// A caller waiting for its hold.
-struct PendingHold {
-    /// What the caller asked for (already validated).
-    request: NewHold,
-    /// Where its answer goes once the batch committed.
-    reply: oneshot::Sender<Result<Hold, DomainError>>,
+/// What a hold batch answers one request.
+pub struct HoldAnswer {
+    /// The hold, or why there is none.
+    pub result: Result<Hold, DomainError>,
+    /// Whether this batch granted the hold (rather than found it by its key).
+    granted: bool,
+    /// How many requests of the batch were answered with this hold (a key repeated in a
+    /// batch shares one hold).
+    shares: usize,
 }
 
-/// Gathers concurrent hold requests into shared transactions.
-pub struct HoldBatcher {
+/// CreateHold batches: a validated request per call.
+pub struct HoldBatches {
     /// Connections the batches run on.
-    pool: DbPool,
+    pub pool: DbPool,
     /// How long a hold reserves its units.
-    hold_ttl: TimeDelta,
-    /// Independent queues; a product always maps to the same lane.
-    queue: Lanes<PendingHold>,
-    /// Where the batches run.
-    io: Arc<IoThread>,
+    pub hold_ttl: TimeDelta,
     /// Holds granted to callers that went away before their answer (deadline passed, call
     /// cancelled): to be released at once (by [`super::Checkout::release_orphaned_holds`]).
-    orphans: mpsc::UnboundedSender<Uuid>,
+    pub orphans: mpsc::UnboundedSender<Uuid>,
 }
 
 /// What a batch answered: one result per request, and the holds it created.
@@ -62,90 +58,61 @@ struct Answers {
     granted: Vec<Uuid>,
 }
 
-impl HoldBatcher {
-    /// A batcher with `lanes` queues (at least one) whose batches run on `io`; holds whose
-    /// callers went away are sent to `orphans`.
-    pub fn new(
-        pool: DbPool,
-        hold_ttl: Duration,
-        lanes: usize,
-        io: Arc<IoThread>,
-        orphans: mpsc::UnboundedSender<Uuid>,
-    ) -> Arc<Self> {
-        Arc::new(HoldBatcher {
-            pool,
-            hold_ttl: TimeDelta::from_std(hold_ttl).unwrap_or(TimeDelta::MAX),
-            queue: Lanes::new(lanes, MAX_BATCH),
-            io,
-            orphans,
-        })
+impl BatchWork for HoldBatches {
+    type Request = NewHold;
+    type Answer = HoldAnswer;
+
+    /// A product always maps to the same lane.
+    fn lane_key(request: &NewHold) -> u128 {
+        request.product_id.as_u128()
     }
 
-    /// Queues a (validated) request and waits for its answer.
-    pub async fn submit(self: &Arc<Self>, request: NewHold) -> Result<Hold, DomainError> {
-        let lane = self.queue.lane_for(request.product_id.as_u128());
-        let (reply, answer) = oneshot::channel();
-        if self.queue.push(lane, PendingHold { request, reply }) {
-            let batcher = self.clone();
-            self.io.handle().spawn(async move {
-                batcher
-                    .queue
-                    .drain(lane, |batch| batcher.run_batch(batch))
-                    .await
-            });
-        }
-        answer
-            .await
-            .map_err(|_| DomainError::internal("hold batch ended without an answer"))?
-    }
-
-    /// Runs one batch and answers every caller in it. Callers that went away while they
-    /// queued (deadline passed, call cancelled) are left out before anything is sent; a hold
-    /// granted to callers who all went away before their answer is released at once.
-    async fn run_batch(&self, mut batch: Vec<PendingHold>) {
-        batch.retain(|pending| !pending.reply.is_closed());
-        if batch.is_empty() {
-            return;
-        }
+    async fn run(&self, requests: Vec<NewHold>) -> Vec<HoldAnswer> {
         let started = std::time::Instant::now();
-        let (requests, replies): (Vec<NewHold>, Vec<_>) = batch
-            .into_iter()
-            .map(|pending| (pending.request, pending.reply))
-            .unzip();
         let Answers { results, granted } = self.answer(&requests).await;
         crate::metrics::hold_batch(requests.len());
         crate::metrics::holds_created(granted.len());
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
-        // Holds some caller received, and holds some caller never did (rare: only then is
-        // anything looked up).
-        let (mut delivered, mut undelivered) = (Vec::with_capacity(requests.len()), Vec::new());
-        for (reply, answer) in replies.into_iter().zip(results) {
-            if let Err(refusal) = &answer {
-                crate::metrics::hold_rejected(refusal.reason());
-            }
-            let hold_id = answer.as_ref().ok().map(|hold| hold.id);
-            match reply.send(answer) {
-                Ok(()) => delivered.extend(hold_id),
-                Err(_) => undelivered.extend(hold_id),
-            }
+        let mut shares: HashMap<Uuid, usize> = HashMap::new();
+        for hold in results.iter().flatten() {
+            *shares.entry(hold.id).or_default() += 1;
         }
-        if !undelivered.is_empty() {
-            self.release_orphans(&granted, &delivered, undelivered);
-        }
+        results
+            .into_iter()
+            .map(|result| {
+                if let Err(refusal) = &result {
+                    crate::metrics::hold_rejected(refusal.reason());
+                }
+                let hold_id = result.as_ref().ok().map(|hold| hold.id);
+                HoldAnswer {
+                    granted: hold_id.is_some_and(|id| granted.contains(&id)),
+                    shares: hold_id.map_or(0, |id| shares[&id]),
+                    result,
+                }
+            })
+            .collect()
     }
 
-    /// Hands the holds this batch granted that no caller received to the releaser (a key
-    /// repeated in the batch shares one hold: it is an orphan only if nobody got it).
-    fn release_orphans(&self, granted: &[Uuid], delivered: &[Uuid], undelivered: Vec<Uuid>) {
-        let delivered: HashSet<&Uuid> = delivered.iter().collect();
-        let mut orphans: HashSet<Uuid> = undelivered.into_iter().collect();
-        orphans.retain(|id| granted.contains(id) && !delivered.contains(id));
-        for orphan in orphans {
-            tracing::info!(hold_id = %orphan, "hold granted to a caller that went away; releasing it");
-            let _ = self.orphans.send(orphan);
+    /// A hold this batch granted that none of its requests' callers received is released
+    /// at once: nobody will ever use it.
+    fn unheard(&self, answers: Vec<HoldAnswer>) {
+        let mut unheard: HashMap<Uuid, usize> = HashMap::new();
+        for answer in answers.iter().filter(|answer| answer.granted) {
+            if let Ok(hold) = &answer.result {
+                *unheard.entry(hold.id).or_default() += 1;
+            }
+        }
+        for answer in answers {
+            let Ok(hold) = answer.result else { continue };
+            if answer.granted && unheard.remove(&hold.id) == Some(answer.shares) {
+                tracing::info!(hold_id = %hold.id, "hold granted to a caller that went away; releasing it");
+                let _ = self.orphans.send(hold.id);
+            }
         }
     }
+}
 
+impl HoldBatches {
     /// One answer per request. A batch the database refused as a whole (for a reason other
     /// than being unreachable) may have been refused because of one request: each request
     /// then runs alone, so that request gets its error and the others are served.

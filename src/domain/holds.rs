@@ -30,7 +30,10 @@ impl Checkout {
     /// transactions (see [`super::hold_batcher`]).
     pub async fn create_hold(&self, new: NewHold) -> Result<Hold, DomainError> {
         self.validate_new_hold(&new)?;
-        self.hold_batcher.submit(new).await
+        match self.hold_batcher.submit(new).await {
+            Some(answer) => answer.result,
+            None => Err(DomainError::internal("hold batch ended without an answer")),
+        }
     }
 
     /// Checks qty and the client request id before touching the database.

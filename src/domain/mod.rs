@@ -31,7 +31,7 @@ use crate::db::{DbPool, PooledConnection};
 use availability::{AvailabilityHub, StockSnapshot};
 use coalesce::Batcher;
 pub use error::DomainError;
-use hold_batcher::HoldBatcher;
+use hold_batcher::HoldBatches;
 use order_batcher::OrderBatches;
 use payment_batcher::PaymentBatches;
 use release_batcher::ReleaseBatches;
@@ -87,7 +87,7 @@ pub struct Checkout {
     /// Limits applied to every request.
     settings: CheckoutSettings,
     /// Gathers concurrent CreateHold calls into shared transactions.
-    hold_batcher: Arc<HoldBatcher>,
+    hold_batcher: Arc<Batcher<HoldBatches>>,
     /// Gathers concurrent CreateOrder calls into shared transactions.
     order_batcher: Arc<Batcher<OrderBatches>>,
     /// Gathers concurrent webhook deliveries for orders into shared transactions.
@@ -120,12 +120,15 @@ impl Checkout {
     /// Wraps a pool; the schema must already be migrated. Hold batches run on `io`.
     pub fn new(pool: DbPool, settings: CheckoutSettings, io: Arc<IoThread>) -> Self {
         let (orphans, orphaned) = tokio::sync::mpsc::unbounded_channel();
-        let hold_batcher = HoldBatcher::new(
-            pool.clone(),
-            settings.hold_ttl,
+        let hold_batcher = Batcher::new(
+            HoldBatches {
+                pool: pool.clone(),
+                hold_ttl: TimeDelta::from_std(settings.hold_ttl).unwrap_or(TimeDelta::MAX),
+                orphans,
+            },
             settings.hold_batch_lanes,
+            hold_batcher::MAX_BATCH,
             io.clone(),
-            orphans,
         );
         let order_batcher = Batcher::new(
             OrderBatches {
