@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
+use super::DomainError;
 use crate::db::io_thread::IoThread;
 
 /// Work done a batch at a time: one call per batch, one answer per request, in order.
@@ -38,6 +39,25 @@ pub enum Batched<T> {
     Done(T),
     /// It left the call alone: the caller handles it on its own.
     LeftAlone,
+}
+
+/// The rows of a batch statement whose rare cases go back to their callers, one by one: a
+/// statement refused as a whole (for a reason one call alone gets its own answer to) leaves
+/// every call alone and is logged; an unreachable database or a lost race is every
+/// caller's error.
+pub fn rows_or_all_left_alone<T>(
+    outcome: Result<Vec<T>, DomainError>,
+    batch: &str,
+    size: usize,
+) -> Result<Vec<T>, DomainError> {
+    match outcome {
+        Ok(rows) => Ok(rows),
+        Err(error @ (DomainError::Unavailable(_) | DomainError::Conflict(_))) => Err(error),
+        Err(error) => {
+            tracing::warn!(%error, size, batch, "batch refused; its calls go one by one");
+            Ok(Vec::new())
+        }
+    }
 }
 
 /// A caller waiting in a [`Batcher`]'s queue.

@@ -9,7 +9,7 @@
 //! time and gathers whatever arrived while the previous batch was in flight, so a lone
 //! call goes straight through (a batch of one) and a crowd on one product shares commits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::TimeDelta;
 use diesel_async::AsyncPgConnection;
@@ -73,9 +73,13 @@ impl BatchWork for HoldBatches {
         crate::metrics::hold_batch(requests.len());
         crate::metrics::holds_created(granted.len());
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
+        let granted: HashSet<Uuid> = granted.into_iter().collect();
+        // Only a client request id repeated within the batch makes requests share a hold.
         let mut shares: HashMap<Uuid, usize> = HashMap::new();
-        for hold in results.iter().flatten() {
-            *shares.entry(hold.id).or_default() += 1;
+        for (request, result) in requests.iter().zip(&results) {
+            if let (Some(_), Ok(hold)) = (&request.client_request_id, result) {
+                *shares.entry(hold.id).or_default() += 1;
+            }
         }
         results
             .into_iter()
@@ -86,7 +90,7 @@ impl BatchWork for HoldBatches {
                 let hold_id = result.as_ref().ok().map(|hold| hold.id);
                 HoldAnswer {
                     granted: hold_id.is_some_and(|id| granted.contains(&id)),
-                    shares: hold_id.map_or(0, |id| shares[&id]),
+                    shares: hold_id.map_or(0, |id| shares.get(&id).copied().unwrap_or(1)),
                     result,
                 }
             })

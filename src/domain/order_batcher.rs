@@ -15,7 +15,7 @@ use chrono::TimeDelta;
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::{BatchWork, Batched};
+use super::coalesce::{BatchWork, Batched, rows_or_all_left_alone};
 use crate::db::DbPool;
 use crate::db::models::Order;
 use crate::db::orders::create_orders;
@@ -39,19 +39,14 @@ impl BatchWork for OrderBatches {
         hold_id.as_u128()
     }
 
-    /// A batch the database refused as a whole (for a reason other than being unreachable
-    /// or a lost race) leaves every hold to its caller, so each gets its own answer.
+    /// A batch the database refused as a whole leaves every hold to its caller (see
+    /// [`rows_or_all_left_alone`]).
     async fn run(&self, hold_ids: Vec<Uuid>) -> Vec<Self::Answer> {
-        let made = match self.create(&hold_ids).await {
-            Ok(made) => made,
-            Err(error @ (DomainError::Unavailable(_) | DomainError::Conflict(_))) => {
-                return hold_ids.iter().map(|_| Err(error.clone())).collect();
-            }
-            Err(error) => {
-                tracing::warn!(%error, size = hold_ids.len(), "order batch refused; its holds go one by one");
-                Vec::new()
-            }
-        };
+        let made =
+            match rows_or_all_left_alone(self.create(&hold_ids).await, "order", hold_ids.len()) {
+                Ok(rows) => rows,
+                Err(error) => return hold_ids.iter().map(|_| Err(error.clone())).collect(),
+            };
         tracing::debug!(size = hold_ids.len(), created = made.len(), "order batch");
         let made: HashMap<Uuid, Order> = made
             .into_iter()

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::{BatchWork, Batched};
+use super::coalesce::{BatchWork, Batched, rows_or_all_left_alone};
 use super::payments::{PaymentTarget, PaymentWebhook};
 use crate::db::DbPool;
 use crate::db::models::Order;
@@ -41,8 +41,8 @@ impl BatchWork for PaymentBatches {
     }
 
     /// Sends the first delivery of each order and of each key; the rest, and every
-    /// delivery of a batch the database refused as a whole (unless unreachable or a lost
-    /// race: then all share that error), are left to their callers.
+    /// delivery of a batch the database refused as a whole (see
+    /// [`rows_or_all_left_alone`]), are left to their callers.
     async fn run(&self, webhooks: Vec<PaymentWebhook>) -> Vec<Self::Answer> {
         let sent = first_of_each_order_and_key(&webhooks);
         let payments: Vec<OrderPayment<'_>> = webhooks
@@ -50,16 +50,11 @@ impl BatchWork for PaymentBatches {
             .zip(&sent)
             .filter_map(|(webhook, sent)| sent.then(|| order_payment(webhook)).flatten())
             .collect();
-        let settled = match self.apply(&payments).await {
-            Ok(settled) => settled,
-            Err(error @ (DomainError::Unavailable(_) | DomainError::Conflict(_))) => {
-                return webhooks.iter().map(|_| Err(error.clone())).collect();
-            }
-            Err(error) => {
-                tracing::warn!(%error, size = payments.len(), "payment batch refused; its deliveries go one by one");
-                Vec::new()
-            }
-        };
+        let settled =
+            match rows_or_all_left_alone(self.apply(&payments).await, "payment", webhooks.len()) {
+                Ok(rows) => rows,
+                Err(error) => return webhooks.iter().map(|_| Err(error.clone())).collect(),
+            };
         tracing::debug!(
             size = webhooks.len(),
             settled = settled.len(),

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::DomainError;
-use super::coalesce::{BatchWork, Batched};
+use super::coalesce::{BatchWork, Batched, rows_or_all_left_alone};
 use crate::db::DbPool;
 use crate::db::holds::release_holds;
 use crate::db::models::Hold;
@@ -35,19 +35,17 @@ impl BatchWork for ReleaseBatches {
         hold_id.as_u128()
     }
 
-    /// A batch the database refused as a whole (for a reason other than being unreachable
-    /// or a lost race) leaves every hold to its caller, so each gets its own answer. A hold
-    /// named twice is released once and both callers get it.
+    /// A batch the database refused as a whole leaves every hold to its caller (see
+    /// [`rows_or_all_left_alone`]). A hold named twice is released once and both callers
+    /// get it.
     async fn run(&self, hold_ids: Vec<Uuid>) -> Vec<Self::Answer> {
-        let released = match self.release(&hold_ids).await {
-            Ok(released) => released,
-            Err(error @ (DomainError::Unavailable(_) | DomainError::Conflict(_))) => {
-                return hold_ids.iter().map(|_| Err(error.clone())).collect();
-            }
-            Err(error) => {
-                tracing::warn!(%error, size = hold_ids.len(), "release batch refused; its holds go one by one");
-                Vec::new()
-            }
+        let released = match rows_or_all_left_alone(
+            self.release(&hold_ids).await,
+            "release",
+            hold_ids.len(),
+        ) {
+            Ok(rows) => rows,
+            Err(error) => return hold_ids.iter().map(|_| Err(error.clone())).collect(),
         };
         tracing::debug!(
             size = hold_ids.len(),
