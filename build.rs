@@ -13,6 +13,8 @@ const PROTO_FILES: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // `embed_migrations!` reads migrations/ at compile time; a new migration must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile(PROTO_FILES, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(

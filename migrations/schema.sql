@@ -16,6 +16,15 @@
 -- have (holds_product_id_fkey, orders_product_id_fkey), so callers handle them alike.
 -- Whatever any code does, products_never_oversold refuses to sell or hold more units than
 -- a product has.
+--
+-- The batch functions of the hot paths (reserve_holds, create_orders, apply_payments,
+-- release_holds, fold_stock_movements) reach rows by key only, and run with
+-- enable_seqscan off: PL/pgSQL keeps a statement's plan for the session, and a plan made
+-- while a table looked small (a fresh sale's tables, until autovacuum's first ANALYZE)
+-- would scan the table whole for every batch once it holds thousands of rows. For the
+-- same reason they decide on the rows their locks returned rather than joining the table
+-- again, where a partial index (active holds, pending orders) could be picked to scan
+-- every active row.
 
 
 -- ===================================================================== tables and indexes
@@ -575,7 +584,9 @@ CREATE FUNCTION reserve_holds(
                 hold_client_request_id text, hold_expires_at timestamptz,
                 hold_created_at timestamptz, hold_updated_at timestamptz,
                 hold_buyer_id text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 DECLARE
     decided     bool[] := array_fill(false, ARRAY[cardinality(request_ids)]);
     locked_ids  uuid[];
@@ -738,8 +749,9 @@ $$;
 -- create_orders: turns active holds into pending orders, any number in one statement (the
 -- CreateOrder batches).
 -- - Locks the named holds FOR UPDATE in id order (holds before orders before products, the
---   order every transaction takes them in), then decides under those locks, in a statement
---   of its own so that it sees every payment committed before the locks were granted.
+--   order every transaction takes them in), then decides on the holds as locked (their
+--   latest version) in a statement of its own, so that it sees every payment committed
+--   before the locks were granted.
 -- - Converts each hold that is 'active', before its expires_at (by now(), the
 --   transaction's clock) and has no payment waiting on it ('deferred' events): inserts its
 --   pending order, with the id at the same position of order_ids, the hold's product and
@@ -754,14 +766,18 @@ $$;
 --   shorter than hold_ids.
 CREATE FUNCTION create_orders(hold_ids uuid[], order_ids uuid[], payment_ttl interval)
 RETURNS SETOF orders
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    locked holds[];
 BEGIN
     IF cardinality(order_ids) < cardinality(hold_ids) THEN
         RAISE EXCEPTION 'create_orders: % holds but % order ids',
             cardinality(hold_ids), cardinality(order_ids)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM 1 FROM holds WHERE id = ANY (hold_ids) ORDER BY id FOR UPDATE;
+    locked := ARRAY(SELECT h FROM holds h WHERE h.id = ANY (hold_ids) ORDER BY h.id FOR UPDATE);
     RETURN QUERY
     WITH named AS (
         SELECT DISTINCT ON (r.hold_id) r.hold_id, r.order_id
@@ -771,7 +787,7 @@ BEGIN
     ), eligible AS (
         SELECT n.order_id, h.id AS hold_id, h.product_id, h.qty, h.qty * p.price_cents AS total
           FROM named n
-          JOIN holds h ON h.id = n.hold_id
+          JOIN unnest(locked) h ON h.id = n.hold_id
           JOIN products p ON p.id = h.product_id
          WHERE h.status = 'active' AND h.expires_at > now()
            AND NOT EXISTS (SELECT 1 FROM payment_events e
@@ -797,8 +813,9 @@ $$;
 -- callers[i], reporting results[i] ('success' or 'failure', with failure_reasons[i] and
 -- amounts[i]) for order order_ids[i].
 -- - Locks the named orders FOR UPDATE in id order (it locks no hold and no product: the
---   order every transaction takes them in), then decides under those locks, in a statement
---   of its own, so it sees every delivery committed before its locks were granted.
+--   order every transaction takes them in), then decides on the orders as locked (their
+--   latest version) in a statement of its own, so it sees every delivery committed before
+--   its locks were granted.
 -- - Applies a request when its key is new (no event of that caller and key), its order is
 --   'pending' and before its payment_due_at (by now(), the transaction's clock), its
 --   amount agrees (a success's equals the order's total; a failure's is 0 or the total),
@@ -817,9 +834,13 @@ $$;
 CREATE FUNCTION apply_payments(callers text[], keys text[], order_ids uuid[],
     results text[], failure_reasons text[], amounts int8[])
 RETURNS SETOF orders
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    locked orders[];
 BEGIN
-    PERFORM 1 FROM orders WHERE id = ANY (order_ids) ORDER BY id FOR UPDATE;
+    locked := ARRAY(SELECT o FROM orders o WHERE o.id = ANY (order_ids) ORDER BY o.id FOR UPDATE);
     RETURN QUERY
     WITH asked AS (
         SELECT DISTINCT ON (r.order_id) r.*
@@ -831,7 +852,7 @@ BEGIN
         SELECT a.caller, a.key, a.order_id, a.result, a.failure_reason, a.amount,
                o.hold_id, o.product_id, o.qty
           FROM asked a
-          JOIN orders o ON o.id = a.order_id
+          JOIN unnest(locked) o ON o.id = a.order_id
          WHERE o.status = 'pending' AND o.payment_due_at > now()
            AND CASE a.result WHEN 'success' THEN a.amount = o.total_cents
                              ELSE a.amount IN (0, o.total_cents) END
@@ -870,8 +891,9 @@ $$;
 -- release_holds: gives active holds' units back, any number in one statement (the
 -- ReleaseHold batches).
 -- - Locks the named holds FOR UPDATE in id order (it locks no order and no product: the
---   order every transaction takes them in), then decides under those locks, in a statement
---   of its own, so it sees every change committed before its locks were granted.
+--   order every transaction takes them in), then decides on the holds as locked (their
+--   latest version) in a statement of its own, so it sees every payment committed before
+--   its locks were granted.
 -- - Releases each hold that is 'active' (whatever its expiry: a release before the reaper
 --   gets there is still a release) and has no payment waiting on it ('deferred' events):
 --   marks it 'released' and records its units going back as one counter movement, folded
@@ -882,15 +904,22 @@ $$;
 -- - Returns the holds it released, as they are now.
 CREATE FUNCTION release_holds(hold_ids uuid[])
 RETURNS SETOF holds
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    locked holds[];
 BEGIN
-    PERFORM 1 FROM holds WHERE id = ANY (hold_ids) ORDER BY id FOR UPDATE;
+    locked := ARRAY(SELECT h FROM holds h WHERE h.id = ANY (hold_ids) ORDER BY h.id FOR UPDATE);
     RETURN QUERY
-    WITH released AS (
-        UPDATE holds h SET status = 'released', updated_at = now()
-         WHERE h.id = ANY (hold_ids) AND h.status = 'active'
+    WITH releasable AS (
+        SELECT l.id FROM unnest(locked) l
+         WHERE l.status = 'active'
            AND NOT EXISTS (SELECT 1 FROM payment_events e
-                            WHERE e.target_hold_id = h.id AND e.outcome = 'deferred')
+                            WHERE e.target_hold_id = l.id AND e.outcome = 'deferred')
+    ), released AS (
+        UPDATE holds h SET status = 'released', updated_at = now()
+          FROM releasable r WHERE h.id = r.id
         RETURNING h.*
     ), moved AS (
         INSERT INTO stock_movements (product_id, hold_id, reserved_delta, sold_delta)
@@ -922,7 +951,9 @@ $$;
 --   products_notify_updates. Products without pending movements are locked but left
 --   unchanged (no new version, no announcement).
 CREATE FUNCTION fold_stock_movements(product_ids uuid[]) RETURNS int8
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 DECLARE
     folded int8;
 BEGIN
