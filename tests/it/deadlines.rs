@@ -11,8 +11,9 @@ use flashsale::grpc::pb::{
 use tonic::Code;
 
 use crate::support::{
-    Checkout, Counters, TestServer, assert_counters, assert_counters_shown, assert_status,
-    eventually, get_order, pay, pending_order, seconds_between, sleep_past, try_deliver,
+    Checkout, Counters, TestServer, assert_counters, assert_counters_shown, assert_status, commit,
+    eventually, get_order, lock_rows, on_order, pay, pending_order, seconds_between, sleep_past,
+    success, try_deliver, waiting_on_locks,
 };
 
 /// CancelOrder, as the server answered.
@@ -76,11 +77,7 @@ async fn an_order_unpaid_at_its_deadline_is_cancelled_and_its_units_come_back_on
     // Too late to pay: the payment is a refund owed, and the units stay on sale.
     let late = try_deliver(
         &mut checkout,
-        crate::support::success(
-            "evt-late",
-            crate::support::on_order(&order.order_id),
-            order.total_cents,
-        ),
+        success("evt-late", on_order(&order.order_id), order.total_cents),
     )
     .await;
     assert_eq!(late.unwrap().outcome(), WebhookOutcome::RefundRequired);
@@ -192,9 +189,9 @@ async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
     for (i, order) in orders.iter().enumerate() {
         let (mut client, order) = (checkout.clone(), order.clone());
         payments.push(tokio::spawn(async move {
-            let webhook = crate::support::success(
+            let webhook = success(
                 &format!("evt-{i}"),
-                crate::support::on_order(&order.order_id),
+                on_order(&order.order_id),
                 order.total_cents,
             );
             try_deliver(&mut client, webhook).await
@@ -225,6 +222,80 @@ async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
     .await;
     let audit = server.assert_consistent().await;
     assert_eq!(audit.refunds_owed, 20 - paid);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_batch_racing_the_reaper_at_the_deadline_pays_only_orders_still_due() {
+    let server = TestServer::start_with(|config| {
+        config.payment_ttl = Duration::from_secs(2);
+        config.reaper_interval = Duration::from_millis(20);
+    })
+    .await;
+    let product = server.product("ticket", 100, 20).await;
+    let mut checkout = server.checkout().await;
+    let mut orders = Vec::new();
+    for _ in 0..13 {
+        orders.push(pending_order(&mut checkout, &product.id, 1).await);
+    }
+    let blocker = orders.remove(0);
+
+    // The blocker's delivery waits for its order's row; the other twelve queue behind its
+    // batch and go in the next one, together, once the row is free: at the middle order's
+    // deadline, while the reaper cancels whatever it finds overdue.
+    let mut lock = lock_rows(&server, "orders", std::slice::from_ref(&blocker.order_id)).await;
+    let deliver = |key: String, order: pb::Order| {
+        let mut client = checkout.clone();
+        tokio::spawn(async move {
+            let webhook = success(&key, on_order(&order.order_id), order.total_cents);
+            let receipt = try_deliver(&mut client, webhook).await;
+            (order, receipt.expect("every payment is answered"))
+        })
+    };
+    let mut payments = vec![deliver("evt-blocker".into(), blocker.clone())];
+    eventually("the first batch to wait for its order", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    for (i, order) in orders.iter().enumerate() {
+        payments.push(deliver(format!("evt-{i}"), order.clone()));
+    }
+    let due = SystemTime::try_from(orders[6].payment_due_at.unwrap()).unwrap();
+    tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    commit(&mut lock).await;
+
+    let (mut paid, mut refunds) = (0, 0);
+    for payment in payments {
+        let (order, receipt) = payment.await.unwrap();
+        let stored = wait_settled(&checkout, &order.order_id).await;
+        match receipt.outcome() {
+            WebhookOutcome::Applied => {
+                assert_eq!(stored.status(), OrderStatus::Paid);
+                assert!(
+                    SystemTime::try_from(stored.updated_at.unwrap()).unwrap()
+                        <= SystemTime::try_from(stored.payment_due_at.unwrap()).unwrap(),
+                    "order {} was paid after its deadline",
+                    order.order_id
+                );
+                paid += 1;
+            }
+            WebhookOutcome::RefundRequired => {
+                assert_eq!(stored.status(), OrderStatus::Cancelled);
+                assert_eq!(stored.cancel_reason, "payment_timeout");
+                refunds += 1;
+            }
+            other => panic!("order {}: {other:?}", order.order_id),
+        }
+    }
+
+    assert_eq!(paid + refunds, 13);
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(20).reserved(0).sold(paid),
+    )
+    .await;
+    let audit = server.assert_consistent().await;
+    assert_eq!(audit.refunds_owed, refunds);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -269,9 +340,9 @@ async fn cancel_order_racing_a_success_ends_paid_or_as_a_refund_owed() {
         let order = pending_order(&mut checkout, &product.id, 1).await;
         let (mut buyer, mut adapter) = (checkout.clone(), checkout.clone());
         let cancel = try_cancel(&mut buyer, &order.order_id);
-        let webhook = crate::support::success(
+        let webhook = success(
             &format!("evt-{round}"),
-            crate::support::on_order(&order.order_id),
+            on_order(&order.order_id),
             order.total_cents,
         );
         let payment = try_deliver(&mut adapter, webhook);
