@@ -282,6 +282,7 @@ async fn hot_run(
     let health = match holds {
         Ok(_) => {
             println!();
+            let meter = processes.meter();
             let checks = HealthChecksArgs {
                 crowd: Crowd {
                     clients: args.clients,
@@ -289,7 +290,11 @@ async fn hot_run(
                 },
                 duration: Some(args.duration),
             };
-            health_checks::run(&Server::open(&server.url), checks).await
+            let figures = health_checks::run(&Server::open(&server.url), checks).await;
+            if let Ok(figures) = &figures {
+                meter.print_per("call", figures.calls);
+            }
+            figures
         }
         Err(_) => Err("hot-holds failed".into()),
     };
@@ -305,7 +310,7 @@ async fn crowd_run(
     postgres: &LocalPostgres,
     round: u32,
 ) -> Result<CrowdFigures, BenchError> {
-    let (server, _processes) = start_server(args, postgres, "flash-crowd", round).await?;
+    let (server, processes) = start_server(args, postgres, "flash-crowd", round).await?;
     let crowd = FlashCrowdArgs {
         crowd: Crowd {
             clients: args.clients,
@@ -318,7 +323,11 @@ async fn crowd_run(
         abandon: Abandon::Release,
     };
     println!();
+    let meter = processes.meter();
     let figures = flash_crowd::run(&Server::open(&server.url), crowd).await;
+    if let Ok(figures) = &figures {
+        meter.print_per("buyer", figures.buyers);
+    }
     server.stop().await?;
     figures
 }
@@ -467,6 +476,45 @@ impl Processes {
             procfs::cpu_seconds(procfs::own_pid()).unwrap_or(f64::NAN),
         ]
     }
+
+    /// Starts counting the CPU time these processes spend from now on.
+    fn meter(&self) -> CpuMeter<'_> {
+        CpuMeter {
+            processes: self,
+            before: self.cpu_seconds(),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// The CPU time the server, PostgreSQL and the load generator spent since it was started.
+struct CpuMeter<'a> {
+    /// Whose time it counts.
+    processes: &'a Processes,
+    /// Their CPU seconds at the start.
+    before: [f64; 3],
+    /// When it started, for the share of the cores kept busy.
+    started: std::time::Instant,
+}
+
+impl CpuMeter<'_> {
+    /// Prints each process's CPU time per `unit` (`count` of them done since the start)
+    /// and how many cores were busy on average.
+    fn print_per(&self, unit: &str, count: u64) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let after = self.processes.cpu_seconds();
+        let used: Vec<f64> = after.iter().zip(self.before).map(|(a, b)| a - b).collect();
+        let per = |seconds: f64| seconds / count as f64 * 1e6;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        println!(
+            "cpu per {unit}: server {:.1} us, postgresql {:.1} us, load generator {:.1} us; \
+             {:.2} of {cores} cores busy on average (setup and checks included)",
+            per(used[0]),
+            per(used[1]),
+            per(used[2]),
+            used.iter().sum::<f64>() / wall,
+        );
+    }
 }
 
 /// One `flashsale-tools load` holds race against the server, followed by the CPU time each
@@ -494,22 +542,9 @@ async fn holds_run(
         backoff: Duration::ZERO,
     };
     println!();
-    let before = processes.cpu_seconds();
-    let started = std::time::Instant::now();
+    let meter = processes.meter();
     let figures = run_plan(&Server::open(server), plan).await?;
-    let wall = started.elapsed().as_secs_f64();
-    let after = processes.cpu_seconds();
-    let used: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-    let per_hold = |seconds: f64| seconds / figures.holds as f64 * 1e6;
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    println!(
-        "cpu per hold: server {:.1} us, postgresql {:.1} us, load generator {:.1} us; \
-         {:.2} of {cores} cores busy on average (setup and checks included)",
-        per_hold(used[0]),
-        per_hold(used[1]),
-        per_hold(used[2]),
-        used.iter().sum::<f64>() / wall,
-    );
+    meter.print_per("hold", figures.holds);
     Ok(figures)
 }
 

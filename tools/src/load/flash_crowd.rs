@@ -81,6 +81,8 @@ pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<CrowdFigures, 
 /// The headline figures of a flash crowd, for `flashsale-tools bench`.
 #[derive(Debug, Clone, Copy)]
 pub struct CrowdFigures {
+    /// Buyers served.
+    pub buyers: u64,
     /// Buyers served per second, from the first call to the last answer.
     pub buyers_per_second: f64,
     /// The highest 99th percentile latency of any kind of call, and that call.
@@ -102,6 +104,7 @@ impl CrowdFigures {
             .max()
             .unwrap_or((Duration::ZERO, "none"));
         CrowdFigures {
+            buyers: args.buyers as u64,
             buyers_per_second: per_second(args.buyers as u64, outcome.elapsed),
             worst_p99,
         }

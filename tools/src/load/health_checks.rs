@@ -27,6 +27,8 @@ pub struct HealthChecksArgs {
 /// The headline figures of a health-check run, for `flashsale-tools bench`.
 #[derive(Debug, Clone, Copy)]
 pub struct HealthFigures {
+    /// Calls answered.
+    pub calls: u64,
     /// Calls answered per second.
     pub calls_per_second: f64,
     /// 99th percentile latency.
@@ -65,6 +67,7 @@ pub async fn run(server: &Server, args: HealthChecksArgs) -> Result<HealthFigure
         return Err("some health checks failed".into());
     }
     Ok(HealthFigures {
+        calls: ok,
         calls_per_second: per_second(ok, elapsed),
         p99: recorder
             .latency_at(Rpc::HealthCheck, 0.99)
