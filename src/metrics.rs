@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 const HANDLING_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-/// Requests per hold batch, as the batch-size histogram's buckets.
+/// Requests per batch, as the batch-size histograms' buckets.
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Starts recording and serving the metrics on `addr` (path `/metrics`).
@@ -28,10 +28,7 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
             Matcher::Full("grpc_server_handling_seconds".into()),
             &HANDLING_BUCKETS,
         )?
-        .set_buckets_for_metric(
-            Matcher::Full("flashsale_hold_batch_size".into()),
-            &BATCH_BUCKETS,
-        )?
+        .set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &BATCH_BUCKETS)?
         .install()
 }
 
@@ -135,9 +132,9 @@ pub fn webhook(outcome: &'static str) {
     counter!("flashsale_webhooks_total", "outcome" => outcome).increment(1);
 }
 
-/// The size of a hold batch.
-pub fn hold_batch(size: usize) {
-    histogram!("flashsale_hold_batch_size").record(size as f64);
+/// The size of a batch, in the histogram `metric` (one per kind of batch).
+pub fn batch_size(metric: &'static str, size: usize) {
+    histogram!(metric).record(size as f64);
 }
 
 /// Open WatchAvailability streams.

@@ -19,6 +19,10 @@ pub trait BatchWork: Send + Sync + 'static {
     /// What a caller gets back.
     type Answer: Send + 'static;
 
+    /// The histogram of this work's batch sizes (requests per transaction), e.g.
+    /// `flashsale_hold_batch_size`.
+    const SIZE_METRIC: &'static str;
+
     /// Which lane a request queues on (the same key, the same lane).
     fn lane_key(request: &Self::Request) -> u128;
 
@@ -118,6 +122,7 @@ impl<W: BatchWork> Batcher<W> {
             .into_iter()
             .map(|waiting| (waiting.request, waiting.reply))
             .unzip();
+        crate::metrics::batch_size(W::SIZE_METRIC, requests.len());
         let answers = self.work.run(requests).await;
         let unheard: Vec<W::Answer> = replies
             .into_iter()

@@ -61,6 +61,7 @@ struct Answers {
 impl BatchWork for HoldBatches {
     type Request = NewHold;
     type Answer = HoldAnswer;
+    const SIZE_METRIC: &'static str = "flashsale_hold_batch_size";
 
     /// A product always maps to the same lane.
     fn lane_key(request: &NewHold) -> u128 {
@@ -70,7 +71,6 @@ impl BatchWork for HoldBatches {
     async fn run(&self, requests: Vec<NewHold>) -> Vec<HoldAnswer> {
         let started = std::time::Instant::now();
         let Answers { results, granted } = self.answer(&requests).await;
-        crate::metrics::hold_batch(requests.len());
         crate::metrics::holds_created(granted.len());
         tracing::debug!(size = requests.len(), elapsed = ?started.elapsed(), "hold batch");
         let granted: HashSet<Uuid> = granted.into_iter().collect();

@@ -34,6 +34,7 @@ pub struct OrderBatches {
 impl BatchWork for OrderBatches {
     type Request = Uuid;
     type Answer = Result<Batched<Order>, DomainError>;
+    const SIZE_METRIC: &'static str = "flashsale_order_batch_size";
 
     fn lane_key(hold_id: &Uuid) -> u128 {
         hold_id.as_u128()

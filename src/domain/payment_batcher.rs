@@ -33,6 +33,7 @@ pub struct PaymentBatches {
 impl BatchWork for PaymentBatches {
     type Request = PaymentWebhook;
     type Answer = Result<Batched<Order>, DomainError>;
+    const SIZE_METRIC: &'static str = "flashsale_payment_batch_size";
 
     fn lane_key(webhook: &PaymentWebhook) -> u128 {
         match webhook.target {

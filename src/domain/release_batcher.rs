@@ -30,6 +30,7 @@ pub struct ReleaseBatches {
 impl BatchWork for ReleaseBatches {
     type Request = Uuid;
     type Answer = Result<Batched<Hold>, DomainError>;
+    const SIZE_METRIC: &'static str = "flashsale_release_batch_size";
 
     fn lane_key(hold_id: &Uuid) -> u128 {
         hold_id.as_u128()

@@ -492,10 +492,11 @@ async fn metrics_count_what_a_known_sequence_of_calls_did() {
             .keys()
             .any(|series| series.starts_with("grpc_server_handling_seconds_bucket"))
     );
-    assert!(
-        samples
-            .keys()
-            .any(|series| series.starts_with("flashsale_hold_batch_size_bucket"))
-    );
+    // One call at a time: every batch is a batch of one, the hold batches' buckets included.
+    assert_eq!(sample("flashsale_hold_batch_size_count"), 4.0);
+    assert_eq!(sample(r#"flashsale_hold_batch_size_bucket{le="1"}"#), 4.0);
+    assert_eq!(sample("flashsale_release_batch_size_count"), 1.0);
+    assert_eq!(sample("flashsale_order_batch_size_count"), 1.0);
+    assert_eq!(sample("flashsale_payment_batch_size_sum"), 1.0);
     server.stop().await;
 }
