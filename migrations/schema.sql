@@ -277,18 +277,20 @@ CREATE INDEX waiters_queue ON waiters (product_id, id) WHERE status = 'waiting';
 --   units on to `sold` (0 <= sold_delta <= -reserved_delta, stock_movements_check): while it
 --   waits, its product's row overstates what is held, so no hold can oversell. The audit
 --   adds pending movements to the row.
--- - Its hold exists (stock_movements_hold_id_fkey).
--- product_id has no foreign key: its check would KEY SHARE-lock the product's row, which is
--- what this table avoids. The hold names the product, and a product with holds cannot be
--- deleted. Not checked: that product_id is the hold's product (the writer copies it from
--- the hold); a movement whose product_id names no product would be deleted by a fold of
--- that id without changing any counter.
+-- - Its hold exists and product_id is that hold's product (stock_movements_check_hold,
+--   raising the error of a foreign key "stock_movements_hold_id_fkey").
+-- Neither column has a foreign key: a check of product_id would KEY SHARE-lock the
+-- product's row, which is what this table avoids, and one of hold_id would KEY SHARE-lock
+-- the hold while the settlement holds its order's lock, against the order every other
+-- transaction takes them in (holds before orders; see stock_movements_check_hold). The hold
+-- names the product, and a product with holds cannot be deleted; holds are never deleted.
 CREATE TABLE stock_movements (
     id             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- no foreign key: see above
     product_id     UUID NOT NULL,
-    -- the hold whose units move: a settled order's hold, or a hold released or expired
-    hold_id        UUID NOT NULL REFERENCES holds (id),
+    -- the hold whose units move: a settled order's hold, or a hold released or expired (no
+    -- foreign key: see above)
+    hold_id        UUID NOT NULL,
     reserved_delta BIGINT NOT NULL CHECK (reserved_delta < 0),
     sold_delta     BIGINT NOT NULL CHECK (sold_delta >= 0 AND sold_delta <= -reserved_delta),
     created_at     TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -497,6 +499,34 @@ $$;
 -- Row-level, before each insert into orders and each update that sets hold_id or product_id.
 CREATE TRIGGER orders_check_product BEFORE INSERT OR UPDATE OF hold_id, product_id ON orders
     FOR EACH ROW EXECUTE FUNCTION orders_check_product();
+
+
+-- ================================================== stock_movements -> holds, unlocked
+
+-- stock_movements_check_hold: a movement names an existing hold and that hold's product.
+-- Refuses the row otherwise with the error of a foreign key "stock_movements_hold_id_fkey"
+-- (SQLSTATE 23503). Reads the hold's row without locking it: a foreign key's check would
+-- lock it FOR KEY SHARE, and a settlement (payment, cancellation, the reaper's deadline)
+-- records its movement while holding its order's lock, so it would wait for a hold that a
+-- payment aimed at the hold had locked before asking for that order: a deadlock, broken by
+-- PostgreSQL after deadlock_timeout. Sound without the lock: nothing deletes a hold, and a
+-- hold never changes product (holds_keep_product).
+CREATE FUNCTION stock_movements_check_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM holds WHERE id = NEW.hold_id AND product_id = NEW.product_id) THEN
+        RAISE EXCEPTION 'insert or update on table "stock_movements" violates foreign key constraint "stock_movements_hold_id_fkey"'
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = 'a movement names an existing hold and that hold''s product',
+                  TABLE = 'stock_movements', CONSTRAINT = 'stock_movements_hold_id_fkey';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- Row-level, before each insert into stock_movements and each update that sets hold_id or
+-- product_id.
+CREATE TRIGGER stock_movements_check_hold
+    BEFORE INSERT OR UPDATE OF hold_id, product_id ON stock_movements
+    FOR EACH ROW EXECUTE FUNCTION stock_movements_check_hold();
 
 
 -- ========================================================== reserving stock: hold batches

@@ -111,7 +111,6 @@ diesel::table! {
 diesel::joinable!(orders -> holds (hold_id));
 diesel::joinable!(payment_events -> holds (target_hold_id));
 diesel::joinable!(stock_adjustments -> products (product_id));
-diesel::joinable!(stock_movements -> holds (hold_id));
 diesel::joinable!(waiters -> holds (hold_id));
 diesel::joinable!(waiters -> products (product_id));
 

@@ -603,3 +603,40 @@ async fn retried_admin_writes_take_effect_once() {
     assert_eq!(product.stock_total, 15);
     server.assert_consistent().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_keeps_every_movement_on_its_holds_product() {
+    let server = TestServer::start().await;
+    let product = server.product("moved", 100, 10).await;
+    let other = server.product("other", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 2).await;
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    let movement = |hold_id: &str, product_id: &str| {
+        format!(
+            "INSERT INTO stock_movements (product_id, hold_id, reserved_delta, sold_delta)
+             VALUES ('{product_id}', '{hold_id}', -1, 0)"
+        )
+    };
+
+    // Written behind the server's back, each would move units of no hold, or of a hold of
+    // another product; the database refuses them as it would a foreign key.
+    let missing = uuid::Uuid::now_v7().to_string();
+    for statement in [
+        movement(&missing, &product.id),
+        movement(&held.hold_id, &other.id),
+        format!(
+            "UPDATE stock_movements SET product_id = '{}' WHERE hold_id = '{}'",
+            other.id, held.hold_id
+        ),
+    ] {
+        // The update has a row to refuse only once the accepted insert below is in.
+        if statement.starts_with("UPDATE") {
+            let accepted = diesel::sql_query(movement(&held.hold_id, &product.id))
+                .execute(&mut conn)
+                .await;
+            assert_eq!(accepted.unwrap(), 1, "a movement of its hold's product");
+        }
+        assert_refused_as_foreign_key(&mut conn, &statement, "stock_movements_hold_id_fkey").await;
+    }
+}
