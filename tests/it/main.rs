@@ -10,6 +10,7 @@ mod deadlines;
 mod flash_crowd;
 mod holds;
 mod orders;
+mod outages;
 mod overload;
 mod products;
 mod reaper;

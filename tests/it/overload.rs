@@ -12,8 +12,8 @@ use flashsale::grpc::pb::{
 use tonic::Code;
 
 use crate::support::{
-    Counters, TestDb, TestServer, assert_counters, assert_status, commit, eventually, hold,
-    lock_rows, test_config, try_release, waiting_on_locks,
+    Counters, TestDb, TestServer, assert_counters, assert_status, cluster_processes, commit,
+    eventually, hold, lock_rows, signal_all, test_config, try_release, waiting_on_locks,
 };
 
 /// A connection holding the product's row lock, as a long transaction elsewhere would.
@@ -267,12 +267,7 @@ async fn a_frozen_database_fails_calls_quickly_and_turns_health_not_serving_unti
 
     // Every process of the cluster stops answering (its sockets stay open). PostgreSQL's
     // children leave the postmaster's process group: signal each.
-    let cluster_processes = {
-        let postmaster = cluster.pid().expect("running");
-        let mut pids = vec![postmaster];
-        pids.extend(children_of(postmaster));
-        pids
-    };
+    let cluster_processes = cluster_processes(&cluster);
     signal_all(&cluster_processes, libc::SIGSTOP);
 
     // Calls come back UNAVAILABLE once their database budget is spent, not when (if ever)
@@ -319,34 +314,4 @@ async fn a_frozen_database_fails_calls_quickly_and_turns_health_not_serving_unti
     server.assert_consistent().await;
     server.stop().await.unwrap();
     cluster.stop().await.unwrap();
-}
-
-/// The processes whose parent is `parent`, from /proc.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // The field after the command name (in parentheses) is the state, then the ppid.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|ppid| ppid.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            children.push(pid);
-        }
-    }
-    children
-}
-
-/// Sends `signal` to each of `pids`.
-fn signal_all(pids: &[u32], signal: libc::c_int) {
-    for &pid in pids {
-        // SAFETY: kill(2) on processes of the cluster this test started.
-        unsafe { libc::kill(pid as libc::pid_t, signal) };
-    }
 }

@@ -990,3 +990,42 @@ pub async fn lock_rows(
 pub async fn commit(conn: &mut diesel_async::AsyncPgConnection) {
     diesel::sql_query("COMMIT").execute(conn).await.unwrap();
 }
+
+/// The postmaster of a cluster a test started and its children (PostgreSQL's children leave
+/// the postmaster's process group, so a signal must go to each).
+pub fn cluster_processes(cluster: &flashsale::local_pg::LocalPostgres) -> Vec<u32> {
+    let postmaster = cluster.pid().expect("running");
+    let mut pids = vec![postmaster];
+    pids.extend(children_of(postmaster));
+    pids
+}
+
+/// The processes whose parent is `parent`, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The field after the command name (in parentheses) is the state, then the ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Sends `signal` to each of `pids`.
+pub fn signal_all(pids: &[u32], signal: libc::c_int) {
+    for &pid in pids {
+        // SAFETY: kill(2) on processes of the cluster this test started.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
+}
