@@ -364,16 +364,47 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     check_open_server(&args)?;
     check_transport(&args)?;
     raise_open_file_limit();
-    let (database, local) = open_database(&args.database).await?;
+    let (database, mut local) = open_database(&args.database).await?;
     let listener = TcpListener::bind(args.listen_addr)
         .await
         .map_err(|error| format!("cannot listen on {}: {error}", args.listen_addr))?;
-    let served =
-        crate::server::run(listener, args.server_config(database), shutdown_signal()).await;
+    // A private PostgreSQL that dies stops the server too: it would only answer UNAVAILABLE.
+    let mut lost = None;
+    let shutdown = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            exit = private_postgres_exit(local.as_mut()) => {
+                let exit = match exit {
+                    Ok(status) => status.to_string(),
+                    Err(error) => error.to_string(),
+                };
+                tracing::error!(%exit, "the private postgresql exited; stopping");
+                lost = Some(exit);
+            }
+        }
+    };
+    let served = crate::server::run(listener, args.server_config(database), shutdown).await;
+    if let (Some(exit), Some(local)) = (lost, &local) {
+        let log = local.log_path().display();
+        return Err(format!(
+            "the private postgresql exited ({exit}; its log: {log}); the server stopped"
+        )
+        .into());
+    }
     if let Some(local) = local {
         local.stop().await?;
     }
     Ok(served?)
+}
+
+/// Resolves when the private PostgreSQL exits on its own; never without one.
+async fn private_postgres_exit(
+    local: Option<&mut LocalPostgres>,
+) -> Result<std::process::ExitStatus, crate::local_pg::LocalPgError> {
+    match local {
+        Some(local) => local.exited().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// `flashsale seed`: creates a few demo products through the admin API.

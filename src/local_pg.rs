@@ -349,6 +349,18 @@ impl LocalPostgres {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Resolves once the postmaster has exited on its own (a crash, a kill, an operator's
+    /// `pg_ctl stop`), with its exit status; pending while it runs, and forever once stopped.
+    pub async fn exited(&mut self) -> Result<ExitStatus, LocalPgError> {
+        loop {
+            if let Some(status) = self.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Fast shutdown (SIGINT to the postmaster) and wait for it to exit (with a timeout, then SIGQUIT/kill).
     pub async fn stop(mut self) -> Result<(), LocalPgError> {
         let result = self.shutdown().await;

@@ -15,8 +15,8 @@ use tonic::codec::Streaming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
-    TestDb, TestServer, assert_status, cluster_processes, eventually, get_hold, hold, signal_all,
-    test_config, try_hold,
+    ServerProcess, TestDb, TestServer, assert_status, cluster_processes, eventually, get_hold,
+    hold, signal_all, test_config, try_hold,
 };
 
 /// How the database goes away.
@@ -147,4 +147,34 @@ async fn until_shown(stream: &mut Streaming<AvailabilityUpdate>, available: i64)
     tokio::time::timeout(Duration::from_secs(30), shown)
         .await
         .unwrap_or_else(|_| panic!("the stream never showed {available} available"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_stops_and_says_so_when_its_private_database_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg_data_dir, log) = (dir.path().join("pg"), dir.path().join("serve.log"));
+    let mut server = ServerProcess::start_private(&pg_data_dir, &log).await;
+
+    let postmaster: libc::pid_t = std::fs::read_to_string(pg_data_dir.join("postmaster.pid"))
+        .expect("the private postgresql runs")
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse().ok())
+        .expect("postmaster.pid starts with the pid");
+    // SAFETY: kill(2) on the postmaster the server started for this test.
+    unsafe { libc::kill(postmaster, libc::SIGKILL) };
+
+    let status = server
+        .exited_within(Duration::from_secs(30))
+        .await
+        .expect("the server stops instead of serving on");
+    assert!(
+        !status.success(),
+        "exited with {status}, as if all were well"
+    );
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("the private postgresql exited"),
+        "the log does not say why it stopped:\n{said}"
+    );
 }

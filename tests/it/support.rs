@@ -809,7 +809,7 @@ impl ServerProcess {
         env: &[(&str, &str)],
         open_files: Option<u64>,
     ) -> ServerProcess {
-        Self::launch(database_url, env, open_files, None).await
+        Self::launch(Some(database_url), env, open_files, None).await
     }
 
     /// [`ServerProcess::start_with`], its standard output (the log) written to `log`.
@@ -818,12 +818,28 @@ impl ServerProcess {
         env: &[(&str, &str)],
         log: &std::path::Path,
     ) -> ServerProcess {
-        Self::launch(database_url, env, None, Some(log)).await
+        Self::launch(Some(database_url), env, None, Some(log)).await
+    }
+
+    /// The binary with no `DATABASE_URL`, on the private PostgreSQL it starts in
+    /// `pg_data_dir`, its log written to `log`.
+    pub async fn start_private(
+        pg_data_dir: &std::path::Path,
+        log: &std::path::Path,
+    ) -> ServerProcess {
+        let data_dir = pg_data_dir.to_str().expect("a UTF-8 path");
+        Self::launch(
+            None,
+            &[("FLASHSALE_PG_DATA_DIR", data_dir)],
+            None,
+            Some(log),
+        )
+        .await
     }
 
     /// Starts the binary (see the constructors above) and waits until it is healthy.
     async fn launch(
-        database_url: &str,
+        database_url: Option<&str>,
         env: &[(&str, &str)],
         open_files: Option<u64>,
         log: Option<&std::path::Path>,
@@ -847,9 +863,12 @@ impl ServerProcess {
                 });
             }
         }
+        match database_url {
+            Some(url) => command.env("DATABASE_URL", url),
+            None => command.env_remove("DATABASE_URL"),
+        };
         let child = command
             .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
-            .env("DATABASE_URL", database_url)
             .env("FLASHSALE_HOLD_TTL", "1s")
             .env("FLASHSALE_REAPER_INTERVAL", "50ms")
             .env("FLASHSALE_REAPER_BATCH_SIZE", "7")
@@ -918,6 +937,14 @@ impl ServerProcess {
         let pid = self.child.id().expect("running") as libc::pid_t;
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe { libc::kill(pid, signal) };
+    }
+
+    /// How the process exited, if it did within `patience`.
+    pub async fn exited_within(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(patience, self.child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("wait"))
     }
 
     /// SIGTERM, then waits for a clean exit.
