@@ -11,8 +11,9 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    Counters, TestServer, assert_counters, assert_counters_shown, assert_status, decline, deliver,
-    get_product, hold, on_order, order, pay, pending_order, release, success,
+    Counters, TestServer, assert_counters, assert_counters_shown, assert_status, commit, decline,
+    deliver, eventually, get_product, hold, lock_rows, on_order, order, pay, pending_order,
+    release, success, try_hold, waiting_on_locks,
 };
 
 /// AdjustStock through the admin API.
@@ -299,6 +300,81 @@ async fn withdraw_below_reserved_plus_sold_is_refused_and_changes_nothing() {
     // Down to exactly reserved + sold is allowed.
     let withdrawn = adjust(&server, &product.id, -3).await.unwrap();
     assert_counters_shown(&withdrawn, Counters::stock(7).reserved(4).sold(3));
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_withdrawal_racing_a_crowd_of_holds_never_takes_units_the_crowd_holds() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 20).await;
+
+    // The product's row is taken, so the withdrawal and twenty holds queue for it together
+    // and meet the moment it is free: the tightest interleaving there is.
+    let mut lock = lock_rows(&server, "products", std::slice::from_ref(&product.id)).await;
+    let withdrawal = {
+        let (mut admin, id) = (server.admin().await, product.id.clone());
+        tokio::spawn(async move {
+            let withdraw = AdjustStockRequest {
+                request_id: String::new(),
+                product_id: id,
+                delta: -15,
+            };
+            admin.adjust_stock(withdraw).await
+        })
+    };
+    let checkout = server.checkout().await;
+    let holds: Vec<_> = (0..20)
+        .map(|_| {
+            let (mut checkout, id) = (checkout.clone(), product.id.clone());
+            tokio::spawn(async move { try_hold(&mut checkout, &id, 1, None).await })
+        })
+        .collect();
+    eventually(
+        "the withdrawal and the holds to wait for the product",
+        || waiting_on_locks(&server.db.url),
+    )
+    .await;
+    commit(&mut lock).await;
+
+    let withdrawn = match withdrawal.await.unwrap() {
+        Ok(_) => 15,
+        Err(status) => {
+            assert_status(
+                Err::<(), _>(status),
+                Code::FailedPrecondition,
+                "STOCK_BELOW_COMMITTED",
+            );
+            0
+        }
+    };
+    let (mut granted, mut refused) = (0, 0);
+    for hold in holds {
+        match hold.await.unwrap() {
+            Ok(_) => granted += 1,
+            Err(status) => {
+                assert_status(
+                    Err::<(), _>(status),
+                    Code::FailedPrecondition,
+                    "INSUFFICIENT_STOCK",
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(granted + refused, 20);
+    assert!(
+        granted + withdrawn <= 20,
+        "{granted} units held and {withdrawn} withdrawn out of 20"
+    );
+    // A hold is refused only when nothing is left, and the withdrawal only when it would
+    // take held units: whichever came first, the stock ends fully used.
+    assert_eq!(granted + withdrawn, 20, "units left idle");
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(20 - withdrawn).reserved(granted).sold(0),
+    )
+    .await;
     server.assert_consistent().await;
 }
 
