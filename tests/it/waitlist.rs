@@ -12,8 +12,8 @@ use tonic::Code;
 use tonic::codec::Streaming;
 
 use crate::support::{
-    Checkout, Counters, TestServer, assert_counters, assert_status, decline, eventually, hold,
-    order, reason, release, try_hold,
+    Checkout, Counters, TestServer, assert_counters, assert_status, commit, decline, eventually,
+    get_product, hold, lock_rows, order, reason, release, try_hold, waiting_on_locks,
 };
 
 /// A waiter's stream.
@@ -154,6 +154,47 @@ async fn a_waiter_who_leaves_gives_the_place_up() {
     release(&mut checkout, &taken.hold_id).await;
 
     served(&mut staying).await;
+    assert_counters(&server, &product, Counters::stock(1).reserved(1).sold(0)).await;
+    server.assert_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_arriving_as_the_waiter_leaves_goes_to_the_next_in_line() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 1).await;
+    let mut checkout = server.checkout().await;
+    let taken = hold(&mut checkout, &product.id, 1).await;
+    let (leaving, _) = join(&mut server.checkout().await, &product.id, 1).await;
+    let (mut staying, first) = join(&mut server.checkout().await, &product.id, 1).await;
+    assert_eq!(first, Update::Position(2));
+
+    // The unit comes back while the product's row is taken: the fold that would serve the
+    // first in line waits for it, and the first in line leaves meanwhile. Then both meet.
+    let mut lock = lock_rows(&server, "products", std::slice::from_ref(&product.id)).await;
+    let released = {
+        let (mut checkout, id) = (checkout.clone(), taken.hold_id.clone());
+        tokio::spawn(async move { release(&mut checkout, &id).await })
+    };
+    eventually("the fold to wait for the product", || {
+        waiting_on_locks(&server.db.url)
+    })
+    .await;
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    commit(&mut lock).await;
+    released.await.unwrap();
+
+    // Whether the unit reached the leaver first (and came back, unheard) or not, the next in
+    // line gets it, and nothing else stays held or waiting.
+    served(&mut staying).await;
+    eventually("only the served waiter's hold to stay reserved", || {
+        let (mut checkout, id) = (checkout.clone(), product.id.clone());
+        async move {
+            let shown = get_product(&mut checkout, &id).await;
+            shown.reserved == 1 && shown.waiting == 0
+        }
+    })
+    .await;
     assert_counters(&server, &product, Counters::stock(1).reserved(1).sold(0)).await;
     server.assert_consistent().await;
 }
