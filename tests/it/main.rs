@@ -6,6 +6,7 @@ mod support;
 mod auth;
 
 mod coalescing;
+mod crash;
 mod deadlines;
 mod flash_crowd;
 mod holds;

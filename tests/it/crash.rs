@@ -1,0 +1,250 @@
+//! A server process killed outright (SIGKILL) in the middle of a flash crowd, while another
+//! process serves the same database, and started again: every hold, order and payment any
+//! call was told about is there, each buyer's units are sold once, holds nobody finished
+//! expire, the dead process's waiter is skipped, and the books balance.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flashsale::grpc::pb::checkout_service_client::CheckoutServiceClient;
+use flashsale::grpc::pb::{
+    self, CreateHoldRequest, CreateOrderRequest, HoldStatus, JoinWaitlistRequest, OrderStatus,
+    WebhookOutcome,
+};
+use tonic::Code;
+
+use crate::support::{
+    Checkout, Counters, ServerProcess, TestServer, assert_counters, eventually, get_hold,
+    get_order, hold, on_order, release, success,
+};
+
+/// Buyers in the crowd, each buying one unit.
+const BUYERS: usize = 300;
+/// Units on sale: enough for every buyer and the abandoned holds.
+const STOCK: i64 = 400;
+/// Payments acknowledged before the first process is killed.
+const PAID_BEFORE_THE_KILL: usize = 100;
+/// Between one buyer's arrival and the next: the crowd arrives over a few seconds, so the
+/// kill and the restart fall in the middle of it.
+const ARRIVALS: Duration = Duration::from_millis(5);
+
+/// The server addresses buyers may call; a killed process's is replaced by its restart's.
+type Fleet = Arc<Mutex<Vec<String>>>;
+
+/// What the servers acknowledged, as the buyers heard it.
+#[derive(Default)]
+struct Acknowledged {
+    /// Holds granted.
+    holds: Vec<String>,
+    /// Orders created.
+    orders: Vec<String>,
+    /// Orders whose payment was answered APPLIED or DUPLICATE.
+    paid: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
+    let survivor = TestServer::start().await;
+    let env = [("FLASHSALE_HOLD_TTL", "3s")];
+    let doomed = ServerProcess::start_with(&survivor.db.url, &env).await;
+    let product = survivor.product("drop", 100, STOCK).await;
+
+    // Holds nobody finishes, taken through the process about to die.
+    let mut abandoned = Vec::new();
+    for _ in 0..4 {
+        abandoned.push(hold(&mut doomed.checkout().await, &product.id, 1).await);
+    }
+    // A waiter of the doomed process first in line for a sold-out product, one of the
+    // survivor's behind it.
+    let sold_out = survivor.product("sold out", 100, 1).await;
+    let taken = hold(&mut survivor.checkout().await, &sold_out.id, 1).await;
+    let dead_waiter = join(doomed.checkout().await, &sold_out.id).await;
+    let mut live_waiter = join(survivor.checkout().await, &sold_out.id).await;
+
+    let fleet: Fleet = Arc::new(Mutex::new(vec![
+        doomed.url.clone(),
+        survivor_url(&survivor),
+    ]));
+    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+    let buyers: Vec<_> = (0..BUYERS)
+        .map(|buyer| {
+            let (fleet, acknowledged, id) =
+                (fleet.clone(), acknowledged.clone(), product.id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(ARRIVALS * buyer as u32).await;
+                buy(buyer, &fleet, &acknowledged, &id).await
+            })
+        })
+        .collect();
+
+    // Mid-crowd, the doomed process dies without a word, then a new one takes its place.
+    eventually("payments to be acknowledged before the kill", || {
+        let acknowledged = acknowledged.clone();
+        async move { acknowledged.lock().unwrap().paid.len() >= PAID_BEFORE_THE_KILL }
+    })
+    .await;
+    let mut doomed = doomed;
+    doomed.signal(libc::SIGKILL);
+    doomed
+        .exited_within(Duration::from_secs(10))
+        .await
+        .expect("killed");
+    drop(dead_waiter);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = ServerProcess::start_with(&survivor.db.url, &env).await;
+    fleet.lock().unwrap()[0] = restarted.url.clone();
+    for buyer in buyers {
+        buyer.await.unwrap();
+    }
+
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    assert_eq!(
+        acknowledged.paid.len(),
+        BUYERS,
+        "every buyer paid in the end"
+    );
+    let mut checkout = survivor.checkout().await;
+    for id in &acknowledged.holds {
+        assert_eq!(
+            get_hold(&mut checkout, id).await.status(),
+            HoldStatus::Converted
+        );
+    }
+    for id in &acknowledged.orders {
+        assert_eq!(
+            get_order(&mut checkout, id).await.status(),
+            OrderStatus::Paid
+        );
+    }
+    for held in &abandoned {
+        eventually("an abandoned hold to expire", || {
+            let (mut checkout, id) = (checkout.clone(), held.hold_id.clone());
+            async move { get_hold(&mut checkout, &id).await.status() == HoldStatus::Expired }
+        })
+        .await;
+    }
+    assert_counters(
+        &survivor,
+        &product,
+        Counters::stock(STOCK).reserved(0).sold(BUYERS as i64),
+    )
+    .await;
+
+    // The dead process's waiter cannot take its turn: the unit goes to the next in line.
+    release(&mut checkout, &taken.hold_id).await;
+    let served = tokio::time::timeout(Duration::from_secs(10), live_waiter.message())
+        .await
+        .expect("the live waiter is served")
+        .expect("a healthy stream")
+        .expect("an update");
+    assert!(
+        matches!(served.update, Some(pb::waitlist_update::Update::Hold(_))),
+        "{served:?}"
+    );
+    survivor.assert_consistent().await;
+    restarted.stop().await;
+}
+
+/// One buyer: hold, order, pay, each retried on the other process (with the same keys)
+/// when the one it called is gone; records what was acknowledged.
+async fn buy(buyer: usize, fleet: &Fleet, acknowledged: &Mutex<Acknowledged>, product_id: &str) {
+    let request = CreateHoldRequest {
+        product_id: product_id.into(),
+        qty: 1,
+        client_request_id: format!("buyer-{buyer}"),
+        ..Default::default()
+    };
+    let held = retried(fleet, buyer, |mut checkout| {
+        let request = request.clone();
+        async move { checkout.create_hold(request).await }
+    })
+    .await;
+    acknowledged
+        .lock()
+        .unwrap()
+        .holds
+        .push(held.hold_id.clone());
+    let order = retried(fleet, buyer, |mut checkout| {
+        let hold_id = held.hold_id.clone();
+        async move { checkout.create_order(CreateOrderRequest { hold_id }).await }
+    })
+    .await;
+    acknowledged
+        .lock()
+        .unwrap()
+        .orders
+        .push(order.order_id.clone());
+    let webhook = success(
+        &format!("pay-{buyer}"),
+        on_order(&order.order_id),
+        order.total_cents,
+    );
+    let receipt = retried(fleet, buyer, |mut checkout| {
+        let webhook = webhook.clone();
+        async move { checkout.handle_payment_webhook(webhook).await }
+    })
+    .await;
+    assert!(
+        matches!(
+            receipt.outcome(),
+            WebhookOutcome::Applied | WebhookOutcome::Duplicate
+        ),
+        "buyer {buyer}: {receipt:?}"
+    );
+    acknowledged.lock().unwrap().paid.push(order.order_id);
+}
+
+/// Calls `call` on the buyer's process, and on the other one whenever the call could not
+/// reach a server or was cut off; panics on any other refusal.
+async fn retried<T, F, Fut>(fleet: &Fleet, buyer: usize, mut call: F) -> T
+where
+    F: FnMut(Checkout) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    for attempt in 0..400 {
+        let url = {
+            let urls = fleet.lock().unwrap();
+            urls[(buyer + attempt) % urls.len()].clone()
+        };
+        if let Ok(checkout) = CheckoutServiceClient::connect(url).await {
+            match call(checkout).await {
+                Ok(answer) => return answer.into_inner(),
+                Err(status) if cut_off(&status) => {}
+                Err(status) => panic!("buyer {buyer}: {status:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("buyer {buyer}: no server answered");
+}
+
+/// Whether a call failed because its server went away (or was not there yet).
+fn cut_off(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+    )
+}
+
+/// Joins the waitlist of `product_id` for one unit; the stream, its first update read.
+async fn join(
+    mut checkout: Checkout,
+    product_id: &str,
+) -> tonic::codec::Streaming<pb::WaitlistUpdate> {
+    let mut stream = checkout
+        .join_waitlist(JoinWaitlistRequest {
+            product_id: product_id.into(),
+            qty: 1,
+            buyer_id: String::new(),
+        })
+        .await
+        .expect("join")
+        .into_inner();
+    stream.message().await.expect("a place").expect("a place");
+    stream
+}
+
+/// The in-process server's address.
+fn survivor_url(server: &TestServer) -> String {
+    format!("http://{}", server.addr)
+}
