@@ -9,6 +9,7 @@ mod coalescing;
 mod crash;
 mod deadlines;
 mod flash_crowd;
+mod histories;
 mod holds;
 mod orders;
 mod outages;
