@@ -168,8 +168,9 @@ async fn a_success_a_moment_after_the_deadline_is_a_refund_owed_before_the_reape
     assert_eq!(server.assert_consistent().await.refunds_owed, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
+/// A server whose orders are due two seconds after creation and whose reaper looks every
+/// 20 ms, with `count` pending orders of one unit each of a product of 20.
+async fn orders_due_soon(count: usize) -> (TestServer, pb::Product, Checkout, Vec<pb::Order>) {
     let server = TestServer::start_with(|config| {
         config.payment_ttl = Duration::from_secs(2);
         config.reaper_interval = Duration::from_millis(20);
@@ -178,9 +179,43 @@ async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
     let product = server.product("ticket", 100, 20).await;
     let mut checkout = server.checkout().await;
     let mut orders = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..count {
         orders.push(pending_order(&mut checkout, &product.id, 1).await);
     }
+    (server, product, checkout, orders)
+}
+
+/// Asserts how a success delivered around its order's deadline ended: applied, and the
+/// order paid before its deadline (`true`), or a refund owed, the order cancelled for
+/// the deadline (`false`).
+async fn paid_in_time_or_refund_owed(
+    checkout: &Checkout,
+    order_id: &str,
+    receipt: &pb::HandlePaymentWebhookResponse,
+) -> bool {
+    let stored = wait_settled(checkout, order_id).await;
+    match receipt.outcome() {
+        WebhookOutcome::Applied => {
+            assert_eq!(stored.status(), OrderStatus::Paid);
+            assert!(
+                SystemTime::try_from(stored.updated_at.unwrap()).unwrap()
+                    <= SystemTime::try_from(stored.payment_due_at.unwrap()).unwrap(),
+                "order {order_id} was paid after its deadline"
+            );
+            true
+        }
+        WebhookOutcome::RefundRequired => {
+            assert_eq!(stored.status(), OrderStatus::Cancelled);
+            assert_eq!(stored.cancel_reason, "payment_timeout");
+            false
+        }
+        other => panic!("order {order_id}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
+    let (server, product, checkout, orders) = orders_due_soon(20).await;
     // Aim every payment at the deadline itself, give or take a few milliseconds.
     let due = SystemTime::try_from(orders[10].payment_due_at.unwrap()).unwrap();
     tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
@@ -200,17 +235,8 @@ async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
     let mut paid = 0;
     for (order, payment) in orders.iter().zip(payments) {
         let receipt = payment.await.unwrap().expect("every payment is answered");
-        let stored = wait_settled(&checkout, &order.order_id).await;
-        match receipt.outcome() {
-            WebhookOutcome::Applied => {
-                assert_eq!(stored.status(), OrderStatus::Paid);
-                paid += 1;
-            }
-            WebhookOutcome::RefundRequired => {
-                assert_eq!(stored.status(), OrderStatus::Cancelled);
-                assert_eq!(stored.cancel_reason, "payment_timeout");
-            }
-            other => panic!("order {}: {other:?}", order.order_id),
+        if paid_in_time_or_refund_owed(&checkout, &order.order_id, &receipt).await {
+            paid += 1;
         }
     }
 
@@ -226,17 +252,7 @@ async fn a_success_at_the_deadline_ends_paid_or_as_a_refund_owed_never_both() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_payment_batch_racing_the_reaper_at_the_deadline_pays_only_orders_still_due() {
-    let server = TestServer::start_with(|config| {
-        config.payment_ttl = Duration::from_secs(2);
-        config.reaper_interval = Duration::from_millis(20);
-    })
-    .await;
-    let product = server.product("ticket", 100, 20).await;
-    let mut checkout = server.checkout().await;
-    let mut orders = Vec::new();
-    for _ in 0..13 {
-        orders.push(pending_order(&mut checkout, &product.id, 1).await);
-    }
+    let (server, product, checkout, mut orders) = orders_due_soon(13).await;
     let blocker = orders.remove(0);
 
     // The blocker's delivery waits for its order's row; the other twelve queue behind its
@@ -266,24 +282,10 @@ async fn a_payment_batch_racing_the_reaper_at_the_deadline_pays_only_orders_stil
     let (mut paid, mut refunds) = (0, 0);
     for payment in payments {
         let (order, receipt) = payment.await.unwrap();
-        let stored = wait_settled(&checkout, &order.order_id).await;
-        match receipt.outcome() {
-            WebhookOutcome::Applied => {
-                assert_eq!(stored.status(), OrderStatus::Paid);
-                assert!(
-                    SystemTime::try_from(stored.updated_at.unwrap()).unwrap()
-                        <= SystemTime::try_from(stored.payment_due_at.unwrap()).unwrap(),
-                    "order {} was paid after its deadline",
-                    order.order_id
-                );
-                paid += 1;
-            }
-            WebhookOutcome::RefundRequired => {
-                assert_eq!(stored.status(), OrderStatus::Cancelled);
-                assert_eq!(stored.cancel_reason, "payment_timeout");
-                refunds += 1;
-            }
-            other => panic!("order {}: {other:?}", order.order_id),
+        if paid_in_time_or_refund_owed(&checkout, &order.order_id, &receipt).await {
+            paid += 1;
+        } else {
+            refunds += 1;
         }
     }
 
