@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -154,6 +155,7 @@ impl App {
         let max_message = config.transport.max_message_bytes;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1)));
         let db_timeout = config.db_timeout;
+        let migrated = Arc::new(AtomicBool::new(false));
         let stopping = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
@@ -169,6 +171,7 @@ impl App {
             checkout.clone(),
             pool,
             health.clone(),
+            migrated.clone(),
             stopping.clone(),
         ));
 
@@ -202,6 +205,7 @@ impl App {
                 checkout_scope,
                 in_flight.clone(),
                 db_timeout,
+                migrated.clone(),
             ))
             .add_service(Guarded::new(
                 InventoryAdminServiceServer::new(AdminApi::new(checkout))
@@ -210,6 +214,7 @@ impl App {
                 admin_scope,
                 in_flight,
                 db_timeout,
+                migrated,
             ))
             .serve_with_incoming_shutdown(incoming, on_shutdown)
             .await;
@@ -255,18 +260,21 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
     Ok(config)
 }
 
-/// Applies migrations (retrying while the database is unreachable), then starts the
-/// background tasks and the health monitor; returns when all of them stopped.
+/// Applies migrations (retrying while the database is unreachable), sets `migrated` (the
+/// guard lets calls through from then on), then starts the background tasks and the health
+/// monitor; returns when all of them stopped.
 async fn start_when_migrated(
     config: ServerConfig,
     checkout: Arc<Checkout>,
     pool: DbPool,
     health: HealthReporter,
+    migrated: Arc<AtomicBool>,
     stopping: CancellationToken,
 ) {
     if !migrate_with_retries(&config, &stopping).await {
         return;
     }
+    migrated.store(true, Ordering::Release);
     let mut tasks = JoinSet::new();
     let reaper = ReaperSettings {
         interval: config.reaper_interval,

@@ -125,6 +125,14 @@ pub enum DomainError {
 }
 
 impl DomainError {
+    /// The database is reachable but its schema is not in place yet (the server is
+    /// starting and migrations have not finished): `Unavailable`, retry shortly.
+    pub fn not_migrated() -> Self {
+        DomainError::Unavailable(message_source(
+            "the database is not migrated yet (the server is starting); retry shortly",
+        ))
+    }
+
     /// Shorthand for [`DomainError::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         DomainError::InvalidArgument {

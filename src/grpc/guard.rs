@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -68,17 +69,21 @@ pub struct Guarded<S> {
     series: Arc<[CallSeries]>,
     /// How long a call may wait for its answer (from the database) before it fails.
     db_timeout: Duration,
+    /// Set once migrations ran: before that, the tables a call needs may not exist yet, so
+    /// every call is refused UNAVAILABLE (a retry soon succeeds) rather than failing INTERNAL.
+    migrated: Arc<AtomicBool>,
 }
 
 impl<S: NamedService> Guarded<S> {
-    /// Guards `inner`; unary calls share the slots of `in_flight`, and each call is
-    /// answered within `db_timeout`.
+    /// Guards `inner`; unary calls share the slots of `in_flight`, each call is answered
+    /// within `db_timeout`, and none is let through before `migrated` is set.
     pub fn new(
         inner: S,
         authorizer: Arc<Authorizer>,
         scope_of: fn(&str) -> Scope,
         in_flight: Arc<Semaphore>,
         db_timeout: Duration,
+        migrated: Arc<AtomicBool>,
     ) -> Self {
         Guarded {
             inner,
@@ -91,6 +96,7 @@ impl<S: NamedService> Guarded<S> {
                 .map(|method| CallSeries::new(S::NAME, method))
                 .collect(),
             db_timeout,
+            migrated,
         }
     }
 }
@@ -137,6 +143,9 @@ where
             Ok(caller) => caller,
             Err(refusal) => return refuse(refusal, metric),
         };
+        if !self.migrated.load(Ordering::Acquire) {
+            return refuse(DomainError::not_migrated(), metric);
+        }
         let slot = if STREAMING_METHODS.contains(&method) {
             None
         } else {

@@ -112,6 +112,44 @@ async fn execute(conn: &mut AsyncPgConnection, statement: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn calls_before_the_migrations_finish_are_unavailable_not_internal() {
+    // A database of its own with no schema yet, and the migrations held back: the table
+    // diesel records them in is being created by an open transaction of the test.
+    let migrated = TestDb::new().await;
+    let (migrated_name, maintenance_url) = split_database(&migrated.url);
+    let name = format!("flashsale_unmigrated_{}", uuid::Uuid::now_v7().simple());
+    let url = migrated.url.replacen(&migrated_name, &name, 1);
+    let mut dba = AsyncPgConnection::establish(&maintenance_url)
+        .await
+        .unwrap();
+    execute(&mut dba, &format!("CREATE DATABASE \"{name}\"")).await;
+    let mut blocker = AsyncPgConnection::establish(&url).await.unwrap();
+    execute(&mut blocker, "BEGIN").await;
+    execute(
+        &mut blocker,
+        "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY)",
+    )
+    .await;
+    let server = TestServer::spawn(test_config(&url), TestDb::on_own_cluster(url.clone())).await;
+
+    let mut admin = server.admin().await;
+    let early = admin.create_product(CreateProductRequest {
+        name: "early".into(),
+        price_cents: 100,
+        stock_total: 1,
+        ..Default::default()
+    });
+    assert_status(early.await, Code::Unavailable, "DATABASE_UNAVAILABLE");
+    assert_eq!(server.health().await, ServingStatus::NotServing);
+
+    execute(&mut blocker, "ROLLBACK").await;
+    wait_health(&server, ServingStatus::Serving).await;
+    server.product("on time", 100, 1).await;
+    server.stop().await.unwrap();
+    execute(&mut dba, &format!("DROP DATABASE \"{name}\" WITH (FORCE)")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn health_reports_serving_for_the_server_and_each_service() {
     let server = TestServer::start().await;
     for service in ["", CHECKOUT, ADMIN] {
@@ -413,7 +451,7 @@ async fn metrics_count_what_a_known_sequence_of_calls_did() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let db = crate::support::TestDb::new().await;
+    let db = TestDb::new().await;
     let server =
         crate::support::ServerProcess::start_with(&db.url, &[("FLASHSALE_METRICS_ADDR", &addr)])
             .await;
