@@ -61,6 +61,25 @@ pub enum Abandon {
 /// `flashsale-tools load flash-crowd`.
 pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<CrowdFigures, LoadError> {
     let connections = connect(server, args.crowd.connections).await?;
+    let Wave {
+        product_id,
+        outcome,
+    } = wave(&connections, &args).await?;
+    print_summary(&args, &product_id, &outcome);
+    check(&args, &connections[0], &product_id, &outcome).await?;
+    Ok(CrowdFigures::of(&args, &outcome))
+}
+
+/// One crowd on a product of its own, nothing printed.
+pub struct Wave {
+    /// The product on sale.
+    pub product_id: String,
+    /// What the buyers did and saw.
+    pub outcome: CrowdOutcome,
+}
+
+/// Runs one crowd on a new product over `connections`.
+pub async fn wave(connections: &[Connection], args: &FlashCrowdArgs) -> Result<Wave, LoadError> {
     let (run, seed) = run_id();
     let label = format!("flash-crowd {run}");
     let products = create_products(&connections[0], &label, 1, args.stock).await?;
@@ -72,10 +91,11 @@ pub async fn run(server: &Server, args: FlashCrowdArgs) -> Result<CrowdFigures, 
         seed,
         next_buyer: AtomicU64::new(0),
     });
-    let outcome = crowd(&plan, &connections).await?;
-    print_summary(&args, &product_id, &outcome);
-    check(&args, &connections[0], &product_id, &outcome).await?;
-    Ok(CrowdFigures::of(&args, &outcome))
+    let outcome = crowd(&plan, connections).await?;
+    Ok(Wave {
+        product_id,
+        outcome,
+    })
 }
 
 /// The headline figures of a flash crowd, for `flashsale-tools bench`.
@@ -92,23 +112,26 @@ pub struct CrowdFigures {
 impl CrowdFigures {
     /// The figures of a finished crowd.
     fn of(args: &FlashCrowdArgs, outcome: &CrowdOutcome) -> CrowdFigures {
-        let rpcs = [
-            Rpc::CreateHold,
-            Rpc::CreateOrder,
-            Rpc::HandlePaymentWebhook,
-            Rpc::ReleaseHold,
-        ];
-        let worst_p99 = rpcs
-            .into_iter()
-            .filter_map(|rpc| Some((outcome.recorder.latency_at(rpc, 0.99)?, rpc.name())))
-            .max()
-            .unwrap_or((Duration::ZERO, "none"));
         CrowdFigures {
             buyers: args.buyers as u64,
             buyers_per_second: per_second(args.buyers as u64, outcome.elapsed),
-            worst_p99,
+            worst_p99: worst_p99(&outcome.recorder),
         }
     }
+}
+
+/// The highest 99th percentile latency of any call of a crowd, and that call.
+pub fn worst_p99(recorder: &Recorder) -> (Duration, &'static str) {
+    let rpcs = [
+        Rpc::CreateHold,
+        Rpc::CreateOrder,
+        Rpc::HandlePaymentWebhook,
+        Rpc::ReleaseHold,
+    ];
+    rpcs.into_iter()
+        .filter_map(|rpc| Some((recorder.latency_at(rpc, 0.99)?, rpc.name())))
+        .max()
+        .unwrap_or((Duration::ZERO, "none"))
 }
 
 /// What every client of the crowd shares.
@@ -321,13 +344,25 @@ impl CrowdClient {
 }
 
 /// The merged figures of the crowd.
-struct CrowdOutcome {
+pub struct CrowdOutcome {
     /// Latency and status counts of every call.
-    recorder: Recorder,
+    pub recorder: Recorder,
     /// Where the buyers ended up.
     tally: Tally,
     /// From the first call to the last answer.
-    elapsed: Duration,
+    pub elapsed: Duration,
+}
+
+impl CrowdOutcome {
+    /// The claims about the crowd's product (read after it) that do not hold: sold as
+    /// paid, reserved as pending orders plus active holds, nothing beyond `stock`.
+    pub fn unaccounted_units(&self, stock: i64, product: &pb::Product) -> Vec<String> {
+        unit_claims(stock, product, &self.tally)
+            .into_iter()
+            .filter(|(held, _)| !held)
+            .map(|(_, what)| what)
+            .collect()
+    }
 }
 
 /// Runs the clients until every buyer is served and merges their figures.
@@ -431,26 +466,35 @@ async fn check(
 /// Every unit accounted for: sold as paid, reserved as pending orders plus active holds,
 /// nothing beyond the stock.
 fn check_units(checks: &mut Checks, stock: i64, product: &pb::Product, tally: &Tally) {
+    for (held, what) in unit_claims(stock, product, tally) {
+        checks.expect(held, what);
+    }
+}
+
+/// The claims of [`check_units`], each with whether it holds.
+fn unit_claims(stock: i64, product: &pb::Product, tally: &Tally) -> [(bool, String); 4] {
     let (paid, pending, active) = (tally.paid, tally.pending(), tally.active);
-    checks.expect(
-        product.stock_total == stock,
-        format!("stock_total {} == stock {stock}", product.stock_total),
-    );
-    checks.expect(
-        i64::try_from(paid) == Ok(product.sold),
-        format!("sold {} == SUCCESS webhooks applied {paid}", product.sold),
-    );
-    checks.expect(
-        i64::try_from(paid + pending + active).is_ok_and(|committed| committed <= stock),
-        format!("paid {paid} + pending {pending} + active holds {active} <= stock {stock}"),
-    );
-    checks.expect(
-        i64::try_from(pending + active) == Ok(product.reserved),
-        format!(
-            "reserved {} == pending orders {pending} + active holds {active}",
-            product.reserved
+    [
+        (
+            product.stock_total == stock,
+            format!("stock_total {} == stock {stock}", product.stock_total),
         ),
-    );
+        (
+            i64::try_from(paid) == Ok(product.sold),
+            format!("sold {} == SUCCESS webhooks applied {paid}", product.sold),
+        ),
+        (
+            i64::try_from(paid + pending + active).is_ok_and(|committed| committed <= stock),
+            format!("paid {paid} + pending {pending} + active holds {active} <= stock {stock}"),
+        ),
+        (
+            i64::try_from(pending + active) == Ok(product.reserved),
+            format!(
+                "reserved {} == pending orders {pending} + active holds {active}",
+                product.reserved
+            ),
+        ),
+    ]
 }
 
 /// Waits for the reaper to expire the holds left active (until the last one's expiry plus

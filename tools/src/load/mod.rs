@@ -10,6 +10,8 @@
 //!   stock changes to all of them.
 //! - [`health_checks`]: `grpc.health.v1.Health/Check` as fast as it goes: the ceiling of a
 //!   gRPC call, no database.
+//! - [`soak`]: flash-crowd waves for a long time, with the server's memory, descriptors and
+//!   database connections reported as it goes.
 //!
 //! Shared pieces: [`conn`] (connections, products), [`stats`] (per-client latency histograms
 //! and status counts merged at the end, the progress line), [`checks`] (the final checks
@@ -26,6 +28,7 @@ pub mod health_checks;
 pub mod hot_holds;
 pub mod many_products;
 pub mod procfs;
+mod soak;
 mod stats;
 mod watchers;
 
@@ -39,6 +42,7 @@ pub use flash_crowd::FlashCrowdArgs;
 pub use health_checks::HealthChecksArgs;
 pub use hot_holds::HotHoldsArgs;
 pub use many_products::ManyProductsArgs;
+pub use soak::SoakArgs;
 pub use watchers::WatchersArgs;
 
 /// Any failure of a scenario, including a failed check: `flashsale-tools` reports it and exits 1.
@@ -71,6 +75,9 @@ pub enum Scenario {
     Watchers(WatchersArgs),
     /// Many clients call grpc.health.v1.Health/Check: the ceiling of a call, no database.
     HealthChecks(HealthChecksArgs),
+    /// Flash-crowd waves for a long time: rate, p99, server memory, descriptors and
+    /// database connections every few seconds, the books of every wave at the end.
+    Soak(SoakArgs),
 }
 
 /// How many clients run and over how many HTTP/2 connections.
@@ -107,6 +114,7 @@ pub async fn run(args: LoadArgs) -> Result<(), LoadError> {
         Scenario::HealthChecks(scenario) => {
             health_checks::run(&args.server, scenario).await.map(drop)
         }
+        Scenario::Soak(scenario) => soak::run(&args.server, scenario).await,
     }
 }
 
