@@ -28,3 +28,4 @@ mod transport;
 mod validation;
 mod waitlist;
 mod webhooks;
+mod wire;
