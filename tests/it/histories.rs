@@ -138,6 +138,7 @@ async fn run(rounds: Vec<Vec<Step>>) {
     config.payment_ttl = TTL;
     config.reaper_interval = Duration::from_millis(50);
     let server = TestServer::spawn(config, db).await;
+    server.wait_serving().await;
     let product = server.product("drop", PRICE, STOCK).await;
     let checkout = server.checkout().await;
     let mut admin = server.admin().await;
