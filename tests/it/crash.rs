@@ -1,7 +1,8 @@
 //! A server process killed outright (SIGKILL) in the middle of a flash crowd, while another
 //! process serves the same database, and started again: every hold, order and payment any
-//! call was told about is there, each buyer's units are sold once, holds nobody finished
-//! expire, the dead process's waiter is skipped, and the books balance.
+//! call was told about is there, each buyer's units are sold once, holds and orders whose
+//! deadline passed while it was down end, the dead process's waiter is skipped, and the
+//! books balance.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,12 +16,12 @@ use tonic::Code;
 
 use crate::support::{
     Checkout, Counters, ServerProcess, TestServer, assert_counters, eventually, get_hold,
-    get_order, hold, on_order, release, success,
+    get_order, hold, on_order, pending_order, release, success,
 };
 
 /// Buyers in the crowd, each buying one unit.
 const BUYERS: usize = 300;
-/// Units on sale: enough for every buyer and the abandoned holds.
+/// Units on sale: enough for every buyer, the abandoned holds and the unpaid orders.
 const STOCK: i64 = 400;
 /// Payments acknowledged before the first process is killed.
 const PAID_BEFORE_THE_KILL: usize = 100;
@@ -45,14 +46,20 @@ struct Acknowledged {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
     let survivor = TestServer::start().await;
-    let env = [("FLASHSALE_HOLD_TTL", "3s")];
+    let env = [
+        ("FLASHSALE_HOLD_TTL", "3s"),
+        ("FLASHSALE_PAYMENT_TTL", "3s"),
+    ];
     let doomed = ServerProcess::start_with(&survivor.db.url, &env).await;
     let product = survivor.product("drop", 100, STOCK).await;
 
-    // Holds nobody finishes, taken through the process about to die.
+    // Holds nobody finishes and orders nobody pays, taken through the process about to
+    // die: their deadlines pass while it is down.
     let mut abandoned = Vec::new();
+    let mut unpaid = Vec::new();
     for _ in 0..4 {
         abandoned.push(hold(&mut doomed.checkout().await, &product.id, 1).await);
+        unpaid.push(pending_order(&mut doomed.checkout().await, &product.id, 1).await);
     }
     // A waiter of the doomed process first in line for a sold-out product, one of the
     // survivor's behind it.
@@ -120,6 +127,16 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
         eventually("an abandoned hold to expire", || {
             let (mut checkout, id) = (checkout.clone(), held.hold_id.clone());
             async move { get_hold(&mut checkout, &id).await.status() == HoldStatus::Expired }
+        })
+        .await;
+    }
+    for order in &unpaid {
+        eventually("an unpaid order to be cancelled at its deadline", || {
+            let (mut checkout, id) = (checkout.clone(), order.order_id.clone());
+            async move {
+                let order = get_order(&mut checkout, &id).await;
+                order.status() == OrderStatus::Cancelled && order.cancel_reason == "payment_timeout"
+            }
         })
         .await;
     }
