@@ -237,9 +237,14 @@ async fn a_waiter_whose_server_is_gone_is_skipped() {
     let (mut alive, first) = join(&mut server.checkout().await, &product.id, 1).await;
     assert_eq!(first, Update::Position(2));
 
-    // The process goes away; its waiter cannot take a turn.
+    // The process goes away; its waiter cannot take a turn. Gone, for the database, once
+    // the process's session (its advisory lock) has ended.
     doomed.stop().await.unwrap();
     drop(gone);
+    eventually("the stopped process's session to end", || {
+        sessions_alive(&server.db.url, 1)
+    })
+    .await;
     release(&mut checkout, &taken.hold_id).await;
 
     served(&mut alive).await;
@@ -399,4 +404,28 @@ async fn a_waiter_asking_more_than_the_whole_stock_is_refused_and_blocks_nobody(
     assert_eq!(first, Update::Position(1));
     release(&mut checkout, &taken.hold_id).await;
     served(&mut next_in_line).await;
+}
+
+/// Whether exactly `count` server processes hold their session's advisory lock on the
+/// database (each holds one while its change feed is connected).
+async fn sessions_alive(database_url: &str, count: i64) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Sessions {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        sessions: i64,
+    }
+    let mut conn =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
+            .await
+            .unwrap();
+    let row: Sessions = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query(
+            "SELECT count(*) AS sessions FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    row.sessions == count
 }
