@@ -972,23 +972,32 @@ pub fn seconds_between(
 
 /// Whether some session of this database waits for a lock.
 pub async fn waiting_on_locks(database_url: &str) -> bool {
+    count(
+        database_url,
+        "SELECT count(*) AS count FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+        > 0
+}
+
+/// The one int8 column `count` of the one row `query` returns, read on a connection of
+/// its own to the test's database.
+pub async fn count(database_url: &str, query: &str) -> i64 {
     #[derive(diesel::QueryableByName)]
-    struct Waiting {
+    struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
-        waiting: i64,
+        count: i64,
     }
     let mut conn =
         <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
             .await
             .unwrap();
-    let row: Waiting = diesel::sql_query(
-        "SELECT count(*) AS waiting FROM pg_stat_activity \
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
-    row.waiting > 0
+    let row: Count = diesel::sql_query(query)
+        .get_result(&mut conn)
+        .await
+        .unwrap_or_else(|error| panic!("{query}: {error}"));
+    row.count
 }
 
 /// A transaction holding the row locks of `ids` in `table`, as a long transaction would.

@@ -409,23 +409,11 @@ async fn a_waiter_asking_more_than_the_whole_stock_is_refused_and_blocks_nobody(
 /// Whether exactly `count` server processes hold their session's advisory lock on the
 /// database (each holds one while its change feed is connected).
 async fn sessions_alive(database_url: &str, count: i64) -> bool {
-    #[derive(diesel::QueryableByName)]
-    struct Sessions {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        sessions: i64,
-    }
-    let mut conn =
-        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
-            .await
-            .unwrap();
-    let row: Sessions = diesel_async::RunQueryDsl::get_result(
-        diesel::sql_query(
-            "SELECT count(*) AS sessions FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        ),
-        &mut conn,
+    let held = crate::support::count(
+        database_url,
+        "SELECT count(*) AS count FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
-    .await
-    .unwrap();
-    row.sessions == count
+    .await;
+    held == count
 }

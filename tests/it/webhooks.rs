@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use diesel_async::RunQueryDsl;
 use flashsale::grpc::pb::{
     HandlePaymentWebhookRequest, HandlePaymentWebhookResponse, OrderStatus, WebhookOutcome,
 };
@@ -780,21 +779,9 @@ async fn payments_aimed_at_the_order_and_at_its_hold_at_once_settle_it_once() {
 /// Deadlocks PostgreSQL has broken in the test's database, as far as its statistics tell
 /// yet (a backend reports them when it goes idle).
 async fn deadlocks(server: &TestServer) -> i64 {
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        deadlocks: i64,
-    }
-    let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+    crate::support::count(
         &server.db.url,
+        "SELECT deadlocks AS count FROM pg_stat_database WHERE datname = current_database()",
     )
     .await
-    .unwrap();
-    let count: Count = diesel::sql_query(
-        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .get_result(&mut conn)
-    .await
-    .unwrap();
-    count.deadlocks
 }
