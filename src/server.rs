@@ -190,8 +190,8 @@ impl App {
                 shutdown.await;
                 tracing::info!("shutting down: draining calls and streams");
                 set_serving(&health, false).await;
+                checkout.close_streams().await;
                 stopping.cancel();
-                checkout.close_streams();
             }
         };
         let served = server

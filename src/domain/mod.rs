@@ -172,10 +172,11 @@ impl Checkout {
         self.availability.publish(snapshot);
     }
 
-    /// Ends every WatchAvailability stream and refuses new ones: for shutdown.
-    pub fn close_streams(&self) {
+    /// Ends every WatchAvailability and JoinWaitlist stream and refuses new ones, taking
+    /// this process's waiters out of line: for shutdown, before the change feed stops.
+    pub async fn close_streams(&self) {
         self.availability.close();
-        self.waitlist.close();
+        self.close_waitlist().await;
     }
 
     /// What the change feed heard: a product's state goes to the watchers; a waitlist

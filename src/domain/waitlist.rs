@@ -14,10 +14,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use chrono::TimeDelta;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -25,6 +26,13 @@ use super::{Caller, Checkout, DomainError, check_key};
 use crate::db::holds::find_hold;
 use crate::db::models::Hold;
 use crate::db::waitlist::{self as queries, NewWaiter, WaiterState};
+
+/// Waiters taken out of line at once at shutdown: a few connections, leaving the pool to
+/// the calls still draining.
+const LEAVES_AT_ONCE: usize = 4;
+
+/// How long shutdown spends taking waiters out of line.
+const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A buyer asking to wait.
 #[derive(Debug, Clone)]
@@ -131,15 +139,20 @@ impl WaitlistHub {
         self.lock().contains_key(&id)
     }
 
-    /// Ends every stream with `SHUTTING_DOWN` and registers no more.
-    pub fn close(&self) {
+    /// Ends every stream with `SHUTTING_DOWN` and registers no more; the ids of the
+    /// waiters whose streams it ended, still in line.
+    fn close(&self) -> Vec<i64> {
         let mut waiters = self.lock();
         self.closed.store(true, Ordering::Release);
-        for (_, waiter) in waiters.drain() {
-            let _ = waiter
-                .events
-                .send(WaitlistEvent::Ended(DomainError::ShuttingDown));
-        }
+        waiters
+            .drain()
+            .map(|(id, waiter)| {
+                let _ = waiter
+                    .events
+                    .send(WaitlistEvent::Ended(DomainError::ShuttingDown));
+                id
+            })
+            .collect()
     }
 
     /// How many streams are open.
@@ -274,6 +287,19 @@ impl Checkout {
             self.waitlist.finish(state.id, last);
         }
         Ok(())
+    }
+
+    /// Ends every waiter's stream with `SHUTTING_DOWN`, takes them out of line and joins
+    /// no more: for shutdown, while the change feed still holds this process's session, so
+    /// no other process serves a waiter that is gone. Those a failed leave keeps in line
+    /// are skipped once the session ends; so are those left after [`LEAVE_PATIENCE`] (the
+    /// database is gone, say).
+    pub(super) async fn close_waitlist(&self) {
+        let leaving = futures::stream::iter(self.waitlist.close())
+            .for_each_concurrent(LEAVES_AT_ONCE, |id| self.leave_waitlist(id));
+        if tokio::time::timeout(LEAVE_PATIENCE, leaving).await.is_err() {
+            tracing::warn!("waiters still in line at shutdown; skipped once this process is gone");
+        }
     }
 
     /// Turns away the waiters of every product whose sale has ended; how many products.
