@@ -26,6 +26,18 @@ pub struct AuditRow {
     /// Units of paid orders.
     #[diesel(sql_type = BigInt)]
     pub recomputed_sold: i64,
+    /// Buyers in the waitlist, as stored.
+    #[diesel(sql_type = BigInt)]
+    pub waiting: i64,
+    /// The units they wait for, as stored.
+    #[diesel(sql_type = BigInt)]
+    pub owed: i64,
+    /// Waiters whose status is 'waiting'.
+    #[diesel(sql_type = BigInt)]
+    pub recomputed_waiting: i64,
+    /// Their units.
+    #[diesel(sql_type = BigInt)]
+    pub recomputed_owed: i64,
     /// Pending orders past their payment deadline (the reaper's backlog).
     #[diesel(sql_type = BigInt)]
     pub overdue_orders: i64,
@@ -46,6 +58,9 @@ SELECT p.id AS product_id, p.stock_total,
         AS recomputed_reserved,
     COALESCE((SELECT sum(o.qty) FROM orders o WHERE o.product_id = p.id AND o.status = 'paid'), 0)::int8
         AS recomputed_sold,
+    p.waiting, p.owed,
+    COALESCE(line.waiting, 0)::int8 AS recomputed_waiting,
+    COALESCE(line.owed, 0)::int8 AS recomputed_owed,
     (SELECT count(*) FROM orders o
       WHERE o.product_id = p.id AND o.status = 'pending' AND o.payment_due_at <= now())::int8
         AS overdue_orders,
@@ -69,6 +84,11 @@ LEFT JOIN (
     WHERE e.outcome = 'refund_required' AND e.refunded_at IS NULL
     GROUP BY 1
 ) owed ON owed.product_id = p.id
+LEFT JOIN (
+    -- every waitlist in one pass (waiters_queue)
+    SELECT product_id, count(*) AS waiting, sum(qty) AS owed
+    FROM waiters WHERE status = 'waiting' GROUP BY product_id
+) line ON line.product_id = p.id
 WHERE cardinality($1::uuid[]) = 0 OR p.id = ANY($1::uuid[])
 ORDER BY p.id";
 
@@ -89,6 +109,8 @@ impl AuditRow {
         self.stock_total == self.recomputed_stock_total
             && self.reserved == self.recomputed_reserved
             && self.sold == self.recomputed_sold
+            && self.waiting == self.recomputed_waiting
+            && self.owed == self.recomputed_owed
             && self.reserved + self.sold <= self.stock_total
     }
 }

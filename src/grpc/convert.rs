@@ -209,20 +209,32 @@ impl From<StockSnapshot> for pb::AvailabilityUpdate {
 
 impl From<AuditRow> for pb::ProductAudit {
     fn from(row: AuditRow) -> Self {
-        let counters = |stock_total: i64, reserved: i64, sold: i64| pb::StockCounters {
-            stock_total,
-            reserved,
-            sold,
-            available: stock_total - reserved - sold,
+        let counters = |stock_total: i64, reserved: i64, sold: i64, waiting: i64, owed: i64| {
+            pb::StockCounters {
+                stock_total,
+                reserved,
+                sold,
+                available: stock_total - reserved - sold,
+                waiting,
+                owed,
+            }
         };
         pb::ProductAudit {
             consistent: row.consistent(),
             product_id: row.product_id.to_string(),
-            stored: Some(counters(row.stock_total, row.reserved, row.sold)),
+            stored: Some(counters(
+                row.stock_total,
+                row.reserved,
+                row.sold,
+                row.waiting,
+                row.owed,
+            )),
             recomputed: Some(counters(
                 row.recomputed_stock_total,
                 row.recomputed_reserved,
                 row.recomputed_sold,
+                row.recomputed_waiting,
+                row.recomputed_owed,
             )),
             overdue_orders: row.overdue_orders,
             refunds_owed: row.refunds_owed,

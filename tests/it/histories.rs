@@ -1,7 +1,8 @@
 //! Random histories (proptest): rounds of concurrent CreateHold (with and without keys and
 //! buyers), ReleaseHold, ExtendHold, CreateOrder, CancelOrder, payment webhooks (aimed at
 //! the order or at the hold, successes and failures, keys reused with another payload,
-//! wrong amounts, late ones), stock adjustments and pauses past the TTLs, against a real
+//! wrong amounts, late ones), waitlist joins that wait a while and leave (or are served, and
+//! go on like any buyer), stock adjustments and pauses past the TTLs, against a real
 //! server. After each history, once every TTL has run out and the reaper has ended what
 //! nobody finished, the books must agree with every answer the server gave. A failure
 //! shrinks to a minimal history.
@@ -15,19 +16,19 @@ use std::time::Duration;
 use flashsale::grpc::pb::handle_payment_webhook_request::Target;
 use flashsale::grpc::pb::{
     self, AdjustStockRequest, AuditInventoryRequest, CancelOrderRequest, CreateHoldRequest,
-    CreateOrderRequest, ExtendHoldRequest, HoldStatus, OrderStatus, ReleaseHoldRequest,
-    WebhookOutcome,
+    CreateOrderRequest, ExtendHoldRequest, HoldStatus, JoinWaitlistRequest, OrderStatus,
+    ReleaseHoldRequest, WebhookOutcome, waitlist_update::Update,
 };
 use proptest::prelude::*;
 use tonic::Code;
 
 use crate::support::{
-    Checkout, TestServer, eventually, failure, get_hold, get_order, get_product, success,
+    Checkout, TestServer, count, eventually, failure, get_hold, get_order, get_product, success,
     test_config,
 };
 
 /// Units the product starts with: few, so holds run out and adjustments matter.
-const STOCK: i64 = 6;
+const STOCK: i64 = 3;
 /// The product's price.
 const PRICE: i64 = 100;
 /// Hold TTL and payment deadline: short, so a pause outlives them.
@@ -54,6 +55,12 @@ enum Step {
         right_amount: bool,
     },
     Adjust(i64),
+    /// A JoinWaitlist that waits up to `stay` ms for its turn, then leaves.
+    Join {
+        qty: i64,
+        buyer: Option<u8>,
+        stay: u64,
+    },
     /// A pause before the call that follows in its task: lets TTLs run out mid-history.
     Pause(u64),
 }
@@ -71,6 +78,8 @@ fn step() -> impl Strategy<Value = Step> {
                 on_hold, target, success, key, right_amount,
             }),
         1 => (-3..=3i64).prop_map(Step::Adjust),
+        3 => (1..=3i64, proptest::option::of(0..3u8), 0..1500u64)
+            .prop_map(|(qty, buyer, stay)| Step::Join { qty, buyer, stay }),
         1 => (0..1200u64).prop_map(Step::Pause),
     ]
 }
@@ -110,6 +119,8 @@ proptest! {
 struct Answers {
     /// Holds granted, with their units.
     holds: Vec<(String, i64)>,
+    /// Holds the waitlist served, as the waiters received them.
+    served: Vec<String>,
     /// Orders created, with their hold.
     orders: Vec<(String, String)>,
     /// Every order id CreateOrder answered for a hold.
@@ -125,6 +136,7 @@ struct Answers {
 /// One answer, as the history records it.
 enum Outcome {
     Held(pb::Hold),
+    Served(pb::Hold),
     Ordered(String, pb::Order),
     Delivered(String, bool, pb::HandlePaymentWebhookResponse),
     Adjusted(i64),
@@ -156,16 +168,21 @@ async fn run(rounds: Vec<Vec<Step>>) {
         }
     }
 
-    // Every TTL runs out; the reaper ends whatever nobody finished.
+    // Every TTL runs out; the reaper ends whatever nobody finished; the waiters have left.
     tokio::time::sleep(TTL).await;
     let mut reader = checkout.clone();
-    eventually("every hold and order to end", || {
-        let (mut reader, answers_holds, answers_orders) = (
+    eventually("every hold and order to end, and the line to empty", || {
+        let (mut reader, answers_holds, answers_orders, product_id) = (
             reader.clone(),
             answers.holds.clone(),
             answers.orders.clone(),
+            product.id.clone(),
         );
         async move {
+            let shown = get_product(&mut reader, &product_id).await;
+            if shown.reserved != 0 || shown.waiting != 0 {
+                return false;
+            }
             for (id, _) in &answers_holds {
                 if get_hold(&mut reader, id).await.status() == HoldStatus::Active {
                     return false;
@@ -279,6 +296,14 @@ async fn call(
             })
             .await
             .map(|_| Outcome::Adjusted(delta)),
+        Step::Join { qty, buyer, stay } => {
+            let join = JoinWaitlistRequest {
+                product_id: product_id.into(),
+                qty,
+                buyer_id: buyer.map(|b| format!("buyer-{b}")).unwrap_or_default(),
+            };
+            wait_in_line(checkout, join, Duration::from_millis(stay)).await
+        }
         Step::Pause(ms) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(Outcome::Nothing)
@@ -300,6 +325,27 @@ async fn call(
     })
 }
 
+/// Waits in line until served or `stay` has passed, then leaves (drops the stream).
+async fn wait_in_line(
+    mut checkout: Checkout,
+    join: JoinWaitlistRequest,
+    stay: Duration,
+) -> Result<Outcome, tonic::Status> {
+    let mut line = checkout.join_waitlist(join).await?.into_inner();
+    let served = async {
+        loop {
+            match line.message().await?.and_then(|update| update.update) {
+                Some(Update::Hold(hold)) => return Ok(Outcome::Served(hold)),
+                Some(Update::Position(_)) => continue,
+                None => panic!("the line ended without a hold or a status"),
+            }
+        }
+    };
+    tokio::time::timeout(stay, served)
+        .await
+        .unwrap_or(Ok(Outcome::Nothing))
+}
+
 /// Adds one answer to the record.
 fn record(answers: &mut Answers, outcome: Outcome) {
     match outcome {
@@ -307,6 +353,10 @@ fn record(answers: &mut Answers, outcome: Outcome) {
             if !answers.holds.iter().any(|(id, _)| *id == hold.hold_id) {
                 answers.holds.push((hold.hold_id, hold.qty));
             }
+        }
+        Outcome::Served(hold) => {
+            answers.served.push(hold.hold_id.clone());
+            answers.holds.push((hold.hold_id, hold.qty));
         }
         Outcome::Ordered(hold_id, order) => {
             answers
@@ -345,6 +395,17 @@ async fn check(
     // One hold, at most one order.
     for (hold_id, orders) in &answers.orders_of_hold {
         assert_eq!(orders.len(), 1, "hold {hold_id} got orders {orders:?}");
+    }
+    // A hold a waiter received was made for that one waiter.
+    for hold_id in &answers.served {
+        let waiters = format!(
+            "SELECT count(*) AS count FROM waiters WHERE status = 'served' AND hold_id = '{hold_id}'"
+        );
+        assert_eq!(
+            count(&server.db.url, &waiters).await,
+            1,
+            "waiters served {hold_id}"
+        );
     }
     // One order, at most one payment applied.
     for (order_id, keys) in &answers.applied {

@@ -73,6 +73,7 @@ fn stock(stock_total: i64, reserved: i64, sold: i64) -> Option<StockCounters> {
         reserved,
         sold,
         available: stock_total - reserved - sold,
+        ..StockCounters::default()
     })
 }
 

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use flashsale::grpc::pb::{
-    self, AdjustStockRequest, JoinWaitlistRequest, WaitlistUpdate, WatchAvailabilityRequest,
-    waitlist_update::Update,
+    self, AdjustStockRequest, AuditInventoryRequest, JoinWaitlistRequest, StockCounters,
+    WaitlistUpdate, WatchAvailabilityRequest, waitlist_update::Update,
 };
 use tonic::Code;
 use tonic::codec::Streaming;
@@ -404,4 +405,44 @@ async fn a_waiter_asking_more_than_the_whole_stock_is_refused_and_blocks_nobody(
     assert_eq!(first, Update::Position(1));
     release(&mut checkout, &taken.hold_id).await;
     served(&mut next_in_line).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_recounts_the_line_from_its_waiters() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, 3).await;
+    let mut checkout = server.checkout().await;
+    hold(&mut checkout, &product.id, 3).await;
+    let (_first, _) = join(&mut server.checkout().await, &product.id, 2).await;
+    let (_second, _) = join(&mut server.checkout().await, &product.id, 1).await;
+    let line = |waiting, owed| StockCounters {
+        stock_total: 3,
+        reserved: 3,
+        waiting,
+        owed,
+        ..StockCounters::default()
+    };
+
+    let audit = server.assert_consistent().await;
+    assert_eq!(audit.products[0].recomputed, Some(line(2, 3)));
+
+    // The stored line drifts behind the server's back: the audit says so.
+    let mut conn = AsyncPgConnection::establish(&server.db.url).await.unwrap();
+    diesel::sql_query(format!(
+        "UPDATE products SET owed = owed - 1 WHERE id = '{}'",
+        product.id
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let audit = server
+        .admin()
+        .await
+        .audit_inventory(AuditInventoryRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!audit.consistent, "{audit:#?}");
+    assert_eq!(audit.products[0].stored, Some(line(2, 2)));
+    assert_eq!(audit.products[0].recomputed, Some(line(2, 3)));
 }
