@@ -162,7 +162,9 @@ pub struct ServeArgs {
     /// Idle time after which the server pings a connection to see that its peer is alive.
     #[arg(long, env = "FLASHSALE_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub http2_keepalive_interval: Duration,
-    /// How long such a ping may go unanswered before the connection is closed.
+    /// How long such a ping may go unanswered before the connection is closed. A connection
+    /// that sends nothing for the interval plus this (one that never starts HTTP/2) is
+    /// closed too.
     #[arg(long, env = "FLASHSALE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub http2_keepalive_timeout: Duration,
 }

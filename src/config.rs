@@ -180,6 +180,15 @@ pub struct TransportConfig {
     pub keepalive_timeout: Duration,
 }
 
+impl TransportConfig {
+    /// How long a connection may send nothing before it is closed: a live peer answers the
+    /// ping sent after `keepalive_interval` within `keepalive_timeout`.
+    pub fn silence_limit(&self) -> Duration {
+        self.keepalive_interval
+            .saturating_add(self.keepalive_timeout)
+    }
+}
+
 impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {

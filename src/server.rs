@@ -151,7 +151,11 @@ impl App {
         }
         let local_addr = listener.local_addr().ok();
         let tls = config.transport.tls.is_some();
-        let incoming = Incoming::new(listener, config.transport.max_connections);
+        let incoming = Incoming::new(
+            listener,
+            config.transport.max_connections,
+            config.transport.silence_limit(),
+        );
         let max_message = config.transport.max_message_bytes;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1)));
         let db_timeout = config.db_timeout;

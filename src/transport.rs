@@ -7,6 +7,11 @@
 //! An accept that fails for want of file descriptors or memory would fail again at once,
 //! so accepting pauses (doubling up to a second) instead of spinning.
 //!
+//! A served connection that sends nothing for its silence limit is closed. The server
+//! pings an idle HTTP/2 peer (the keepalive interval) and a live one answers, so the limit
+//! (keepalive interval plus timeout) only ever closes peers that never started HTTP/2 or
+//! TLS, or stopped mid-way: thousands of them cannot hold the connection slots forever.
+//!
 //! When a stock change fans out to thousands of WatchAvailability streams, each stream's
 //! task hands one small frame to its HTTP/2 connection and wakes the connection's task,
 //! which would write and flush that one frame right away: one `writev` per message, about
@@ -29,7 +34,7 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::PollSemaphore;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -58,11 +63,14 @@ pub struct Incoming {
     pause: Option<Pin<Box<Sleep>>>,
     /// The next such pause; doubles up to [`MAX_ACCEPT_PAUSE`], reset by an accept.
     next_pause: Duration,
+    /// How long an accepted connection may send nothing before it is closed.
+    silence_limit: Duration,
 }
 
 impl Incoming {
-    /// Accepts on `listener`, at most `max_connections` (at least one) open at once.
-    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
+    /// Accepts on `listener`, at most `max_connections` (at least one) open at once, each
+    /// closed once it has sent nothing for `silence_limit`.
+    pub fn new(listener: TcpListener, max_connections: usize, silence_limit: Duration) -> Self {
         let slots = Arc::new(Semaphore::new(
             max_connections.clamp(1, Semaphore::MAX_PERMITS),
         ));
@@ -72,6 +80,7 @@ impl Incoming {
             slot: None,
             pause: None,
             next_pause: MIN_ACCEPT_PAUSE,
+            silence_limit,
         }
     }
 }
@@ -99,7 +108,8 @@ impl Stream for Incoming {
                     match CoalescingStream::new(stream) {
                         Ok(stream) => {
                             let slot = this.slot.take();
-                            return Poll::Ready(Some(Ok(stream.holding(slot))));
+                            let stream = stream.holding(slot).silenced_after(this.silence_limit);
+                            return Poll::Ready(Some(Ok(stream)));
                         }
                         // The peer is gone already (e.g. reset): nothing to serve.
                         Err(error) => tracing::debug!(%error, "accepted connection unusable"),
@@ -143,6 +153,43 @@ pub struct CoalescingStream {
     /// The server's connection slot this connection occupies, given back when it closes
     /// (see [`Incoming`]); `None` on the client side.
     _slot: Option<OwnedSemaphorePermit>,
+    /// On the server side: closes the connection once the peer has been silent too long.
+    silence: Option<Silence>,
+}
+
+/// When a peer that sends nothing is given up on.
+struct Silence {
+    /// How long the peer may send nothing.
+    limit: Duration,
+    /// When it last sent something (or connected).
+    last_heard: Instant,
+    /// Fires at the earliest moment the limit can have passed; moved on lazily, when it
+    /// fires, rather than on every read.
+    check: Pin<Box<Sleep>>,
+}
+
+impl Silence {
+    fn new(limit: Duration) -> Self {
+        let now = Instant::now();
+        Silence {
+            limit,
+            last_heard: now,
+            check: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    /// Ready with an error once the peer has been silent for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            ready!(self.check.as_mut().poll(cx));
+            let deadline = self.last_heard + self.limit;
+            if deadline <= Instant::now() {
+                let message = format!("peer silent for {:?}", self.limit);
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, message));
+            }
+            self.check.as_mut().reset(deadline);
+        }
+    }
 }
 
 impl CoalescingStream {
@@ -155,6 +202,7 @@ impl CoalescingStream {
             pending: BytesMut::new(),
             flush_deferred: false,
             _slot: None,
+            silence: None,
         })
     }
 
@@ -162,6 +210,14 @@ impl CoalescingStream {
     fn holding(self, slot: Option<OwnedSemaphorePermit>) -> Self {
         CoalescingStream {
             _slot: slot,
+            ..self
+        }
+    }
+
+    /// The same stream, failing its reads once the peer has sent nothing for `limit`.
+    fn silenced_after(self, limit: Duration) -> Self {
+        CoalescingStream {
+            silence: Some(Silence::new(limit)),
             ..self
         }
     }
@@ -196,7 +252,21 @@ impl AsyncRead for CoalescingStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match (&read, &mut this.silence) {
+            (Poll::Ready(Ok(())), Some(silence)) if buf.filled().len() > before => {
+                silence.last_heard = Instant::now();
+            }
+            (Poll::Pending, Some(silence)) => {
+                if let Poll::Ready(error) = silence.poll_expired(cx) {
+                    return Poll::Ready(Err(error));
+                }
+            }
+            _ => {}
+        }
+        read
     }
 }
 
@@ -273,7 +343,7 @@ mod tests {
     async fn connected_pair() -> (CoalescingStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
-        let mut incoming = Incoming::new(listener, 10);
+        let mut incoming = Incoming::new(listener, 10, Duration::from_secs(60));
         let (server, client) = tokio::join!(incoming.next(), client);
         (server.unwrap().unwrap(), client.unwrap())
     }

@@ -348,6 +348,43 @@ async fn a_peer_that_stops_answering_pings_is_disconnected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn silent_peers_holding_every_connection_slot_are_closed_and_starve_nobody() {
+    let server = TestServer::start_with(|config| {
+        config.transport.max_connections = 1000;
+        config.transport.keepalive_interval = Duration::from_millis(500);
+        config.transport.keepalive_timeout = Duration::from_millis(500);
+    })
+    .await;
+
+    // A thousand peers take every slot: half say nothing, half stop mid-preface.
+    let mut silent = Vec::new();
+    for peer in 0..1000 {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        if peer % 2 == 1 {
+            tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        }
+        silent.push(tcp);
+    }
+
+    // A caller arriving now waits in the backlog only until they are closed.
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
+    let mut request = tonic::Request::new(ListProductsRequest::default());
+    request.set_timeout(Duration::from_secs(20));
+    CheckoutServiceClient::new(channel)
+        .list_products(request)
+        .await
+        .expect("served once the silent peers are closed");
+    // Each was closed (after the server's settings, the most it had to say).
+    for (peer, tcp) in silent.iter_mut().enumerate() {
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut vec![])).await;
+        assert!(closed.is_ok(), "silent peer {peer} still connected");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_request_over_the_size_limit_is_refused_and_changes_nothing() {
     let server =
         TestServer::start_with(|config| config.transport.max_message_bytes = 8 * 1024).await;
