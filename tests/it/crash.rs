@@ -30,17 +30,17 @@ const PAID_BEFORE_THE_KILL: usize = 100;
 const ARRIVALS: Duration = Duration::from_millis(5);
 
 /// The server addresses buyers may call; a killed process's is replaced by its restart's.
-type Fleet = Arc<Mutex<Vec<String>>>;
+pub(crate) type Fleet = Arc<Mutex<Vec<String>>>;
 
 /// What the servers acknowledged, as the buyers heard it.
 #[derive(Default)]
-struct Acknowledged {
+pub(crate) struct Acknowledged {
     /// Holds granted.
-    holds: Vec<String>,
+    pub(crate) holds: Vec<String>,
     /// Orders created.
-    orders: Vec<String>,
+    pub(crate) orders: Vec<String>,
     /// Orders whose payment was answered APPLIED or DUPLICATE.
-    paid: Vec<String>,
+    pub(crate) paid: Vec<String>,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -79,7 +79,7 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
                 (fleet.clone(), acknowledged.clone(), product.id.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(ARRIVALS * buyer as u32).await;
-                buy(buyer, &fleet, &acknowledged, &id).await
+                buy(buyer, &fleet, &acknowledged, &id, cut_off).await
             })
         })
         .collect();
@@ -162,16 +162,22 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
     restarted.stop().await;
 }
 
-/// One buyer: hold, order, pay, each retried on the other process (with the same keys)
-/// when the one it called is gone; records what was acknowledged.
-async fn buy(buyer: usize, fleet: &Fleet, acknowledged: &Mutex<Acknowledged>, product_id: &str) {
+/// One buyer: hold, order, pay, each retried (with the same keys, on the next process of
+/// the fleet) when it failed as `retry_on` allows; records what was acknowledged.
+pub(crate) async fn buy(
+    buyer: usize,
+    fleet: &Fleet,
+    acknowledged: &Mutex<Acknowledged>,
+    product_id: &str,
+    retry_on: fn(&tonic::Status) -> bool,
+) {
     let request = CreateHoldRequest {
         product_id: product_id.into(),
         qty: 1,
         client_request_id: format!("buyer-{buyer}"),
         ..Default::default()
     };
-    let held = retried(fleet, buyer, |mut checkout| {
+    let held = retried(fleet, buyer, retry_on, |mut checkout| {
         let request = request.clone();
         async move { checkout.create_hold(request).await }
     })
@@ -181,7 +187,7 @@ async fn buy(buyer: usize, fleet: &Fleet, acknowledged: &Mutex<Acknowledged>, pr
         .unwrap()
         .holds
         .push(held.hold_id.clone());
-    let order = retried(fleet, buyer, |mut checkout| {
+    let order = retried(fleet, buyer, retry_on, |mut checkout| {
         let hold_id = held.hold_id.clone();
         async move { checkout.create_order(CreateOrderRequest { hold_id }).await }
     })
@@ -196,7 +202,7 @@ async fn buy(buyer: usize, fleet: &Fleet, acknowledged: &Mutex<Acknowledged>, pr
         on_order(&order.order_id),
         order.total_cents,
     );
-    let receipt = retried(fleet, buyer, |mut checkout| {
+    let receipt = retried(fleet, buyer, retry_on, |mut checkout| {
         let webhook = webhook.clone();
         async move { checkout.handle_payment_webhook(webhook).await }
     })
@@ -211,9 +217,14 @@ async fn buy(buyer: usize, fleet: &Fleet, acknowledged: &Mutex<Acknowledged>, pr
     acknowledged.lock().unwrap().paid.push(order.order_id);
 }
 
-/// Calls `call` on the buyer's process, and on the other one whenever the call could not
-/// reach a server or was cut off; panics on any other refusal.
-async fn retried<T, F, Fut>(fleet: &Fleet, buyer: usize, mut call: F) -> T
+/// Calls `call` on the buyer's process, and on the next one whenever the call could not
+/// reach a server or failed as `retry_on` allows; panics on any other refusal.
+async fn retried<T, F, Fut>(
+    fleet: &Fleet,
+    buyer: usize,
+    retry_on: fn(&tonic::Status) -> bool,
+    mut call: F,
+) -> T
 where
     F: FnMut(Checkout) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -226,7 +237,7 @@ where
         if let Ok(checkout) = CheckoutServiceClient::connect(url).await {
             match call(checkout).await {
                 Ok(answer) => return answer.into_inner(),
-                Err(status) if cut_off(&status) => {}
+                Err(status) if retry_on(&status) => {}
                 Err(status) => panic!("buyer {buyer}: {status:?}"),
             }
         }

@@ -2,21 +2,25 @@
 //! stopped, or killed outright, in the middle of a run and started again. Meanwhile calls
 //! fail fast with UNAVAILABLE and health says NOT_SERVING; afterwards the pool, the change
 //! feed, the reaper and the batch lanes recover by themselves, and open streams converge on
-//! the true state.
+//! the true state. Connections killed in the middle of their transactions leave each
+//! all or nothing.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flashsale::grpc::pb::{
     AvailabilityUpdate, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
 };
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::codec::Streaming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use crate::crash::{Acknowledged, Fleet, buy};
 use crate::support::{
-    ServerProcess, TestDb, TestServer, assert_status, cluster_processes, eventually, get_hold,
-    hold, signal_all, test_config, try_hold,
+    Counters, ServerProcess, TestDb, TestServer, assert_counters, assert_status, cluster_processes,
+    count, eventually, get_hold, hold, signal_all, test_config, try_hold,
 };
 
 /// How the database goes away.
@@ -177,4 +181,74 @@ async fn serve_stops_and_says_so_when_its_private_database_dies() {
         said.contains("the private postgresql exited"),
         "the log does not say why it stopped:\n{said}"
     );
+}
+
+/// Buyers in the crowd whose connections are killed under them.
+const CUT_OFF_BUYERS: usize = 60;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_killed_mid_transaction_leave_all_or_nothing() {
+    let server = TestServer::start().await;
+    let product = server.product("drop", 100, CUT_OFF_BUYERS as i64).await;
+    let fleet: Fleet = Arc::new(Mutex::new(vec![format!("http://{}", server.addr)]));
+    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+
+    // While the crowd buys, every statement or transaction in progress is killed.
+    let stop = CancellationToken::new();
+    let killer = tokio::spawn(kill_busy_backends(server.db.url.clone(), stop.clone()));
+    let buyers: Vec<_> = (0..CUT_OFF_BUYERS)
+        .map(|buyer| {
+            let (fleet, acknowledged, id) =
+                (fleet.clone(), acknowledged.clone(), product.id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20) * buyer as u32).await;
+                buy(buyer, &fleet, &acknowledged, &id, unavailable).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let killed = killer.await.unwrap();
+    assert!(killed > 0, "no transaction was cut off");
+    for buyer in buyers {
+        buyer.await.unwrap();
+    }
+
+    // Retried with the same keys, each buyer bought once; nothing half-applied remains.
+    assert_eq!(acknowledged.lock().unwrap().paid.len(), CUT_OFF_BUYERS);
+    let stock = CUT_OFF_BUYERS as i64;
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(stock).reserved(0).sold(stock),
+    )
+    .await;
+    let payments = "SELECT count(*) AS count FROM payment_events";
+    assert_eq!(
+        count(&server.db.url, payments).await,
+        stock,
+        "one payment per key"
+    );
+    server.assert_consistent().await;
+}
+
+/// Whether a call failed as a killed database connection should fail it.
+fn unavailable(status: &tonic::Status) -> bool {
+    status.code() == Code::Unavailable
+}
+
+/// Until `stop`, kills every backend of the database in the middle of a statement or a
+/// transaction; returns how many it killed.
+async fn kill_busy_backends(database_url: String, stop: CancellationToken) -> i64 {
+    // OFFSET 0 keeps the filter from being applied after the kill.
+    let kill = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS count \
+                FROM (SELECT pid FROM pg_stat_activity \
+                      WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                      AND state IN ('active', 'idle in transaction') OFFSET 0) busy";
+    let mut killed = 0;
+    while !stop.is_cancelled() {
+        killed += count(&database_url, kill).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    killed
 }
