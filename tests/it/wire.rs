@@ -1,19 +1,30 @@
-//! Hostile bytes on the wire (proptest over raw bytes): every unary method gets arbitrary
-//! bytes as its protobuf message, correctly framed or not, over HTTP/2 directly. Each call
-//! gets a gRPC status (never a dropped connection, never UNKNOWN or UNAVAILABLE: the server
-//! did not panic or hang), and afterwards the server still serves and its books balance.
+//! Hostile bytes on the wire (proptest): every unary method gets, over HTTP/2 directly,
+//! messages built from its request type's descriptor with hostile values in any of its
+//! fields (empty, huge, negative, `i64::MIN`/`MAX`, unknown enum values, control
+//! characters, ids of rows that exist and of none, the wrong wire type), or arbitrary
+//! bytes, framed as one gRPC message or not. The first reach validation and the handlers,
+//! the others the decoder. Each call gets a gRPC status (never a dropped connection, never
+//! UNKNOWN or UNAVAILABLE: the server did not panic or hang), and afterwards the server
+//! still serves and its books balance.
 //!
-//! `cargo test --test it wire` sends 256 messages; `PROPTEST_CASES=100000 cargo test
+//! `cargo test --test it wire` sends 1,000 messages; `PROPTEST_CASES=100000 cargo test
 //! --release --test it wire` sends more.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
+use flashsale::grpc::pb;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
+use prost_types::field_descriptor_proto::Type;
+use prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorSet};
 use tokio::net::TcpStream;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::TestServer;
+use crate::support::{TestServer, hold, pending_order};
 
 /// Every unary method of the API, as its HTTP/2 path.
 const METHODS: &[&str] = &[
@@ -35,28 +46,168 @@ const METHODS: &[&str] = &[
     "/flashsale.v1.InventoryAdminService/MarkRefunded",
 ];
 
-/// What goes on the wire: a method, bytes, and whether they are framed as one gRPC
-/// message (else they are the request body as they are).
-fn hostile_call() -> impl Strategy<Value = (usize, Vec<u8>, bool)> {
-    (
-        0..METHODS.len(),
-        prop::collection::vec(any::<u8>(), 0..600),
-        prop::bool::weighted(0.8),
-    )
+/// What goes on the wire to one method.
+#[derive(Debug, Clone)]
+enum Body {
+    /// A message of the method's request type: one field set per choice.
+    Message(Vec<Choice>),
+    /// Arbitrary bytes, framed as one gRPC message or not.
+    Bytes(Vec<u8>, bool),
 }
 
-/// Histories per run: `PROPTEST_CASES`, 256 by default.
+/// One field of a message and its value, as picks the descriptor interprets (so a failure
+/// shrinks to fewer fields and plainer values).
+#[derive(Debug, Clone)]
+struct Choice {
+    /// Which field (modulo the number of fields).
+    field: usize,
+    /// Which kind of hostile value for the field's type.
+    kind: u8,
+    /// A number to make the value from.
+    number: u64,
+}
+
+fn hostile_call() -> impl Strategy<Value = (usize, Body)> {
+    let choice =
+        (any::<usize>(), any::<u8>(), any::<u64>()).prop_map(|(field, kind, number)| Choice {
+            field,
+            kind,
+            number,
+        });
+    let body = prop_oneof![
+        3 => prop::collection::vec(choice, 0..6).prop_map(Body::Message),
+        1 => (prop::collection::vec(any::<u8>(), 0..600), prop::bool::weighted(0.8))
+            .prop_map(|(bytes, framed)| Body::Bytes(bytes, framed)),
+    ];
+    (0..METHODS.len(), body)
+}
+
+/// The request messages of the API, by full name, from its descriptors.
+struct Schema {
+    messages: HashMap<String, DescriptorProto>,
+    /// Each method's request type.
+    inputs: HashMap<String, String>,
+}
+
+impl Schema {
+    fn load() -> Schema {
+        let set = FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut schema = Schema {
+            messages: HashMap::new(),
+            inputs: HashMap::new(),
+        };
+        for file in set.file {
+            let package = file.package().to_owned();
+            for message in file.message_type {
+                let name = format!(".{package}.{}", message.name());
+                schema.messages.insert(name, message);
+            }
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{package}.{}/{}", service.name(), method.name());
+                    schema.inputs.insert(path, method.input_type().to_owned());
+                }
+            }
+        }
+        schema
+    }
+
+    /// A message of type `name` with one field set per choice; `ids` are ids of real rows.
+    fn encode(&self, name: &str, choices: &[Choice], ids: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Well-known types (timestamps, ...) are not in the API's descriptors: raw fields.
+        let Some(message) = self.messages.get(name) else {
+            for choice in choices {
+                encode_key(1 + choice.field as u32 % 2, WireType::Varint, &mut out);
+                encode_varint(choice.number, &mut out);
+            }
+            return out;
+        };
+        for choice in choices {
+            let field = &message.field[choice.field % message.field.len()];
+            self.encode_field(field, choice, ids, &mut out);
+        }
+        out
+    }
+
+    /// One hostile value of `field`, with its key.
+    fn encode_field(
+        &self,
+        field: &FieldDescriptorProto,
+        choice: &Choice,
+        ids: &[String],
+        out: &mut Vec<u8>,
+    ) {
+        let tag = field.number() as u32;
+        let number = choice.number;
+        if choice.kind.is_multiple_of(16) {
+            // The wrong wire type for the field.
+            encode_key(tag, WireType::ThirtyTwoBit, out);
+            out.extend_from_slice(&(number as u32).to_le_bytes());
+            return;
+        }
+        let varint = |value: u64, out: &mut Vec<u8>| {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(value, out);
+        };
+        let bytes = |value: &[u8], out: &mut Vec<u8>| {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(value.len() as u64, out);
+            out.extend_from_slice(value);
+        };
+        match field.r#type() {
+            Type::String | Type::Bytes => {
+                let value = match choice.kind % 7 {
+                    0 => String::new(),
+                    1 | 2 => ids[number as usize % ids.len()].clone(),
+                    3 => uuid::Uuid::from_u64_pair(number, number).to_string(),
+                    4 => "k".repeat(number as usize % 300_000),
+                    5 => format!("key\0{number}\u{1}\u{7f}"),
+                    _ => number.to_string(),
+                };
+                bytes(value.as_bytes(), out);
+            }
+            Type::Message => {
+                let nested = [choice.clone()];
+                bytes(&self.encode(field.type_name(), &nested, ids), out);
+            }
+            _ => {
+                let value = match choice.kind % 6 {
+                    0 => 0,
+                    1 => -1i64 as u64,
+                    2 => i64::MIN as u64,
+                    3 => i64::MAX as u64,
+                    4 => number % 8,
+                    _ => number,
+                };
+                varint(value, out);
+            }
+        }
+    }
+}
+
+/// Messages per run: `PROPTEST_CASES`, 1,000 by default.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|cases| cases.parse().ok())
-        .unwrap_or(256)
+        .unwrap_or(1000)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn arbitrary_bytes_to_any_method_get_a_status_and_break_nothing() {
+async fn hostile_messages_and_bytes_to_any_method_get_a_status_and_break_nothing() {
     let server = TestServer::start().await;
-    server.product("bystander", 100, 10).await;
+    let product = server.product("bystander", 100, 10).await;
+    let mut checkout = server.checkout().await;
+    let held = hold(&mut checkout, &product.id, 1).await;
+    let ordered = pending_order(&mut checkout, &product.id, 1).await;
+    let ids = [
+        product.id,
+        held.hold_id,
+        ordered.order_id.clone(),
+        ordered.hold_id,
+    ];
+    let schema = Schema::load();
     let addr = server.addr;
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -67,11 +218,13 @@ async fn arbitrary_bytes_to_any_method_get_a_status_and_break_nothing() {
         cases: cases(),
         ..Config::default()
     });
-    let outcome = runner.run(&hostile_call(), |(method, bytes, framed)| {
-        let body = if framed {
-            frame(&bytes)
-        } else {
-            Bytes::from(bytes)
+    let outcome = runner.run(&hostile_call(), |(method, body)| {
+        let body = match body {
+            Body::Message(choices) => {
+                frame(&schema.encode(&schema.inputs[METHODS[method]], &choices, &ids))
+            }
+            Body::Bytes(bytes, true) => frame(&bytes),
+            Body::Bytes(bytes, false) => Bytes::from(bytes),
         };
         let code = tokio::task::block_in_place(|| {
             runtime.block_on(raw_call(client.clone(), METHODS[method], body))
