@@ -785,3 +785,55 @@ async fn deadlocks(server: &TestServer) -> i64 {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_success_and_a_failure_at_once_settle_the_order_as_the_first_to_commit_says() {
+    let server = TestServer::start().await;
+    let product = server.product("pass", 100, 5).await;
+    let mut checkout = server.checkout().await;
+    let paid = pending_order(&mut checkout, &product.id, 1).await;
+    let cancelled = pending_order(&mut checkout, &product.id, 1).await;
+    let deliver = |webhook| {
+        let mut checkout = checkout.clone();
+        tokio::spawn(async move { try_deliver(&mut checkout, webhook).await })
+    };
+
+    // Each order gets both; the first waits for the order's lock when the second arrives.
+    for (order, first_succeeds) in [(&paid, true), (&cancelled, false)] {
+        let target = || on_order(&order.order_id);
+        let (success, failure) = (
+            success(&format!("ok-{}", order.order_id), target(), 100),
+            failure(&format!("ko-{}", order.order_id), target(), "declined"),
+        );
+        let (first, second) = match first_succeeds {
+            true => (success, failure),
+            false => (failure, success),
+        };
+        let mut lock = lock_rows(&server, "orders", std::slice::from_ref(&order.order_id)).await;
+        let first = deliver(first);
+        eventually("the first delivery to wait for the lock", || {
+            waiting_on_locks(&server.db.url)
+        })
+        .await;
+        let second = deliver(second);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        commit(&mut lock).await;
+
+        let first = first.await.unwrap().expect("answered").outcome();
+        let second = second.await.unwrap().expect("answered").outcome();
+        let late = match first_succeeds {
+            // A failure after the payment changes nothing.
+            true => WebhookOutcome::Ignored,
+            // Money taken for a cancelled order: owed back.
+            false => WebhookOutcome::RefundRequired,
+        };
+        assert_eq!((first, second), (WebhookOutcome::Applied, late));
+    }
+
+    let paid = get_order(&mut checkout, &paid.order_id).await;
+    assert_eq!(paid.status(), OrderStatus::Paid);
+    let cancelled = get_order(&mut checkout, &cancelled.order_id).await;
+    assert_eq!(cancelled.status(), OrderStatus::Cancelled);
+    assert_counters(&server, &product, Counters::stock(5).reserved(0).sold(1)).await;
+    assert_eq!(server.assert_consistent().await.refunds_owed, 1);
+}
