@@ -690,30 +690,10 @@ impl ServerProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        server.wait_ready().await?;
+        crate::load::Server::open(server.url.clone())
+            .wait_serving(Duration::from_secs(30))
+            .await?;
         Ok(server)
-    }
-
-    /// Polls health until SERVING.
-    async fn wait_ready(&self) -> Result<(), BenchError> {
-        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        for _ in 0..300 {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(self.url.clone())?
-                .connect()
-                .await
-            {
-                let response = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await;
-                if response.is_ok_and(|r| r.into_inner().status == 1) {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err("the benchmark server did not become healthy within 30 s".into())
     }
 
     /// SIGTERM and wait.

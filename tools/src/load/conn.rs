@@ -55,6 +55,27 @@ impl Server {
             token: None,
         }
     }
+
+    /// Polls its health (every 100 ms) until it reports SERVING; an error after `patience`.
+    pub async fn wait_serving(&self, patience: Duration) -> Result<(), LoadError> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline {
+            let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())?;
+            if let Ok(channel) = endpoint.connect().await {
+                let status = HealthClient::new(channel)
+                    .check(HealthCheckRequest::default())
+                    .await;
+                if status.is_ok_and(|answer| answer.into_inner().status() == ServingStatus::Serving)
+                {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("{} did not report SERVING within {patience:?}", self.url).into())
+    }
 }
 
 /// One HTTP/2 connection to the server, which the generated stubs call directly. tonic's

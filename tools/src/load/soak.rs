@@ -58,7 +58,7 @@ const STARTUP: Duration = Duration::from_secs(60);
 
 /// `flashsale-tools load soak`.
 pub async fn run(server: &Server, args: SoakArgs) -> Result<(), LoadError> {
-    wait_serving(server).await?;
+    server.wait_serving(STARTUP).await?;
     let connections = connect(server, args.crowd.connections).await?;
     let wave = FlashCrowdArgs {
         crowd: args.crowd.clone(),
@@ -122,29 +122,6 @@ pub async fn run(server: &Server, args: SoakArgs) -> Result<(), LoadError> {
         );
     }
     checks.finish()
-}
-
-/// Waits until the server's health says SERVING (it may be starting: migrating, say).
-async fn wait_serving(server: &Server) -> Result<(), LoadError> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let deadline = Instant::now() + STARTUP;
-    while Instant::now() < deadline {
-        if let Ok(channel) = tonic::transport::Endpoint::from_shared(server.url.clone())?
-            .connect()
-            .await
-        {
-            let request = HealthCheckRequest {
-                service: String::new(),
-            };
-            let status = HealthClient::new(channel).check(request).await;
-            if status.is_ok_and(|answer| answer.into_inner().status() == ServingStatus::Serving) {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!("{} did not report SERVING within {STARTUP:?}", server.url).into())
 }
 
 /// The calls of the waves since the last report.
