@@ -2,14 +2,15 @@
 //! stopped, or killed outright, in the middle of a run and started again. Meanwhile calls
 //! fail fast with UNAVAILABLE and health says NOT_SERVING; afterwards the pool, the change
 //! feed, the reaper and the batch lanes recover by themselves, and open streams converge on
-//! the true state. Connections killed in the middle of their transactions leave each
-//! all or nothing.
+//! the true state. A crowd's purchases acknowledged before the database was killed are
+//! there after it recovers. Connections killed in the middle of their transactions leave
+//! each all or nothing.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flashsale::grpc::pb::{
-    AvailabilityUpdate, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
+    AvailabilityUpdate, GetProductRequest, HoldStatus, OrderStatus, WatchAvailabilityRequest,
 };
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::crash::{Acknowledged, Fleet, buy};
 use crate::support::{
     Counters, ServerProcess, TestDb, TestServer, assert_counters, assert_status, cluster_processes,
-    count, eventually, get_hold, hold, signal_all, test_config, try_hold,
+    count, eventually, get_hold, get_order, hold, signal_all, test_config, try_hold,
 };
 
 /// How the database goes away.
@@ -251,4 +252,87 @@ async fn kill_busy_backends(database_url: String, stop: CancellationToken) -> i6
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     killed
+}
+
+/// Buyers in the crowd whose database is killed under them.
+const CRASHED_BUYERS: usize = 120;
+/// Payments acknowledged before the database is killed.
+const PAID_BEFORE_THE_CRASH: usize = 40;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_killed_under_a_crowd_keeps_every_acknowledged_purchase() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || LocalPostgresOptions {
+        durable: true,
+        ..LocalPostgresOptions::throwaway(dir.path().join("pg"))
+    };
+    let cluster = LocalPostgres::start(options())
+        .await
+        .expect("the test's own cluster");
+    let db = TestDb::on_own_cluster(cluster.url("postgres"));
+    let mut config = test_config(&db.url);
+    config.db_timeout = Duration::from_secs(1);
+    let server = TestServer::spawn(config, db).await;
+    server.wait_serving().await;
+    let product = server.product("drop", 100, CRASHED_BUYERS as i64).await;
+    let fleet: Fleet = Arc::new(Mutex::new(vec![format!("http://{}", server.addr)]));
+    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+    let buyers: Vec<_> = (0..CRASHED_BUYERS)
+        .map(|buyer| {
+            let (fleet, acknowledged, id) =
+                (fleet.clone(), acknowledged.clone(), product.id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10) * buyer as u32).await;
+                buy(buyer, &fleet, &acknowledged, &id, unavailable).await
+            })
+        })
+        .collect();
+
+    // Mid-crowd, every process of the cluster dies at once; it recovers from its WAL.
+    eventually("payments to be acknowledged before the crash", || {
+        let acknowledged = acknowledged.clone();
+        async move { acknowledged.lock().unwrap().paid.len() >= PAID_BEFORE_THE_CRASH }
+    })
+    .await;
+    let before = std::mem::take(&mut *acknowledged.lock().unwrap());
+    signal_all(&cluster_processes(&cluster), libc::SIGKILL);
+    drop(cluster);
+    let cluster = LocalPostgres::start(options())
+        .await
+        .expect("the cluster starts again");
+    for buyer in buyers {
+        buyer.await.unwrap();
+    }
+
+    // What was acknowledged before the crash is there; every buyer bought once in the end.
+    let mut checkout = server.checkout().await;
+    for id in &before.holds {
+        assert_ne!(
+            get_hold(&mut checkout, id).await.status(),
+            HoldStatus::Unspecified
+        );
+    }
+    for id in &before.paid {
+        assert_eq!(
+            get_order(&mut checkout, id).await.status(),
+            OrderStatus::Paid,
+            "{id}"
+        );
+    }
+    let after = acknowledged.lock().unwrap().paid.len();
+    assert_eq!(
+        before.paid.len() + after,
+        CRASHED_BUYERS,
+        "every buyer paid in the end"
+    );
+    let stock = CRASHED_BUYERS as i64;
+    assert_counters(
+        &server,
+        &product,
+        Counters::stock(stock).reserved(0).sold(stock),
+    )
+    .await;
+    server.assert_consistent().await;
+    server.stop().await.unwrap();
+    cluster.stop().await.unwrap();
 }
