@@ -213,7 +213,7 @@ async fn each_rpc_needs_a_known_token_with_its_scope() {
         ],
     );
     let server = TestServer::start_with(|config| config.tokens_file = Some(path.clone())).await;
-    let url = format!("http://{}", server.addr);
+    let url = server.url();
     let scopes = [Scope::Checkout, Scope::Payments, Scope::Admin];
 
     let mut failures = Vec::new();
@@ -379,7 +379,7 @@ async fn keys_belong_to_the_token_that_sent_them() {
         ],
     );
     let server = TestServer::start_with(|config| config.tokens_file = Some(path.clone())).await;
-    let url = format!("http://{}", server.addr);
+    let url = server.url();
     let mut callers = Vec::new();
     for token in &tokens {
         callers.push(Caller::new(&url, Some(token)).await);

@@ -32,6 +32,63 @@ const ARRIVALS: Duration = Duration::from_millis(5);
 /// The server addresses buyers may call; a killed process's is replaced by its restart's.
 pub(crate) type Fleet = Arc<Mutex<Vec<String>>>;
 
+/// Buyers arriving one after another, each buying one unit (see [`buy`]).
+pub(crate) struct Crowd {
+    /// Where they call; replace an address to send the retries elsewhere.
+    pub(crate) fleet: Fleet,
+    /// What they were told so far.
+    pub(crate) acknowledged: Arc<Mutex<Acknowledged>>,
+    /// One task per buyer.
+    buyers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Crowd {
+    /// `count` buyers of `product_id`, one every `arrivals`, calling `urls`, retrying what
+    /// failed as `retry_on` allows.
+    pub(crate) fn arrive(
+        count: usize,
+        arrivals: Duration,
+        urls: Vec<String>,
+        product_id: &str,
+        retry_on: fn(&tonic::Status) -> bool,
+    ) -> Crowd {
+        let fleet: Fleet = Arc::new(Mutex::new(urls));
+        let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+        let buyers = (0..count)
+            .map(|buyer| {
+                let (fleet, acknowledged) = (fleet.clone(), acknowledged.clone());
+                let product_id = product_id.to_owned();
+                tokio::spawn(async move {
+                    tokio::time::sleep(arrivals * buyer as u32).await;
+                    buy(buyer, &fleet, &acknowledged, &product_id, retry_on).await
+                })
+            })
+            .collect();
+        Crowd {
+            fleet,
+            acknowledged,
+            buyers,
+        }
+    }
+
+    /// Waits until `count` payments were acknowledged.
+    pub(crate) async fn paid(&self, count: usize) {
+        eventually("payments to be acknowledged", || {
+            let acknowledged = self.acknowledged.clone();
+            async move { acknowledged.lock().unwrap().paid.len() >= count }
+        })
+        .await;
+    }
+
+    /// Waits for every buyer; what they were told.
+    pub(crate) async fn finish(self) -> Acknowledged {
+        for buyer in self.buyers {
+            buyer.await.unwrap();
+        }
+        std::mem::take(&mut *self.acknowledged.lock().unwrap())
+    }
+}
+
 /// What the servers acknowledged, as the buyers heard it.
 #[derive(Default)]
 pub(crate) struct Acknowledged {
@@ -68,28 +125,11 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
     let dead_waiter = join(doomed.checkout().await, &sold_out.id).await;
     let mut live_waiter = join(survivor.checkout().await, &sold_out.id).await;
 
-    let fleet: Fleet = Arc::new(Mutex::new(vec![
-        doomed.url.clone(),
-        survivor_url(&survivor),
-    ]));
-    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
-    let buyers: Vec<_> = (0..BUYERS)
-        .map(|buyer| {
-            let (fleet, acknowledged, id) =
-                (fleet.clone(), acknowledged.clone(), product.id.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(ARRIVALS * buyer as u32).await;
-                buy(buyer, &fleet, &acknowledged, &id, cut_off).await
-            })
-        })
-        .collect();
+    let urls = vec![doomed.url.clone(), survivor.url()];
+    let crowd = Crowd::arrive(BUYERS, ARRIVALS, urls, &product.id, cut_off);
 
     // Mid-crowd, the doomed process dies without a word, then a new one takes its place.
-    eventually("payments to be acknowledged before the kill", || {
-        let acknowledged = acknowledged.clone();
-        async move { acknowledged.lock().unwrap().paid.len() >= PAID_BEFORE_THE_KILL }
-    })
-    .await;
+    crowd.paid(PAID_BEFORE_THE_KILL).await;
     let mut doomed = doomed;
     doomed.signal(libc::SIGKILL);
     doomed
@@ -99,12 +139,8 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
     drop(dead_waiter);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let restarted = ServerProcess::start_with(&survivor.db.url, &env).await;
-    fleet.lock().unwrap()[0] = restarted.url.clone();
-    for buyer in buyers {
-        buyer.await.unwrap();
-    }
-
-    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    crowd.fleet.lock().unwrap()[0] = restarted.url.clone();
+    let acknowledged = crowd.finish().await;
     assert_eq!(
         acknowledged.paid.len(),
         BUYERS,
@@ -164,7 +200,7 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
 
 /// One buyer: hold, order, pay, each retried (with the same keys, on the next process of
 /// the fleet) when it failed as `retry_on` allows; records what was acknowledged.
-pub(crate) async fn buy(
+async fn buy(
     buyer: usize,
     fleet: &Fleet,
     acknowledged: &Mutex<Acknowledged>,
@@ -270,9 +306,4 @@ async fn join(
         .into_inner();
     stream.message().await.expect("a place").expect("a place");
     stream
-}
-
-/// The in-process server's address.
-fn survivor_url(server: &TestServer) -> String {
-    format!("http://{}", server.addr)
 }

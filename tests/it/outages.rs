@@ -6,9 +6,10 @@
 //! there after it recovers. Connections killed in the middle of their transactions leave
 //! each all or nothing.
 
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
+use flashsale::config::ServerConfig;
 use flashsale::grpc::pb::{
     AvailabilityUpdate, GetProductRequest, HoldStatus, OrderStatus, WatchAvailabilityRequest,
 };
@@ -18,7 +19,7 @@ use tonic::Code;
 use tonic::codec::Streaming;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::crash::{Acknowledged, Fleet, buy};
+use crate::crash::Crowd;
 use crate::support::{
     Counters, ServerProcess, TestDb, TestServer, assert_counters, assert_status, cluster_processes,
     count, eventually, get_hold, get_order, hold, signal_all, test_config, try_hold,
@@ -47,20 +48,10 @@ async fn a_database_killed_mid_run_and_started_again_is_served_again_by_itself()
 /// while a hold is active and a stream is open, then brings it back.
 async fn survives(outage: Outage) {
     let dir = tempfile::tempdir().unwrap();
-    // Durable: what a commit acknowledged must survive the crash.
-    let options = || LocalPostgresOptions {
-        durable: true,
-        ..LocalPostgresOptions::throwaway(dir.path().join("pg"))
-    };
-    let cluster = LocalPostgres::start(options())
-        .await
-        .expect("the test's own cluster");
-    let db = TestDb::on_own_cluster(cluster.url("postgres"));
-    let mut config = test_config(&db.url);
-    config.db_timeout = Duration::from_secs(1);
-    config.hold_ttl = Duration::from_secs(2);
-    let server = TestServer::spawn(config, db).await;
-    server.wait_serving().await;
+    let (cluster, server) = serve_on_own_cluster(dir.path(), |config| {
+        config.hold_ttl = Duration::from_secs(2);
+    })
+    .await;
     let product = server.product("ticket", 100, 10).await;
     let mut checkout = server.checkout().await;
     let mut stream = checkout
@@ -103,7 +94,7 @@ async fn survives(outage: Outage) {
     .await;
     crate::support::sleep_past(stranded.expires_at).await;
 
-    let cluster = LocalPostgres::start(options())
+    let cluster = LocalPostgres::start(own_cluster(dir.path()))
         .await
         .expect("the cluster starts again");
     eventually("SERVING again", || async {
@@ -133,6 +124,32 @@ async fn survives(outage: Outage) {
     server.assert_consistent().await;
     server.stop().await.unwrap();
     cluster.stop().await.unwrap();
+}
+
+/// A durable cluster (what a commit acknowledged must survive a crash) in `dir`.
+fn own_cluster(dir: &Path) -> LocalPostgresOptions {
+    LocalPostgresOptions {
+        durable: true,
+        ..LocalPostgresOptions::throwaway(dir.join("pg"))
+    }
+}
+
+/// The server (`adjust`ed) on a cluster of the test's own in `dir`, serving; calls fail
+/// within a second of the database going away.
+async fn serve_on_own_cluster(
+    dir: &Path,
+    adjust: impl FnOnce(&mut ServerConfig),
+) -> (LocalPostgres, TestServer) {
+    let cluster = LocalPostgres::start(own_cluster(dir))
+        .await
+        .expect("the test's own cluster");
+    let db = TestDb::on_own_cluster(cluster.url("postgres"));
+    let mut config = test_config(&db.url);
+    config.db_timeout = Duration::from_secs(1);
+    adjust(&mut config);
+    let server = TestServer::spawn(config, db).await;
+    server.wait_serving().await;
+    (cluster, server)
 }
 
 /// Reads `stream` until it shows `available` units.
@@ -191,32 +208,25 @@ const CUT_OFF_BUYERS: usize = 60;
 async fn connections_killed_mid_transaction_leave_all_or_nothing() {
     let server = TestServer::start().await;
     let product = server.product("drop", 100, CUT_OFF_BUYERS as i64).await;
-    let fleet: Fleet = Arc::new(Mutex::new(vec![format!("http://{}", server.addr)]));
-    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
 
     // While the crowd buys, every statement or transaction in progress is killed.
     let stop = CancellationToken::new();
     let killer = tokio::spawn(kill_busy_backends(server.db.url.clone(), stop.clone()));
-    let buyers: Vec<_> = (0..CUT_OFF_BUYERS)
-        .map(|buyer| {
-            let (fleet, acknowledged, id) =
-                (fleet.clone(), acknowledged.clone(), product.id.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(20) * buyer as u32).await;
-                buy(buyer, &fleet, &acknowledged, &id, unavailable).await
-            })
-        })
-        .collect();
+    let arrivals = Duration::from_millis(20);
+    let crowd = Crowd::arrive(
+        CUT_OFF_BUYERS,
+        arrivals,
+        vec![server.url()],
+        &product.id,
+        unavailable,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     let killed = killer.await.unwrap();
     assert!(killed > 0, "no transaction was cut off");
-    for buyer in buyers {
-        buyer.await.unwrap();
-    }
 
     // Retried with the same keys, each buyer bought once; nothing half-applied remains.
-    assert_eq!(acknowledged.lock().unwrap().paid.len(), CUT_OFF_BUYERS);
+    assert_eq!(crowd.finish().await.paid.len(), CUT_OFF_BUYERS);
     let stock = CUT_OFF_BUYERS as i64;
     assert_counters(
         &server,
@@ -262,47 +272,26 @@ const PAID_BEFORE_THE_CRASH: usize = 40;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_killed_under_a_crowd_keeps_every_acknowledged_purchase() {
     let dir = tempfile::tempdir().unwrap();
-    let options = || LocalPostgresOptions {
-        durable: true,
-        ..LocalPostgresOptions::throwaway(dir.path().join("pg"))
-    };
-    let cluster = LocalPostgres::start(options())
-        .await
-        .expect("the test's own cluster");
-    let db = TestDb::on_own_cluster(cluster.url("postgres"));
-    let mut config = test_config(&db.url);
-    config.db_timeout = Duration::from_secs(1);
-    let server = TestServer::spawn(config, db).await;
-    server.wait_serving().await;
+    let (cluster, server) = serve_on_own_cluster(dir.path(), |_| {}).await;
     let product = server.product("drop", 100, CRASHED_BUYERS as i64).await;
-    let fleet: Fleet = Arc::new(Mutex::new(vec![format!("http://{}", server.addr)]));
-    let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
-    let buyers: Vec<_> = (0..CRASHED_BUYERS)
-        .map(|buyer| {
-            let (fleet, acknowledged, id) =
-                (fleet.clone(), acknowledged.clone(), product.id.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(10) * buyer as u32).await;
-                buy(buyer, &fleet, &acknowledged, &id, unavailable).await
-            })
-        })
-        .collect();
+    let arrivals = Duration::from_millis(10);
+    let crowd = Crowd::arrive(
+        CRASHED_BUYERS,
+        arrivals,
+        vec![server.url()],
+        &product.id,
+        unavailable,
+    );
 
     // Mid-crowd, every process of the cluster dies at once; it recovers from its WAL.
-    eventually("payments to be acknowledged before the crash", || {
-        let acknowledged = acknowledged.clone();
-        async move { acknowledged.lock().unwrap().paid.len() >= PAID_BEFORE_THE_CRASH }
-    })
-    .await;
-    let before = std::mem::take(&mut *acknowledged.lock().unwrap());
+    crowd.paid(PAID_BEFORE_THE_CRASH).await;
+    let before = std::mem::take(&mut *crowd.acknowledged.lock().unwrap());
     signal_all(&cluster_processes(&cluster), libc::SIGKILL);
     drop(cluster);
-    let cluster = LocalPostgres::start(options())
+    let cluster = LocalPostgres::start(own_cluster(dir.path()))
         .await
         .expect("the cluster starts again");
-    for buyer in buyers {
-        buyer.await.unwrap();
-    }
+    let after = crowd.finish().await.paid.len();
 
     // What was acknowledged before the crash is there; every buyer bought once in the end.
     let mut checkout = server.checkout().await;
@@ -319,7 +308,6 @@ async fn a_database_killed_under_a_crowd_keeps_every_acknowledged_purchase() {
             "{id}"
         );
     }
-    let after = acknowledged.lock().unwrap().paid.len();
     assert_eq!(
         before.paid.len() + after,
         CRASHED_BUYERS,

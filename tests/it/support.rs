@@ -281,9 +281,14 @@ impl TestServer {
         server
     }
 
+    /// Its URL, `http://` and its address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// A new HTTP/2 connection to the server.
     pub async fn channel(&self) -> Channel {
-        Endpoint::from_shared(format!("http://{}", self.addr))
+        Endpoint::from_shared(self.url())
             .expect("endpoint")
             .connect()
             .await

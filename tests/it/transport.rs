@@ -182,7 +182,7 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_its_ca() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_limit_wait_until_one_closes() {
     let server = TestServer::start_with(|config| config.transport.max_connections = 2).await;
-    let url = format!("http://{}", server.addr);
+    let url = server.url();
     let connect = || async {
         let channel = Channel::from_shared(url.clone()).unwrap().connect_lazy();
         CheckoutServiceClient::new(channel)
@@ -367,9 +367,7 @@ async fn silent_peers_holding_every_connection_slot_are_closed_and_starve_nobody
     }
 
     // A caller arriving now waits in the backlog only until they are closed.
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect_lazy();
+    let channel = Channel::from_shared(server.url()).unwrap().connect_lazy();
     let mut request = tonic::Request::new(ListProductsRequest::default());
     request.set_timeout(Duration::from_secs(20));
     CheckoutServiceClient::new(channel)
