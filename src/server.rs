@@ -53,6 +53,8 @@ pub enum ServerError {
     },
     #[error("cannot serve TLS with --tls-cert, --tls-key and --tls-client-ca: {0}")]
     Tls(#[source] tonic::transport::Error),
+    #[error("a background task (reaper, change feed, health monitor) failed; the server stopped")]
+    BackgroundTaskFailed,
 }
 
 /// How long a client may take to complete its TLS handshake.
@@ -161,6 +163,7 @@ impl App {
         let db_timeout = config.db_timeout;
         let migrated = Arc::new(AtomicBool::new(false));
         let stopping = CancellationToken::new();
+        let failed = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_serving(&health, false).await;
         let mut tasks = JoinSet::new();
@@ -177,6 +180,7 @@ impl App {
             health.clone(),
             migrated.clone(),
             stopping.clone(),
+            failed.clone(),
         ));
 
         // v1 for current grpcurl; v1alpha for older clients (grpcurl < 1.9, Python's grpcio-reflection).
@@ -190,8 +194,12 @@ impl App {
         tracing::info!(addr = ?local_addr, tls, "serving grpc");
         let on_shutdown = {
             let (health, stopping, checkout) = (health.clone(), stopping.clone(), checkout.clone());
+            let failed = failed.clone();
             async move {
-                shutdown.await;
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = failed.cancelled() => {}
+                }
                 tracing::info!("shutting down: draining calls and streams");
                 set_serving(&health, false).await;
                 checkout.close_streams().await;
@@ -225,7 +233,11 @@ impl App {
         stopping.cancel();
         while tasks.join_next().await.is_some() {}
         tracing::info!("server stopped");
-        Ok(served?)
+        served?;
+        match failed.is_cancelled() {
+            true => Err(ServerError::BackgroundTaskFailed),
+            false => Ok(()),
+        }
     }
 }
 
@@ -266,7 +278,8 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
 
 /// Applies migrations (retrying while the database is unreachable), sets `migrated` (the
 /// guard lets calls through from then on), then starts the background tasks and the health
-/// monitor; returns when all of them stopped.
+/// monitor; returns when all of them stopped. One that ends before `stopping` cancels
+/// `failed` (see [`supervise`]).
 async fn start_when_migrated(
     config: ServerConfig,
     checkout: Arc<Checkout>,
@@ -274,6 +287,7 @@ async fn start_when_migrated(
     health: HealthReporter,
     migrated: Arc<AtomicBool>,
     stopping: CancellationToken,
+    failed: CancellationToken,
 ) {
     if !migrate_with_retries(&config, &stopping).await {
         return;
@@ -300,10 +314,26 @@ async fn start_when_migrated(
     tasks.spawn(run_change_feed(
         config.database.clone(),
         checkout.session(),
-        stopping,
+        stopping.clone(),
         move |event| checkout.on_feed_event(event),
     ));
-    while tasks.join_next().await.is_some() {}
+    supervise(tasks, &stopping, &failed).await;
+}
+
+/// Waits for `tasks`, which run until `stopping`. One that ends before (it panicked: they
+/// retry what fails) cancels `failed`: the server stops, rather than serve on without its
+/// reaper or change feed, and exits non-zero for its supervisor to start it again.
+async fn supervise(
+    mut tasks: JoinSet<()>,
+    stopping: &CancellationToken,
+    failed: &CancellationToken,
+) {
+    while let Some(ended) = tasks.join_next().await {
+        if !stopping.is_cancelled() {
+            tracing::error!(?ended, "a background task ended before shutdown; stopping");
+            failed.cancel();
+        }
+    }
 }
 
 /// Runs migrations until they succeed (retrying with backoff while the database is
@@ -407,5 +437,42 @@ async fn set_serving(health: &HealthReporter, serving: bool) {
         <InventoryAdminServiceServer<AdminApi> as NamedService>::NAME,
     ] {
         health.set_service_status(service, status).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_background_task_that_dies_stops_the_server() {
+        let (stopping, failed) = (CancellationToken::new(), CancellationToken::new());
+        let mut tasks = JoinSet::new();
+        let running = stopping.clone();
+        tasks.spawn(async move { running.cancelled().await });
+        tasks.spawn(async { panic!("a bug") });
+        let supervised = tokio::spawn({
+            let (stopping, failed) = (stopping.clone(), failed.clone());
+            async move { supervise(tasks, &stopping, &failed).await }
+        });
+
+        tokio::time::timeout(Duration::from_secs(10), failed.cancelled())
+            .await
+            .expect("the dead task is noticed");
+        stopping.cancel();
+        supervised.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tasks_ending_at_shutdown_are_no_failure() {
+        let (stopping, failed) = (CancellationToken::new(), CancellationToken::new());
+        let mut tasks = JoinSet::new();
+        for _ in 0..3 {
+            let running = stopping.clone();
+            tasks.spawn(async move { running.cancelled().await });
+        }
+        stopping.cancel();
+        supervise(tasks, &stopping, &failed).await;
+        assert!(!failed.is_cancelled());
     }
 }
