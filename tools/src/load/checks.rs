@@ -4,6 +4,7 @@
 use super::conn::Connection;
 
 use super::LoadError;
+use flashsale::domain::products::MAX_AUDITED_PRODUCTS;
 use flashsale::grpc::pb::{
     self, checkout_service_client::CheckoutServiceClient,
     inventory_admin_service_client::InventoryAdminServiceClient,
@@ -42,16 +43,17 @@ impl Checks {
                 product.id, product.stock_total, product.available, product.reserved, product.sold
             );
         }
-        let audit = audit(connection, product_ids).await?;
-        for entry in audit.products.iter().filter(|entry| !entry.consistent) {
+        let audited = audit(connection, product_ids).await?;
+        for entry in audited.iter().filter(|entry| !entry.consistent) {
             println!(
                 "  audit {}: stored {:?} recomputed {:?}",
                 entry.product_id, entry.stored, entry.recomputed
             );
         }
-        let audited_all = audit.products.len() == product_ids.len();
+        let consistent = audited.iter().all(|entry| entry.consistent);
+        let audited_all = audited.len() == product_ids.len();
         self.expect(
-            audit.consistent && audited_all && oversold.is_empty(),
+            consistent && audited_all && oversold.is_empty(),
             "audit consistent, no oversell",
         );
         Ok(products)
@@ -97,20 +99,24 @@ pub async fn read_products(
     Ok(products)
 }
 
-/// Runs AuditInventory on `product_ids`.
+/// Runs AuditInventory on `product_ids`, as many at a time as one call may name.
 async fn audit(
     connection: &Connection,
     product_ids: &[String],
-) -> Result<pb::AuditInventoryResponse, LoadError> {
+) -> Result<Vec<pb::ProductAudit>, LoadError> {
     let mut admin = InventoryAdminServiceClient::new(connection.clone());
-    let request = pb::AuditInventoryRequest {
-        product_ids: product_ids.to_vec(),
-    };
-    let response = admin
-        .audit_inventory(request)
-        .await
-        .map_err(|status| format!("cannot audit the inventory: {}", status.message()))?;
-    Ok(response.into_inner())
+    let mut audited = Vec::with_capacity(product_ids.len());
+    for chunk in product_ids.chunks(MAX_AUDITED_PRODUCTS) {
+        let request = pb::AuditInventoryRequest {
+            product_ids: chunk.to_vec(),
+        };
+        let response = admin
+            .audit_inventory(request)
+            .await
+            .map_err(|status| format!("cannot audit the inventory: {}", status.message()))?;
+        audited.extend(response.into_inner().products);
+    }
+    Ok(audited)
 }
 
 #[cfg(test)]
