@@ -2,7 +2,8 @@
 //! for `--duration`; every `--report-every` a line with the buyers served per second, the
 //! worst p99 of any call, the server's memory and open file descriptors (`--server-pid`) and
 //! its database connections (`--metrics`, the server's metrics endpoint). At the end: the
-//! books of every wave, and whether the server's descriptors stayed flat.
+//! books of every wave, and whether the server's descriptors, less its pool's connections,
+//! stayed flat.
 
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,9 @@ use super::flash_crowd::{self, Abandon, FlashCrowdArgs, worst_p99};
 use super::stats::{Progress, Recorder, per_second};
 use super::{Crowd, LoadError, positive, procfs};
 
-/// Descriptors the server may gain over a run (a connection or two of its pool, say)
-/// before they count as growing.
-const FD_SLACK: u64 = 16;
+/// Descriptors besides its pool's connections the server may gain over a run (a metrics
+/// scrape's connection open at the moment, say) before they count as growing.
+const FD_SLACK: u64 = 4;
 
 /// Options of `flashsale-tools load soak`.
 #[derive(Debug, Clone, Args)]
@@ -51,6 +52,16 @@ struct Sample {
     rss_kib: u64,
     /// Open file descriptors.
     fds: u64,
+    /// Its pool's database connections (in use and idle), when its metrics were read: a
+    /// pool that grows is no leak.
+    pool: Option<u64>,
+}
+
+impl Sample {
+    /// Descriptors that are not the pool's connections (all of them without metrics).
+    fn fds_besides_pool(&self) -> u64 {
+        self.fds.saturating_sub(self.pool.unwrap_or(0))
+    }
 }
 
 /// How long a server just started gets to report SERVING.
@@ -91,13 +102,13 @@ pub async fn run(server: &Server, args: SoakArgs) -> Result<(), LoadError> {
         products.push(done.product_id);
         period.add(args.wave_buyers as u64, done.outcome.recorder);
         if period.since.elapsed() >= args.report_every {
-            last = sample(args.server_pid);
-            first = first.or(last);
-            let connections = match &args.metrics {
-                Some(endpoint) => database_connections(endpoint).await,
-                None => String::new(),
+            let pool = match &args.metrics {
+                Some(endpoint) => Some(pool_connections(endpoint).await),
+                None => None,
             };
-            period.report(started.elapsed(), products.len(), last, &connections);
+            last = sample(args.server_pid, pool.as_ref());
+            first = first.or(last);
+            period.report(started.elapsed(), products.len(), last, pool.as_ref());
             period = Period::start();
         }
     }
@@ -111,14 +122,15 @@ pub async fn run(server: &Server, args: SoakArgs) -> Result<(), LoadError> {
         unaccounted.is_empty(),
         format!("every unit of {} waves accounted for", products.len()),
     );
-    if let (Some(first), Some(last)) = (first, sample(args.server_pid).or(last)) {
+    if let (Some(first), Some(last)) = (first, last) {
         println!(
-            "server: rss {} KiB at the first report, {} KiB at the end; fds {} and {}",
+            "server: rss {} KiB at the first report, {} KiB at the last; fds {} and {}",
             first.rss_kib, last.rss_kib, first.fds, last.fds
         );
+        let (before, after) = (first.fds_besides_pool(), last.fds_besides_pool());
         checks.expect(
-            last.fds <= first.fds + FD_SLACK,
-            format!("open file descriptors flat ({} -> {})", first.fds, last.fds),
+            after <= before + FD_SLACK,
+            format!("open file descriptors besides the pool's flat ({before} -> {after})"),
         );
     }
     checks.finish()
@@ -151,11 +163,18 @@ impl Period {
     }
 
     /// Prints the period's line.
-    fn report(&self, elapsed: Duration, waves: usize, server: Option<Sample>, database: &str) {
+    fn report(
+        &self,
+        elapsed: Duration,
+        waves: usize,
+        server: Option<Sample>,
+        pool: Option<&PoolConnections>,
+    ) {
         let (p99, call) = worst_p99(&self.recorder);
         let server = server.map_or(String::new(), |sample| {
             format!(", server rss {} KiB, fds {}", sample.rss_kib, sample.fds)
         });
+        let database = pool.map_or(String::new(), |pool| format!(", db connections {pool}"));
         println!(
             "soak: {:.0} s, {waves} waves, {:.0} buyers/s, worst p99 {:.1} ms ({call}){server}{database}",
             elapsed.as_secs_f64(),
@@ -166,17 +185,49 @@ impl Period {
 }
 
 /// The server process now, if its pid was given and it can be read.
-fn sample(pid: Option<u32>) -> Option<Sample> {
+fn sample(pid: Option<u32>, pool: Option<&PoolConnections>) -> Option<Sample> {
     let pid = pid?;
     Some(Sample {
         rss_kib: procfs::rss_kib(pid).ok()?,
         fds: procfs::open_fds(pid).ok()?,
+        pool: pool.and_then(PoolConnections::open),
     })
 }
 
-/// The server's database connections by state, from its metrics endpoint
-/// (`flashsale_db_pool_connections`), as `, db connections in_use 3 idle 5 waiting 0`.
-async fn database_connections(endpoint: &str) -> String {
+/// The server's database connections by state (`flashsale_db_pool_connections`), as its
+/// metrics endpoint told them; empty when it could not be read.
+struct PoolConnections(Vec<(String, u64)>);
+
+impl PoolConnections {
+    /// Connections open: in use and idle.
+    fn open(&self) -> Option<u64> {
+        let count = |state: &str| {
+            self.0
+                .iter()
+                .find(|(name, _)| name == state)
+                .map(|(_, value)| *value)
+        };
+        Some(count("in_use")? + count("idle")?)
+    }
+}
+
+impl std::fmt::Display for PoolConnections {
+    /// `in_use 3 idle 5 waiting 0`, or `unknown`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("unknown (metrics unreachable)");
+        }
+        let states: Vec<String> = self
+            .0
+            .iter()
+            .map(|(state, value)| format!("{state} {value}"))
+            .collect();
+        f.write_str(&states.join(" "))
+    }
+}
+
+/// Scrapes the server's metrics endpoint for its pool's connections.
+async fn pool_connections(endpoint: &str) -> PoolConnections {
     let scraped = async {
         let mut stream = tokio::net::TcpStream::connect(endpoint).await?;
         stream
@@ -187,13 +238,16 @@ async fn database_connections(endpoint: &str) -> String {
         Ok::<_, std::io::Error>(body)
     };
     let Ok(body) = scraped.await else {
-        return ", db connections unknown (metrics unreachable)".into();
+        return PoolConnections(Vec::new());
     };
-    let states: Vec<String> = body
+    let states = body
         .lines()
         .filter_map(|line| line.strip_prefix("flashsale_db_pool_connections{state=\""))
         .filter_map(|rest| rest.split_once("\"} "))
-        .map(|(state, value)| format!("{state} {value}"))
+        .filter_map(|(state, value)| {
+            let value: f64 = value.trim().parse().ok()?;
+            Some((state.to_owned(), value as u64))
+        })
         .collect();
-    format!(", db connections {}", states.join(" "))
+    PoolConnections(states)
 }
