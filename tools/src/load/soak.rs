@@ -199,6 +199,20 @@ fn sample(pid: Option<u32>, pool: Option<&PoolConnections>) -> Option<Sample> {
 struct PoolConnections(Vec<(String, u64)>);
 
 impl PoolConnections {
+    /// The `flashsale_db_pool_connections` series of a Prometheus text page.
+    fn parse(page: &str) -> PoolConnections {
+        let states = page
+            .lines()
+            .filter_map(|line| line.strip_prefix("flashsale_db_pool_connections{state=\""))
+            .filter_map(|rest| rest.split_once("\"} "))
+            .filter_map(|(state, value)| {
+                let value: f64 = value.trim().parse().ok()?;
+                Some((state.to_owned(), value as u64))
+            })
+            .collect();
+        PoolConnections(states)
+    }
+
     /// Connections open: in use and idle.
     fn open(&self) -> Option<u64> {
         let count = |state: &str| {
@@ -237,17 +251,38 @@ async fn pool_connections(endpoint: &str) -> PoolConnections {
         stream.read_to_string(&mut body).await?;
         Ok::<_, std::io::Error>(body)
     };
-    let Ok(body) = scraped.await else {
-        return PoolConnections(Vec::new());
-    };
-    let states = body
-        .lines()
-        .filter_map(|line| line.strip_prefix("flashsale_db_pool_connections{state=\""))
-        .filter_map(|rest| rest.split_once("\"} "))
-        .filter_map(|(state, value)| {
-            let value: f64 = value.trim().parse().ok()?;
-            Some((state.to_owned(), value as u64))
-        })
-        .collect();
-    PoolConnections(states)
+    match scraped.await {
+        Ok(body) => PoolConnections::parse(&body),
+        Err(_) => PoolConnections(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_read_from_the_metrics_page() {
+        let page = "# TYPE flashsale_db_pool_connections gauge\n\
+                    flashsale_db_pool_connections{state=\"in_use\"} 3\n\
+                    flashsale_db_pool_connections{state=\"idle\"} 4\n\
+                    flashsale_db_pool_connections{state=\"waiting\"} 0\n\
+                    flashsale_watch_streams 12\n";
+        let pool = PoolConnections::parse(page);
+        assert_eq!(pool.open(), Some(7));
+        assert_eq!(pool.to_string(), "in_use 3 idle 4 waiting 0");
+        let sample = Sample {
+            rss_kib: 1,
+            fds: 40,
+            pool: pool.open(),
+        };
+        assert_eq!(sample.fds_besides_pool(), 33);
+    }
+
+    #[test]
+    fn without_metrics_every_descriptor_counts() {
+        let pool = PoolConnections::parse("");
+        assert_eq!(pool.open(), None);
+        assert_eq!(pool.to_string(), "unknown (metrics unreachable)");
+    }
 }
