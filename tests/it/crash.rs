@@ -32,6 +32,21 @@ const ARRIVALS: Duration = Duration::from_millis(5);
 /// The server addresses buyers may call; a killed process's is replaced by its restart's.
 pub(crate) type Fleet = Arc<Mutex<Vec<String>>>;
 
+impl Acknowledged {
+    /// Asserts each acknowledged hold was converted and each acknowledged order paid: the
+    /// buyers were told of them, so they must be there, and finished.
+    pub(crate) async fn assert_bought(&self, checkout: &mut Checkout) {
+        for id in &self.holds {
+            let hold = get_hold(checkout, id).await;
+            assert_eq!(hold.status(), HoldStatus::Converted, "hold {id}");
+        }
+        for id in self.orders.iter().chain(&self.paid) {
+            let order = get_order(checkout, id).await;
+            assert_eq!(order.status(), OrderStatus::Paid, "order {id}");
+        }
+    }
+}
+
 /// Buyers arriving one after another, each buying one unit (see [`buy`]).
 pub(crate) struct Crowd {
     /// Where they call; replace an address to send the retries elsewhere.
@@ -147,18 +162,7 @@ async fn a_process_killed_mid_crowd_loses_nothing_it_acknowledged() {
         "every buyer paid in the end"
     );
     let mut checkout = survivor.checkout().await;
-    for id in &acknowledged.holds {
-        assert_eq!(
-            get_hold(&mut checkout, id).await.status(),
-            HoldStatus::Converted
-        );
-    }
-    for id in &acknowledged.orders {
-        assert_eq!(
-            get_order(&mut checkout, id).await.status(),
-            OrderStatus::Paid
-        );
-    }
+    acknowledged.assert_bought(&mut checkout).await;
     for held in &abandoned {
         eventually("an abandoned hold to expire", || {
             let (mut checkout, id) = (checkout.clone(), held.hold_id.clone());

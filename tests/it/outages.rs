@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use flashsale::config::ServerConfig;
 use flashsale::grpc::pb::{
-    AvailabilityUpdate, GetProductRequest, HoldStatus, OrderStatus, WatchAvailabilityRequest,
+    AvailabilityUpdate, GetProductRequest, HoldStatus, WatchAvailabilityRequest,
 };
 use flashsale::local_pg::{LocalPostgres, LocalPostgresOptions};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::crash::Crowd;
 use crate::support::{
     Counters, ServerProcess, TestDb, TestServer, assert_counters, assert_status, cluster_processes,
-    count, eventually, get_hold, get_order, hold, signal_all, test_config, try_hold,
+    count, eventually, get_hold, hold, signal_all, test_config, try_hold,
 };
 
 /// How the database goes away.
@@ -294,20 +294,7 @@ async fn a_database_killed_under_a_crowd_keeps_every_acknowledged_purchase() {
     let after = crowd.finish().await.paid.len();
 
     // What was acknowledged before the crash is there; every buyer bought once in the end.
-    let mut checkout = server.checkout().await;
-    for id in &before.holds {
-        assert_eq!(
-            get_hold(&mut checkout, id).await.status(),
-            HoldStatus::Converted
-        );
-    }
-    for id in &before.paid {
-        assert_eq!(
-            get_order(&mut checkout, id).await.status(),
-            OrderStatus::Paid,
-            "{id}"
-        );
-    }
+    before.assert_bought(&mut server.checkout().await).await;
     assert_eq!(
         before.paid.len() + after,
         CRASHED_BUYERS,
