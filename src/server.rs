@@ -53,7 +53,7 @@ pub enum ServerError {
     },
     #[error("cannot serve TLS with --tls-cert, --tls-key and --tls-client-ca: {0}")]
     Tls(#[source] tonic::transport::Error),
-    #[error("a background task (reaper, change feed, health monitor) failed; the server stopped")]
+    #[error("a background task (reaper, change feed, health monitor) ended; see the log")]
     BackgroundTaskFailed,
 }
 
